@@ -1,0 +1,80 @@
+# lfme_fast: one-command setup, tests, demo and dataset preparation.
+# `make demo` and `make test` work on a fresh machine: both depend on `setup`.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+
+# Where datasets live; override on the command line, e.g. `make prep-imagenet-lt IMAGENET_ROOT=/data/imagenet`.
+DATA ?= data
+SPLITS ?= ../shared/data/splits
+IMAGENET_ROOT ?= /datasets/imagenet
+IMAGENET_LISTS ?= $(SPLITS)/ImageNet_LT
+PLACES_ROOT ?= /datasets/places365
+PLACES_LISTS ?= $(SPLITS)/Places_LT
+INAT_ROOT ?= /datasets/inat2018
+INAT_LISTS ?= $(SPLITS)/iNaturalist18
+CIFAR10_ROOT ?= /datasets/cifar-10-batches-py
+CIFAR100_ROOT ?= /datasets/cifar-100-python
+FMNIST_ROOT ?= $(firstword $(wildcard /usr/share/datasets/fashion-mnist) ../shared/data/fashion-mnist)
+IR ?= 100
+SCALE ?= 0.02
+PREP_ARGS ?=
+
+.PHONY: setup test demo clean-venv prep-imagenet-lt prep-places-lt prep-inat18 prep-cifar10-lt \
+        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep
+
+setup: $(STAMP)
+
+# Idempotent: apt only when a package is missing (and we are root), pip only when
+# pyproject.toml or constraints.txt changed since the last install.
+$(STAMP): pyproject.toml constraints.txt
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "[setup] apt-get install $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "[setup] warning: missing apt packages ($$missing) and not root; install them yourself"; fi; \
+	fi
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e .
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+demo: setup
+	$(PY) -m lfme_fast.demo --data $(DATA) --fmnist-root $(FMNIST_ROOT)
+
+clean-venv:
+	rm -rf $(VENV)
+
+prep-imagenet-lt: setup
+	$(PY) -m data_prep imagenet-lt --root $(IMAGENET_ROOT) --lists $(IMAGENET_LISTS) --out $(DATA)/imagenet_lt $(PREP_ARGS)
+
+prep-places-lt: setup
+	$(PY) -m data_prep places-lt --root $(PLACES_ROOT) --lists $(PLACES_LISTS) --out $(DATA)/places_lt $(PREP_ARGS)
+
+prep-inat18: setup
+	$(PY) -m data_prep inat18 --root $(INAT_ROOT) --lists $(INAT_LISTS) --out $(DATA)/inat18 $(PREP_ARGS)
+
+prep-cifar10-lt: setup
+	$(PY) -m data_prep cifar10-lt --root $(CIFAR10_ROOT) --imbalance-ratio $(IR) --out $(DATA)/cifar10_lt_ir$(IR) $(PREP_ARGS)
+
+prep-cifar100-lt: setup
+	$(PY) -m data_prep cifar100-lt --root $(CIFAR100_ROOT) --imbalance-ratio $(IR) --out $(DATA)/cifar100_lt_ir$(IR) $(PREP_ARGS)
+
+prep-fmnist-lt: setup
+	$(PY) -m data_prep fmnist-lt --root $(FMNIST_ROOT) --imbalance-ratio $(IR) --out $(DATA)/fmnist_lt_ir$(IR) $(PREP_ARGS)
+
+prep-synthetic-lt: setup
+	$(PY) -m data_prep synthetic-lt --scale $(SCALE) --out $(DATA)/synthetic_lt $(PREP_ARGS)
+
+bench-prep: setup
+	$(PY) -m data_prep.bench --scale $(SCALE) --json-out results/bench_prep.json

@@ -1,0 +1,1 @@
+"""Dataset preparation: convert long-tailed datasets once into FFCV and webdataset/DALI shards."""
