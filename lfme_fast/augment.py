@@ -1,0 +1,370 @@
+"""Augmentation geometry shared by every loader back end, and LFME's replayable fixed views.
+
+Two kinds of things live here:
+
+* **Fixed views** (:class:`FixedViews`, :func:`make_views`): the offline LFME pass stores ``K`` crop
+  boxes + flips per sample; every later consumer (the expert forward pass that records teacher
+  outputs, the student's loader) must see exactly those crops. Boxes are in *stored-image* pixel
+  coordinates ``(y, x, h, w)``; view 0 is the eval centre view, so "view 0" replays the eval
+  transform. Which view a sample shows in an epoch is a pure hash of ``(seed, epoch, index)``
+  (:meth:`FixedViews.choose`), so every back end, worker and rank agrees without communication.
+* **Reference transforms** in numpy/PIL for the torch baseline back end (RandomResizedCrop with
+  torchvision's distribution, centre crop, pad-crop), and the mode resolution (``augment='auto'``).
+
+Random draws use a private splitmix64 stream per ``(seed, sample, view)``: box sampling is then
+independent of draw order and of how the work is split across threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+from lfme_fast.io import atomic_save_npy
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AUGMENT_MODES",
+    "FixedViews",
+    "sample_rrc_boxes",
+    "center_boxes",
+    "make_views",
+    "image_sizes",
+    "resolve_augment",
+    "rrc_box",
+    "center_box",
+    "view_hash",
+]
+
+#: One normalisation for every dataset, 28-px ones included (RGB mean/std on the 0..1 scale).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+AUGMENT_MODES = ("imagenet", "pad_crop", "none", "auto")
+#: ``augment='auto'`` picks pad_crop when the largest stored side is at most this many pixels.
+SMALL_IMAGE_MAX_SIDE = 64
+#: Eval centre crop: crop side = shorter side * 0.875 (= 224/256), then resize to the resolution.
+CENTER_CROP_RATIO = 0.875
+PAD_CROP_PADDING = 4
+
+# ==================================================================================================
+# splitmix64 (Steele, Lea & Flood 2014): bijective mixer + Weyl increment; a stream is a local uint64.
+# ==================================================================================================
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_VIEW_SALT = np.uint64(0x7F4A7C159E3779B9)
+_BOX_SALT = np.uint64(0xC2B2AE3D27D4EB4F)
+_INV53 = 1.0 / 9007199254740992.0
+
+
+@njit(cache=True, inline="always")
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _next_uniform(state):
+    """``(state', u)``, u uniform in [0, 1) on the 2**-53 grid."""
+    state = state + _GOLDEN
+    return state, np.float64(_mix64(state) >> np.uint64(11)) * _INV53
+
+
+@njit(cache=True)
+def view_hash(seed, epoch, index, k):
+    """View id in ``[0, k)`` for ``(seed, epoch, index)``: three chained splitmix64 mixes.
+
+    Free @njit function so that ffcv's generated decoder code can call it too.
+    """
+    z = _mix64(np.uint64(seed) ^ _VIEW_SALT)
+    z = _mix64(z + np.uint64(epoch) * _GOLDEN)
+    z = _mix64(z ^ np.uint64(index))
+    return np.int64(z % np.uint64(k))
+
+
+@njit(cache=True, parallel=True)
+def _choose_kernel(seed, epoch, indices, k, out):
+    for p in prange(indices.shape[0]):
+        out[p] = view_hash(seed, epoch, indices[p], k)
+
+
+@njit(cache=True)
+def rrc_box(height, width, scale_lo, scale_hi, log_r_lo, log_r_hi, state):
+    """One torchvision ``RandomResizedCrop.get_params`` draw: ``(state', y, x, h, w)``.
+
+    Ten tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); a try is kept if the box fits;
+    after ten failures: the centred crop clamped to the ratio range (torchvision's fallback).
+    """
+    area = height * width
+    for _ in range(10):
+        state, u = _next_uniform(state)
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * u)
+        state, u = _next_uniform(state)
+        aspect = math.exp(log_r_lo + (log_r_hi - log_r_lo) * u)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            state, u = _next_uniform(state)
+            y = int(u * (height - h + 1))
+            state, u = _next_uniform(state)
+            x = int(u * (width - w + 1))
+            return state, y, x, h, w
+    in_ratio = width / height
+    r_lo = math.exp(log_r_lo)
+    r_hi = math.exp(log_r_hi)
+    if in_ratio < r_lo:
+        w = width
+        h = int(round(w / r_lo))
+    elif in_ratio > r_hi:
+        h = height
+        w = int(round(h * r_hi))
+    else:
+        w = width
+        h = height
+    return state, (height - h) // 2, (width - w) // 2, h, w
+
+
+@njit(cache=True)
+def center_box(height, width, crop_ratio):
+    """The eval centre view ``(y, x, h, w)``: a square of ``int(crop_ratio * shorter side)``, centred.
+
+    Same arithmetic as ffcv's ``get_center_crop`` so the ffcv eval decoder and view 0 agree exactly.
+    """
+    c = max(1, int(crop_ratio * min(height, width)))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
+@njit(cache=True, parallel=True)
+def _rrc_kernel(heights, widths, k, seed, scale_lo, scale_hi, log_r_lo, log_r_hi, first, boxes, flips):
+    base = _mix64(np.uint64(seed) ^ _BOX_SALT)
+    for i in prange(heights.shape[0]):
+        for v in range(first, k):
+            state = _mix64(base + np.uint64(i) * np.uint64(k) + np.uint64(v))
+            state, y, x, h, w = rrc_box(np.int64(heights[i]), np.int64(widths[i]), scale_lo, scale_hi,
+                                        log_r_lo, log_r_hi, state)
+            boxes[i, v, 0] = y
+            boxes[i, v, 1] = x
+            boxes[i, v, 2] = h
+            boxes[i, v, 3] = w
+            state, u = _next_uniform(state)
+            flips[i, v] = u < 0.5
+
+
+@njit(cache=True, parallel=True)
+def _center_kernel(heights, widths, crop_ratio, boxes):
+    for i in prange(heights.shape[0]):
+        y, x, h, w = center_box(np.int64(heights[i]), np.int64(widths[i]), crop_ratio)
+        boxes[i, 0] = y
+        boxes[i, 1] = x
+        boxes[i, 2] = h
+        boxes[i, 3] = w
+
+
+def _as_sizes(heights, widths) -> tuple[np.ndarray, np.ndarray]:
+    h = np.ascontiguousarray(heights, dtype=np.int64).reshape(-1)
+    w = np.ascontiguousarray(widths, dtype=np.int64).reshape(-1)
+    if h.shape != w.shape:
+        raise ValueError(f"heights and widths differ in length ({h.size} vs {w.size})")
+    if h.size and (h.min() < 1 or w.min() < 1):
+        raise ValueError("image sizes must be positive")
+    return h, w
+
+
+def sample_rrc_boxes(heights, widths, k: int, seed: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                     _first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` RandomResizedCrop boxes + flips per image, torchvision's distribution.
+
+    Returns ``boxes`` int32 ``[N, k, 4]`` as ``(y, x, h, w)`` in the given image's pixels and ``flips``
+    bool ``[N, k]`` (p = 0.5). Deterministic in ``(seed, image position, view)``.
+    """
+    h, w = _as_sizes(heights, widths)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"bad scale {scale} or ratio {ratio}")
+    boxes = np.zeros((h.size, k, 4), dtype=np.int32)
+    flips = np.zeros((h.size, k), dtype=np.bool_)
+    _rrc_kernel(h, w, k, int(seed) % 2**63, float(scale[0]), float(scale[1]), math.log(ratio[0]),
+                math.log(ratio[1]), _first, boxes, flips)
+    return boxes, flips
+
+
+def center_boxes(heights, widths, crop_ratio: float = CENTER_CROP_RATIO) -> np.ndarray:
+    """The eval centre view of each image as an int32 ``[N, 4]`` ``(y, x, h, w)`` box.
+
+    Cropping this box and resizing it to ``resolution`` equals "resize the shorter side to
+    ``resolution / crop_ratio``, centre-crop ``resolution``" up to rounding.
+    """
+    h, w = _as_sizes(heights, widths)
+    boxes = np.zeros((h.size, 4), dtype=np.int32)
+    _center_kernel(h, w, float(crop_ratio), boxes)
+    return boxes
+
+
+@dataclass
+class FixedViews:
+    """``K`` replayable views per sample: crop ``boxes[i, k]`` = ``(y, x, h, w)`` in stored-image
+    pixels, then flip when ``flips[i, k]``, then resize to the loader's resolution."""
+
+    boxes: np.ndarray  # int32 [N, K, 4]
+    flips: np.ndarray  # bool [N, K]
+    seed: int
+
+    def __post_init__(self):
+        self.boxes = np.ascontiguousarray(self.boxes, dtype=np.int32)
+        self.flips = np.ascontiguousarray(self.flips, dtype=np.bool_)
+        if self.boxes.ndim != 3 or self.boxes.shape[2] != 4:
+            raise ValueError(f"boxes must be [N, K, 4], got shape {self.boxes.shape}")
+        if self.flips.shape != self.boxes.shape[:2]:
+            raise ValueError(f"flips must be [N, K] = {self.boxes.shape[:2]}, got {self.flips.shape}")
+        if self.boxes.size and (self.boxes[..., 2:].min() < 1 or self.boxes[..., :2].min() < 0):
+            raise ValueError("boxes need y, x >= 0 and h, w >= 1")
+        self.seed = int(self.seed)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.boxes.shape[1])
+
+    def choose(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        """int64 view id per index for ``epoch``: uniform over ``K``, a hash of ``(seed, epoch, index)``."""
+        idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty(idx.size, dtype=np.int64)
+        _choose_kernel(self.seed % 2**63, int(epoch), idx, self.num_views, out)
+        return out
+
+    def check_fits(self, heights: np.ndarray, widths: np.ndarray) -> None:
+        """Raise if the table does not match the split or a box leaves its image."""
+        if self.num_samples != len(heights):
+            raise ValueError(f"FixedViews has {self.num_samples} samples, the split has {len(heights)}")
+        b = self.boxes.astype(np.int64)
+        over = (b[..., 0] + b[..., 2] > heights[:, None]) | (b[..., 1] + b[..., 3] > widths[:, None])
+        if over.any():
+            i, v = np.argwhere(over)[0]
+            raise ValueError(f"view {v} of sample {i}: box {self.boxes[i, v].tolist()} leaves the "
+                             f"{heights[i]}x{widths[i]} stored image")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table to one ``.npz`` (boxes, flips, seed)."""
+        from lfme_fast.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, boxes=self.boxes, flips=self.flips, seed=np.int64(self.seed))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FixedViews":
+        with np.load(path) as z:
+            return cls(z["boxes"], z["flips"], int(z["seed"]))
+
+
+def make_views(heights, widths, k: int, seed: int, include_center: bool = True,
+               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> FixedViews:
+    """``K`` views per image: view 0 the eval centre view (no flip) when ``include_center``, the
+    others RandomResizedCrop boxes + random flips."""
+    boxes, flips = sample_rrc_boxes(heights, widths, k, seed, scale, ratio, _first=1 if include_center else 0)
+    if include_center:
+        boxes[:, 0, :] = center_boxes(heights, widths)
+        flips[:, 0] = False
+    return FixedViews(boxes, flips, seed)
+
+
+# ==================================================================================================
+# Image sizes from JPEG headers (cached)
+# ==================================================================================================
+
+def image_sizes(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(heights, widths)`` int32 of every stored image of ``split``, from the JPEG headers.
+
+    Cached in ``DIR/meta/<split>.sizes.npy`` (``[N, 2]``), written atomically; the cache is used when
+    it is newer than the split's index and has the right length.
+    """
+    import simplejpeg
+
+    from lfme_fast.shards import ShardReader, index_path
+
+    root = Path(root)
+    cache = root / "meta" / f"{split}.sizes.npy"
+    ipath = index_path(root, split)
+    reader = ShardReader(root, split)
+    if cache.exists() and ipath.exists() and cache.stat().st_mtime >= ipath.stat().st_mtime:
+        try:
+            sizes = np.load(cache)
+            if sizes.shape == (len(reader), 2):
+                return sizes[:, 0].copy(), sizes[:, 1].copy()
+        except (OSError, ValueError):
+            pass  # a damaged cache is rebuilt below
+    sizes = np.empty((len(reader), 2), dtype=np.int32)
+    for i in range(len(reader)):
+        # The header parse reads a few hundred bytes: ~115k images in about a second.
+        h, w, _, _ = simplejpeg.decode_jpeg_header(reader.get_bytes(i))
+        sizes[i] = (h, w)
+    try:
+        atomic_save_npy(cache, sizes)
+    except OSError:
+        pass  # a read-only dataset directory just means no cache
+    return sizes[:, 0].copy(), sizes[:, 1].copy()
+
+
+def resolve_augment(augment: str, stored_max_side: int) -> str:
+    """``'auto'`` -> ``'pad_crop'`` for images of at most 64 px, else ``'imagenet'``; validates names."""
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {AUGMENT_MODES}, got {augment!r}")
+    if augment == "auto":
+        return "pad_crop" if stored_max_side <= SMALL_IMAGE_MAX_SIDE else "imagenet"
+    return augment
+
+
+# ==================================================================================================
+# Reference per-sample geometry in plain Python (the torch baseline back end uses these)
+# ==================================================================================================
+
+def py_rrc_box(height: int, width: int, rng: random.Random, scale=(0.08, 1.0),
+               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` in plain Python: ``(y, x, h, w)``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def py_center_box(height: int, width: int, crop_ratio: float = CENTER_CROP_RATIO) -> tuple[int, int, int, int]:
+    c = max(1, int(crop_ratio * min(height, width)))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
+def pad_crop_flip(image: np.ndarray, rng: random.Random, pad: int = PAD_CROP_PADDING) -> np.ndarray:
+    """Zero-pad by ``pad`` on every side, random crop back to the input size, flip with p = 0.5."""
+    h, w = image.shape[:2]
+    dy, dx = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+    padded = np.zeros((h + 2 * pad, w + 2 * pad) + image.shape[2:], dtype=image.dtype)
+    padded[pad:pad + h, pad:pad + w] = image
+    out = padded[dy:dy + h, dx:dx + w]
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)

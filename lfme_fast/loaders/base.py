@@ -1,0 +1,344 @@
+"""The loader contract every back end honours, and the back-end-independent planning behind it.
+
+The trainer sees only :class:`Batch` and :class:`BatchLoader` from :func:`build_loader`; it never
+branches on the back end. Everything that is not pixel work — which indices an epoch visits on this
+rank, their curriculum weights, which fixed view each sample shows, resolution and augmentation
+mode — is decided here once (:class:`LoaderSpec`, :class:`EpochPlan`), so the back ends cannot
+disagree about it; they only decode, crop, flip, resize and normalise.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from lfme_fast.augment import (
+    CENTER_CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FixedViews,
+    center_boxes,
+    image_sizes,
+    resolve_augment,
+)
+from lfme_fast.shards import ShardReader, load_manifest
+
+BACKENDS = ("ffcv", "dali", "torch")
+
+
+@dataclass
+class Batch:
+    """One batch, identical in form whatever the back end.
+
+    ``images``: N,C,H,W on the target device in the training dtype (channels_last strides when asked),
+    normalised with the ImageNet mean/std. ``labels``/``indices``: int64 on the device (indices are
+    positions in the split, 0..N-1). ``weights``: float32 curriculum weights aligned with ``indices``
+    (train with a sampler), else None. ``views``: int64 fixed-view id per sample, else None.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+    views: torch.Tensor | None = None
+
+    def __iter__(self):
+        """``images, labels, indices, weights = batch``."""
+        yield self.images
+        yield self.labels
+        yield self.indices
+        yield self.weights
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class BatchLoader(ABC):
+    """An epoch-aware iterable of :class:`Batch`. Call :meth:`set_epoch` before iterating an epoch."""
+
+    @abstractmethod
+    def set_epoch(self, epoch: int) -> None:
+        """Select the sampler order, weights and view choice of ``epoch``."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Batch]:
+        """The batches of the current epoch."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+
+
+@dataclass
+class LoaderSpec:
+    """Everything a back end needs, resolved and validated once (see :func:`build_loader`)."""
+
+    root: Path
+    split: str
+    train: bool
+    batch_size: int
+    mode: str  # resolved augmentation: 'imagenet' | 'pad_crop' | 'none'
+    resolution: int
+    heights: np.ndarray  # int32 stored image sizes
+    widths: np.ndarray
+    labels: np.ndarray  # int64, the split's labels
+    device: torch.device
+    dtype: torch.dtype
+    channels_last: bool
+    num_workers: int
+    drop_last: bool
+    in_memory: bool
+    seed: int
+    num_replicas: int
+    rank: int
+    total_epochs: int
+    sampler: object | None  # lfme_fast.sampling.Sampler; None = eval share of 0..N-1
+    use_weights: bool
+    views: FixedViews | None
+    fixed_view: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_ratio: float = CENTER_CROP_RATIO
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.size)
+
+    @property
+    def stored_shape(self) -> tuple[int, int] | None:
+        """``(h, w)`` when every stored image has the same size, else None."""
+        if self.heights.size == 0:
+            return None
+        h, w = int(self.heights[0]), int(self.widths[0])
+        if (self.heights == h).all() and (self.widths == w).all():
+            return h, w
+        return None
+
+    @property
+    def geometry(self) -> str:
+        """What the back end must do per sample:
+
+        'views' (crop the given box, flip, resize), 'rrc' (random resized crop + flip), 'center'
+        (eval centre box, resize), 'pad_crop' (pad 4, random crop, flip), 'resize' (whole image to
+        the resolution), 'identity' (stored pixels as they are).
+        """
+        if self.views is not None:
+            return "views"
+        if self.mode == "imagenet":
+            return "rrc" if self.train else "center"
+        if self.mode == "pad_crop":
+            if self.train:
+                return "pad_crop"
+        shape = self.stored_shape
+        return "identity" if shape == (self.resolution, self.resolution) else "resize"
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class EpochPlan:
+    """One epoch on this rank: the visited ``indices`` in order (truncated to whole batches when
+    ``drop_last``), aligned ``weights`` (or None) and fixed-view ids ``views`` (or None)."""
+
+    epoch: int
+    indices: np.ndarray
+    weights: np.ndarray | None
+    views: np.ndarray | None
+
+    def batch_slices(self, batch_size: int) -> Iterator[slice]:
+        for lo in range(0, len(self.indices), batch_size):
+            yield slice(lo, min(lo + batch_size, len(self.indices)))
+
+
+def eval_share(num_samples: int, num_replicas: int, rank: int) -> np.ndarray:
+    """Rank ``rank``'s contiguous, disjoint share of ``0..N-1`` (no padding; sizes differ by <= 1)."""
+    bounds = np.linspace(0, num_samples, num_replicas + 1).round().astype(np.int64)
+    return np.arange(bounds[rank], bounds[rank + 1], dtype=np.int64)
+
+
+def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
+    """Indices, weights and views of ``epoch`` for this rank (no pixel work)."""
+    if spec.sampler is None:
+        indices = eval_share(spec.num_samples, spec.num_replicas, spec.rank)
+        weights = None
+    elif spec.use_weights:
+        indices, weights = spec.sampler.indices_and_weights(epoch, spec.total_epochs)
+        indices = np.asarray(indices, dtype=np.int64)
+        weights = np.asarray(weights, dtype=np.float32)
+        if weights.shape != indices.shape:
+            raise ValueError(f"sampler returned {weights.shape} weights for {indices.shape} indices")
+    else:
+        indices = np.asarray(spec.sampler.indices(epoch), dtype=np.int64)
+        weights = None
+    if indices.size and (indices.min() < 0 or indices.max() >= spec.num_samples):
+        raise ValueError(f"sampler index out of range 0..{spec.num_samples - 1} for split {spec.split!r}")
+    if spec.drop_last:
+        keep = (len(indices) // spec.batch_size) * spec.batch_size
+        indices = indices[:keep]
+        weights = None if weights is None else weights[:keep]
+    views = None
+    if spec.views is not None:
+        if spec.fixed_view is not None:
+            views = np.full(indices.size, spec.fixed_view, dtype=np.int64)
+        else:
+            views = spec.views.choose(epoch, indices)
+    return EpochPlan(int(epoch), np.ascontiguousarray(indices), weights, views)
+
+
+def num_batches(spec: LoaderSpec) -> int:
+    """Batches per epoch on this rank (the samplers have a fixed epoch length)."""
+    n = len(spec.sampler) if spec.sampler is not None else len(eval_share(spec.num_samples, spec.num_replicas,
+                                                                          spec.rank))
+    return n // spec.batch_size if spec.drop_last else -(-n // spec.batch_size)
+
+
+def view_boxes(spec: LoaderSpec, indices: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes ``[n, 4]`` and flips ``[n]`` for the given samples: their fixed views, or (eval) the
+    centre view. Used by back ends that take per-sample crop windows as input (torch, DALI)."""
+    if spec.views is not None:
+        return spec.views.boxes[indices, views], spec.views.flips[indices, views]
+    boxes = center_boxes(spec.heights[indices], spec.widths[indices], spec.crop_ratio)
+    return boxes, np.zeros(len(indices), dtype=np.bool_)
+
+
+def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """uint8 N,H,W,C (any device) -> normalised N,C,H,W in ``spec.dtype`` on ``spec.device``.
+
+    Moves the uint8 tensor first (4x less to copy than float), converts on the device.
+    """
+    x = images.to(spec.device, non_blocking=True).permute(0, 3, 1, 2)
+    mean = torch.tensor([m * 255.0 for m in spec.mean], device=x.device).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1.0 / (s * 255.0) for s in spec.std], device=x.device).view(1, 3, 1, 1)
+    x = (x.float() - mean).mul_(inv_std)
+    fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+    return x.to(dtype=spec.dtype, memory_format=fmt)
+
+
+def to_device_batch(spec: LoaderSpec, images: torch.Tensor, labels, indices, weights, views) -> Batch:
+    """Wrap already-normalised images and numpy/torch metadata into a :class:`Batch` on the device."""
+
+    def dev(a, dtype):
+        if a is None:
+            return None
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(device=spec.device, dtype=dtype, non_blocking=True)
+
+    return Batch(images, dev(labels, torch.int64), dev(indices, torch.int64), dev(weights, torch.float32),
+                 dev(views, torch.int64))
+
+
+def resolve_spec(root, split, *, train: bool, batch_size: int, sampler=None, total_epochs: int = 1,
+                 resolution: int | None = None, augment: str = "auto", device="cpu", dtype=torch.float32,
+                 channels_last: bool = False, num_workers: int | None = None, drop_last: bool | None = None,
+                 in_memory: bool = True, views: FixedViews | None = None, fixed_view: int | None = None,
+                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> LoaderSpec:
+    """Validate :func:`build_loader`'s arguments and resolve every default."""
+    root = Path(root)
+    load_manifest(root)  # a clear error when root is not a prepared dataset
+    reader = ShardReader(root, split)
+    labels = reader.labels
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
+        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+    if total_epochs < 1:
+        raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    heights, widths = image_sizes(root, split)
+    stored_max = int(max(heights.max(), widths.max())) if heights.size else 0
+    mode = resolve_augment(augment, stored_max)
+    if resolution is None:
+        if mode == "imagenet":
+            resolution = 224
+        else:
+            if (heights != heights[0]).any() or (widths != widths[0]).any() or heights[0] != widths[0]:
+                raise ValueError(f"augment={mode!r} without a resolution needs square images of one size; "
+                                 f"{split!r} has {heights.min()}..{heights.max()} x {widths.min()}..{widths.max()}"
+                                 " (pass resolution=)")
+            resolution = int(heights[0])
+    resolution = int(resolution)
+    if resolution < 1:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    if mode == "pad_crop" and train and views is None:
+        shape = (int(heights[0]), int(widths[0])) if heights.size else None
+        if shape is None or (heights != shape[0]).any() or (widths != shape[1]).any() or shape != (resolution,
+                                                                                                    resolution):
+            raise ValueError(f"augment='pad_crop' needs square images stored at the resolution ({resolution}); "
+                             f"use augment='imagenet' for variable-size images")
+    if views is not None:
+        views.check_fits(heights.astype(np.int64), widths.astype(np.int64))
+        if fixed_view is not None and not 0 <= int(fixed_view) < views.num_views:
+            raise ValueError(f"fixed_view must be in 0..{views.num_views - 1}, got {fixed_view}")
+    elif fixed_view is not None:
+        raise ValueError("fixed_view needs views=")
+    use_weights = False
+    if sampler is None:
+        if train:
+            from lfme_fast.sampling import InstanceSampler
+
+            sampler = InstanceSampler(labels, seed=seed, num_replicas=num_replicas, rank=rank)
+    else:
+        if len(sampler) < 1:
+            raise ValueError("sampler yields no samples")
+        use_weights = bool(train)
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
+    if drop_last is None:
+        drop_last = bool(train)
+    return LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(batch_size), mode=mode,
+                      resolution=resolution, heights=heights, widths=widths, labels=labels,
+                      device=torch.device(device), dtype=dtype, channels_last=bool(channels_last),
+                      num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(in_memory),
+                      seed=int(seed), num_replicas=num_replicas, rank=rank, total_epochs=int(total_epochs),
+                      sampler=sampler, use_weights=use_weights, views=views,
+                      fixed_view=None if fixed_view is None else int(fixed_view))
+
+
+def build_loader(root, split, *, backend: str, train: bool, batch_size: int, sampler=None,
+                 total_epochs: int = 1, resolution: int | None = None, augment: str = "auto",
+                 device="cpu", dtype=torch.float32, channels_last: bool = False,
+                 num_workers: int | None = None, drop_last: bool | None = None, in_memory: bool = True,
+                 views: FixedViews | None = None, fixed_view: int | None = None, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0, **backend_options) -> BatchLoader:
+    """A :class:`BatchLoader` over prepared dataset ``root``'s ``split``.
+
+    backend: 'ffcv' (the beton, stock ffcv Loader ordered by our sampler), 'dali' (shard JPEGs via
+    external_source; GPU decode when CUDA is available) or 'torch' (the PIL + DataLoader baseline).
+    sampler: None = sequential eval order (train=False) or an instance shuffle (train=True); a given
+    sampler already yields this rank's share. Eval with several replicas: each rank gets a contiguous
+    disjoint share of 0..N-1, no padding. augment: 'imagenet' (train RandomResizedCrop + flip; eval
+    centre crop of 0.875 x shorter side resized to ``resolution``), 'pad_crop' (28/32 px: pad 4 +
+    random crop + flip; eval identity), 'none' or 'auto'. views (+ fixed_view): replay fixed crops
+    instead of random augmentation. Weights come from ``sampler.indices_and_weights(epoch,
+    total_epochs)`` when a sampler is given and ``train``; otherwise ``Batch.weights`` is None.
+    ``backend_options`` are passed to the back end (e.g. ``batches_ahead`` for ffcv).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown loader backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    spec = resolve_spec(root, split, train=train, batch_size=batch_size, sampler=sampler,
+                        total_epochs=total_epochs, resolution=resolution, augment=augment, device=device,
+                        dtype=dtype, channels_last=channels_last, num_workers=num_workers, drop_last=drop_last,
+                        in_memory=in_memory, views=views, fixed_view=fixed_view, seed=seed,
+                        num_replicas=num_replicas, rank=rank)
+    if backend == "torch":
+        from lfme_fast.loaders.torch_backend import TorchLoader
+
+        return TorchLoader(spec, **backend_options)
+    if backend == "ffcv":
+        from lfme_fast.loaders.ffcv_backend import FFCVLoader
+
+        return FFCVLoader(spec, **backend_options)
+    from lfme_fast.loaders.dali_backend import DALILoader
+
+    return DALILoader(spec, **backend_options)

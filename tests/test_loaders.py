@@ -1,0 +1,224 @@
+"""Loader back ends (torch, ffcv, dali) behind one contract: same samples, same geometry, same Batch.
+
+Pixel tolerances (images normalised with the ImageNet std, so 1 unit ~ 57 grey levels): the back ends
+decode with different JPEG decoders (PIL, ffcv's libjpeg-turbo, DALI's) and resize with different
+filters (PIL antialiased bilinear, OpenCV INTER_AREA, DALI antialiased linear). On smooth synthetic
+images we require a mean absolute difference below 0.06 (~3.5 grey levels) between any back end
+and a numpy/OpenCV reference of the same crop box; identical crop geometry is what this checks
+(a box off by even a few pixels gives differences several times larger, see
+test_view_hook_detects_wrong_box).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+
+from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, FixedViews, center_boxes, image_sizes, make_views
+from lfme_fast.loaders import Batch, BatchLoader, build_loader
+from lfme_fast.shards import ShardReader
+
+BACKENDS = ["torch"]
+PIXEL_TOL = 0.06
+
+
+def _available(backend):
+    if backend == "ffcv":
+        pytest.importorskip("ffcv")
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+
+
+class FixedOrderSampler:
+    """A sampler with a given order; weight of sample i is i / 1000 (so alignment is checkable)."""
+
+    def __init__(self, order):
+        self.order = np.asarray(order, dtype=np.int64)
+
+    def indices(self, epoch):
+        return np.roll(self.order, epoch)
+
+    def indices_and_weights(self, epoch, total_epochs):
+        idx = self.indices(epoch)
+        return idx, (idx / 1000.0 + epoch).astype(np.float32)
+
+    def __len__(self):
+        return len(self.order)
+
+
+def _collect(loader: BatchLoader):
+    batches = list(loader)
+    for b in batches:
+        assert isinstance(b, Batch)
+    return batches
+
+
+def _reference(root, split, i, box, flip, res):
+    """numpy slicing of the stored image + OpenCV resize: the geometry every back end must match."""
+    img = simplejpeg.decode_jpeg(ShardReader(root, split).get_bytes(i).tobytes(), colorspace="RGB")
+    y, x, h, w = (int(v) for v in box)
+    crop = img[y:y + h, x:x + w]
+    if flip:
+        crop = crop[:, ::-1]
+    crop = cv2.resize(np.ascontiguousarray(crop), (res, res), interpolation=cv2.INTER_AREA if h > res else
+                      cv2.INTER_LINEAR)
+    mean = np.array(IMAGENET_MEAN) * 255
+    std = np.array(IMAGENET_STD) * 255
+    return ((crop - mean) / std).transpose(2, 0, 1).astype(np.float32)
+
+
+def test_unknown_backend(synthetic_dir):
+    with pytest.raises(ValueError, match="unknown loader backend 'tf'"):
+        build_loader(synthetic_dir, "train", backend="tf", train=True, batch_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_samples_and_weights_for_fixed_order(backend, synthetic_dir):
+    _available(backend)
+    labels = ShardReader(synthetic_dir, "train").labels
+    order = np.random.default_rng(0).permutation(len(labels))[:30]
+    loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
+                          sampler=FixedOrderSampler(order), total_epochs=3, resolution=64, num_workers=2)
+    assert len(loader) == 3  # 30 // 8, drop_last by default in training
+    for epoch in (0, 2):
+        loader.set_epoch(epoch)
+        batches = _collect(loader)
+        assert len(batches) == 3
+        idx = torch.cat([b.indices for b in batches]).numpy()
+        expect = np.roll(order, epoch)[:24]
+        np.testing.assert_array_equal(idx, expect)
+        np.testing.assert_array_equal(torch.cat([b.labels for b in batches]).numpy(), labels[expect])
+        w = torch.cat([b.weights for b in batches]).numpy()
+        np.testing.assert_allclose(w, expect / 1000.0 + epoch, rtol=1e-6)
+        b = batches[0]
+        assert b.images.shape == (8, 3, 64, 64) and b.images.dtype == torch.float32
+        assert b.labels.dtype == torch.int64 and b.indices.dtype == torch.int64 and b.weights.dtype == torch.float32
+        assert b.views is None
+        images, lab, ind, wts = b  # the documented unpacking
+        assert images is b.images and wts is b.weights
+        assert torch.isfinite(b.images).all() and b.images.std() > 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_sequential_and_sharded(backend, synthetic_dir):
+    _available(backend)
+    n = len(ShardReader(synthetic_dir, "val"))
+    loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=5, resolution=32,
+                          num_workers=1)
+    batches = _collect(loader)
+    assert len(loader) == len(batches) == -(-n // 5)
+    np.testing.assert_array_equal(torch.cat([b.indices for b in batches]).numpy(), np.arange(n))
+    assert all(b.weights is None for b in batches) and len(batches[-1]) == n - 5 * (len(batches) - 1)
+    shares = []
+    for rank in range(2):
+        ld = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=4, resolution=32,
+                          num_replicas=2, rank=rank, num_workers=1)
+        shares.append(torch.cat([b.indices for b in _collect(ld)]).numpy())
+    np.testing.assert_array_equal(np.concatenate(shares), np.arange(n))  # contiguous, disjoint, no padding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_pixels_match_reference(backend, synthetic_dir):
+    _available(backend)
+    res = 96
+    loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=6, resolution=res,
+                          augment="imagenet", num_workers=2)
+    b = next(iter(loader))
+    h, w = image_sizes(synthetic_dir, "val")
+    boxes = center_boxes(h, w)
+    for j in range(len(b)):
+        i = int(b.indices[j])
+        ref = _reference(synthetic_dir, "val", i, boxes[i], False, res)
+        diff = np.abs(b.images[j].float().numpy() - ref).mean()
+        assert diff < PIXEL_TOL, (backend, i, diff)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_view_hook_applies_exact_crop(backend, synthetic_dir):
+    _available(backend)
+    h, w = image_sizes(synthetic_dir, "train")
+    views = make_views(h, w, k=3, seed=5)
+    # view 2 of every sample: a hand-made box (an asymmetric strip) with a flip, to make the check sharp
+    views.boxes[:, 2] = np.stack([h // 4, w // 8, h // 2, w // 3], axis=1)
+    views.flips[:, 2] = True
+    res = 48
+    for fixed in (None, 2):
+        loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8, resolution=res,
+                              views=views, fixed_view=fixed, num_workers=2)
+        loader.set_epoch(1)
+        b = next(iter(loader))
+        assert b.views is not None and b.views.dtype == torch.int64
+        idx = b.indices.numpy()
+        if fixed is None:
+            np.testing.assert_array_equal(b.views.numpy(), views.choose(1, idx))
+        else:
+            assert (b.views.numpy() == 2).all()
+        for j in range(len(b)):
+            i, v = int(idx[j]), int(b.views[j])
+            ref = _reference(synthetic_dir, "train", i, views.boxes[i, v], views.flips[i, v], res)
+            diff = np.abs(b.images[j].float().numpy() - ref).mean()
+            assert diff < PIXEL_TOL, (backend, i, v, diff)
+
+
+def test_view_hook_detects_wrong_box(synthetic_dir):
+    """The tolerance is tight enough: shifting the box by 6 px or dropping the flip fails it."""
+    h, w = image_sizes(synthetic_dir, "train")
+    i = 0
+    box = np.array([h[i] // 4, w[i] // 8, h[i] // 2, w[i] // 3])
+    ref = _reference(synthetic_dir, "train", i, box, True, 48)
+    shifted = _reference(synthetic_dir, "train", i, box + np.array([6, 6, 0, 0]), True, 48)
+    unflipped = _reference(synthetic_dir, "train", i, box, False, 48)
+    assert np.abs(ref - shifted).mean() > 2 * PIXEL_TOL
+    assert np.abs(ref - unflipped).mean() > 2 * PIXEL_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtype_channels_last_and_default_sampler(backend, synthetic_dir):
+    _available(backend)
+    n = len(ShardReader(synthetic_dir, "train"))
+    loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=4, resolution=40,
+                          dtype=torch.bfloat16, channels_last=True, num_workers=1, seed=3)
+    batches = _collect(loader)
+    b = batches[0]
+    assert b.images.dtype == torch.bfloat16 and b.images.shape == (4, 3, 40, 40)
+    assert b.images.is_contiguous(memory_format=torch.channels_last)
+    assert b.weights is None  # no sampler given: instance shuffle, no curriculum weights
+    idx = torch.cat([x.indices for x in batches]).numpy()
+    assert len(idx) == (n // 4) * 4 and len(np.unique(idx)) == len(idx)  # a permutation, cut to whole batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_crop_small_images(backend, fmnist_dir):
+    _available(backend)
+    reader = ShardReader(fmnist_dir, "val")
+    ev = build_loader(fmnist_dir, "val", backend=backend, train=False, batch_size=16, num_workers=1)
+    b = next(iter(ev))
+    assert b.images.shape == (16, 3, 28, 28)  # auto -> pad_crop; eval is the identity at the stored size
+    img = simplejpeg.decode_jpeg(reader.get_bytes(int(b.indices[3])).tobytes(), colorspace="RGB")
+    ref = ((img - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)).transpose(2, 0, 1)
+    assert np.abs(b.images[3].numpy() - ref).max() < 0.05
+    tr = build_loader(fmnist_dir, "train", backend=backend, train=True, batch_size=32, num_workers=1)
+    b = next(iter(tr))
+    assert b.images.shape == (32, 3, 28, 28)
+    # a zero-padded border row/column shows up in some crops: the padding value is black, normalised
+    black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1)
+    edges = torch.cat([b.images[:, :, 0, :], b.images[:, :, -1, :]], dim=2)  # N,3,56
+    assert ((edges - black).abs().amax(dim=1) < 1e-3).any()
+
+
+def test_bad_arguments(synthetic_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        build_loader(tmp_path, "train", backend="torch", train=True, batch_size=4)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, augment="cutmix")
+    with pytest.raises(ValueError, match="fixed_view needs views"):
+        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, fixed_view=0)
+    h, w = image_sizes(synthetic_dir, "train")
+    bad = FixedViews(np.tile(np.array([0, 0, 10_000, 10], np.int32), (len(h), 1, 1)), np.zeros((len(h), 1), bool), 0)
+    with pytest.raises(ValueError, match="leaves the"):
+        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, views=bad)
+    with pytest.raises(ValueError, match="pad_crop"):
+        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, augment="pad_crop")
