@@ -21,7 +21,7 @@ from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, FixedViews, center_bo
 from lfme_fast.loaders import Batch, BatchLoader, build_loader
 from lfme_fast.shards import ShardReader
 
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "ffcv", "dali"]
 PIXEL_TOL = 0.06
 
 
@@ -81,7 +81,7 @@ def test_same_samples_and_weights_for_fixed_order(backend, synthetic_dir):
     labels = ShardReader(synthetic_dir, "train").labels
     order = np.random.default_rng(0).permutation(len(labels))[:30]
     loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
-                          sampler=FixedOrderSampler(order), total_epochs=3, resolution=64, num_workers=2)
+                          sampler=FixedOrderSampler(order), total_epochs=3, resolution=64, num_workers=1)
     assert len(loader) == 3  # 30 // 8, drop_last by default in training
     for epoch in (0, 2):
         loader.set_epoch(epoch)
@@ -125,7 +125,7 @@ def test_eval_pixels_match_reference(backend, synthetic_dir):
     _available(backend)
     res = 96
     loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=6, resolution=res,
-                          augment="imagenet", num_workers=2)
+                          augment="imagenet", num_workers=1)
     b = next(iter(loader))
     h, w = image_sizes(synthetic_dir, "val")
     boxes = center_boxes(h, w)
@@ -134,6 +134,21 @@ def test_eval_pixels_match_reference(backend, synthetic_dir):
         ref = _reference(synthetic_dir, "val", i, boxes[i], False, res)
         diff = np.abs(b.images[j].float().numpy() - ref).mean()
         assert diff < PIXEL_TOL, (backend, i, diff)
+
+
+def test_eval_pixels_close_across_backends(synthetic_dir):
+    for backend in BACKENDS:
+        _available(backend)
+    out = {}
+    for backend in BACKENDS:
+        loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=12, resolution=80,
+                              num_workers=1)
+        b = next(iter(loader))
+        np.testing.assert_array_equal(b.indices.numpy(), np.arange(12))
+        out[backend] = b.images.float().numpy().copy()
+    for a in BACKENDS:
+        for c in BACKENDS:
+            assert np.abs(out[a] - out[c]).mean() < PIXEL_TOL, (a, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

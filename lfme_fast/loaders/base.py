@@ -40,6 +40,10 @@ class Batch:
     normalised with the ImageNet mean/std. ``labels``/``indices``: int64 on the device (indices are
     positions in the split, 0..N-1). ``weights``: float32 curriculum weights aligned with ``indices``
     (train with a sampler), else None. ``views``: int64 fixed-view id per sample, else None.
+
+    Lifetime: a back end may reuse the memory of ``images`` a few batches later (ffcv keeps
+    ``batches_ahead + 2`` output slots); use a batch before drawing the next few, or ``clone()`` it.
+    Labels, indices, weights and views are never reused.
     """
 
     images: torch.Tensor

@@ -1,0 +1,313 @@
+"""FFCV back end: the stock ``ffcv.loader.Loader`` over ``DIR/ffcv/<split>.beton``, ordered by our sampler.
+
+* Order: :class:`SamplerOrder`, a ``TraversalOrder`` whose ``sample_order(epoch)`` returns this rank's
+  indices of our :class:`~lfme_fast.loaders.base.EpochPlan`. ffcv's Loader rejects TraversalOrder
+  subclasses and instances passed as ``order=`` but *calls* what it is given with itself, so we
+  pass an instance whose ``__call__(loader)`` finishes ``TraversalOrder.__init__`` and returns
+  itself (REFERENCE §3). ffcv's own ``distributed`` stays off: our samplers already shard.
+* Pixels: ffcv's decoders (RandomResizedCrop / CenterCrop / Simple) and transforms; two additions
+  written the ffcv way (an ``Operation`` whose generated code is numba-compiled):
+  :class:`TableCropDecoder` (fixed views: the crop box of each sample comes from a table indexed by
+  the batch's sample indices) and :class:`PadCropFlip` (28/32-px training augmentation).
+* Per-epoch state for compiled code: numba freezes arrays captured by a jitted function as
+  constants at compile time, and ffcv compiles the pipeline once. Tables the decoder must read at
+  run time (the epoch, the boxes) are therefore reached through their address
+  (:func:`_address_as_pointer` + ``numba.carray``); the owning numpy arrays live on the decoder
+  object, so the memory outlives the compiled code. Recompiling each epoch instead would cost seconds.
+* Weights/views per batch: looked up positionally in the epoch plan (ffcv returns batches in order
+  of the traversal order) and checked against the decoded ``index`` field.
+
+Note: ffcv sets numba's *and torch's* CPU thread count to ``num_workers`` when it iterates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Iterator, Optional, Tuple
+
+import numba
+import numpy as np
+import torch
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import (
+    IMAGE_MODES,
+    CenterCropRGBImageDecoder,
+    RandomResizedCropRGBImageDecoder,
+    SimpleRGBImageDecoder,
+)
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms.ops import Convert
+from ffcv.traversal_order.base import TraversalOrder
+
+from lfme_fast.augment import PAD_CROP_PADDING, view_hash
+from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_epoch
+from lfme_fast.shards import beton_path
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    """``void*`` from an integer address (for ``numba.carray`` over memory we own)."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+# ==================================================================================================
+# Order
+# ==================================================================================================
+
+class _PlanHolder:
+    """The loader's epoch plans, shared with :class:`SamplerOrder` (plain state, no back-reference)."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.spec = spec
+        self.plans: dict[int, EpochPlan] = {}
+
+    def get(self, epoch: int) -> EpochPlan:
+        plan = self.plans.get(epoch)
+        if plan is None:
+            self.plans = {epoch: plan_epoch(self.spec, epoch)}  # keep only the current epoch
+            plan = self.plans[epoch]
+        return plan
+
+
+class SamplerOrder(TraversalOrder):
+    """ffcv traversal order = our sampler's order for this rank (see the module docstring)."""
+
+    def __init__(self, plans: _PlanHolder):  # noqa: D107 -- TraversalOrder.__init__ runs in __call__
+        self.plans = plans
+
+    def __call__(self, loader) -> "SamplerOrder":
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.plans.get(epoch).indices
+
+
+# ==================================================================================================
+# Pixel operations
+# ==================================================================================================
+
+class TableCropDecoder(SimpleRGBImageDecoder):
+    """Decode, crop ``boxes[i, v]`` (``(y, x, h, w)`` stored pixels), resize (ffcv's ``resize_crop``,
+    OpenCV INTER_AREA) and flip when ``flips[i, v]``, for each sample ``i`` of the batch.
+
+    ``v`` is ``state[1]`` when ``state[1] >= 0`` (a forced view), else
+    ``view_hash(seed, state[0] = epoch, i, K)`` — the same function as ``FixedViews.choose``.
+    ``state`` is an int64 array the owner updates between epochs.
+    """
+
+    def __init__(self, output_size: tuple[int, int], boxes: np.ndarray, flips: np.ndarray, seed: int,
+                 state: np.ndarray):
+        super().__init__()
+        self.output_size = output_size
+        self.boxes = np.ascontiguousarray(boxes, dtype=np.int32)
+        self.flips = np.ascontiguousarray(flips, dtype=np.uint8)
+        self.seed = int(seed)
+        if state.dtype != np.int64 or state.shape != (2,) or not state.flags.c_contiguous:
+            raise ValueError("state must be a contiguous int64 array of 2 (epoch, forced view or -1)")
+        self.state = state
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
+        widths = self.metadata["width"]
+        heights = self.metadata["height"]
+        max_width, max_height = np.uint64(widths.max()), np.uint64(heights.max())
+        output_shape = (self.output_size[0], self.output_size[1], 3)
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
+                (AllocationQuery(output_shape, u8), AllocationQuery((max_height * max_width * np.uint64(3),), u8)))
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        n, k = self.boxes.shape[:2]
+        boxes_addr, flips_addr, state_addr = (self.boxes.ctypes.data, self.flips.ctypes.data,
+                                              self.state.ctypes.data)
+        seed = np.uint64(self.seed % 2**63)
+        hash_view = view_hash
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            boxes = numba.carray(_address_as_pointer(boxes_addr), (n, k, 4), np.int32)
+            flips = numba.carray(_address_as_pointer(flips_addr), (n, k), np.uint8)
+            state = numba.carray(_address_as_pointer(state_addr), (2,), np.int64)
+            epoch, forced = state[0], state[1]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                v = forced if forced >= 0 else hash_view(seed, epoch, source_ix, k)
+                y, x, h, w = boxes[source_ix, v, 0], boxes[source_ix, v, 1], boxes[source_ix, v, 2], \
+                    boxes[source_ix, v, 3]
+                out = destination[dst_ix]
+                resize_crop_c(temp_buffer, y, y + h, x, x + w, out)
+                if flips[source_ix, v]:
+                    ow = out.shape[1]
+                    for r in range(out.shape[0]):
+                        for c in range(ow // 2):
+                            for ch in range(3):
+                                t = out[r, c, ch]
+                                out[r, c, ch] = out[r, ow - 1 - c, ch]
+                                out[r, ow - 1 - c, ch] = t
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class PadCropFlip(Operation):
+    """Zero-pad ``padding`` pixels, random crop back to the input size, horizontal flip with p = 0.5
+    (the CIFAR recipe), on uint8 HWC batches; numba's per-thread generator supplies the randomness."""
+
+    def __init__(self, padding: int = PAD_CROP_PADDING):
+        super().__init__()
+        self.padding = int(padding)
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        pad = self.padding
+
+        def pad_crop_flip(images, dst):
+            n, h, w = images.shape[0], images.shape[1], images.shape[2]
+            for i in my_range(n):
+                dy = np.random.randint(0, 2 * pad + 1) - pad  # source row = output row + dy
+                dx = np.random.randint(0, 2 * pad + 1) - pad
+                flip = np.random.random() < 0.5
+                for r in range(h):
+                    sr = r + dy
+                    for c in range(w):
+                        sc = (w - 1 - c if flip else c) + dx
+                        if 0 <= sr < h and 0 <= sc < w:
+                            for ch in range(3):
+                                dst[i, r, c, ch] = images[i, sr, sc, ch]
+                        else:
+                            for ch in range(3):
+                                dst[i, r, c, ch] = 0
+            return dst[:n]
+
+        pad_crop_flip.is_parallel = True
+        return pad_crop_flip
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
+
+
+# ==================================================================================================
+# Loader
+# ==================================================================================================
+
+def _whole_image_boxes(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
+    boxes = np.zeros((spec.num_samples, 1, 4), dtype=np.int32)
+    boxes[:, 0, 2] = spec.heights
+    boxes[:, 0, 3] = spec.widths
+    return boxes, np.zeros((spec.num_samples, 1), dtype=np.bool_)
+
+
+class FFCVLoader(BatchLoader):
+    """Stock ffcv ``Loader`` behind the :class:`BatchLoader` contract."""
+
+    def __init__(self, spec: LoaderSpec, batches_ahead: int = 3):
+        path = beton_path(spec.root, spec.split)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} missing: prepare the dataset with the ffcv format "
+                                    "(python -m data_prep ... --formats wds,ffcv)")
+        self.spec = spec
+        self.epoch = 0
+        self._plans = _PlanHolder(spec)
+        self._view_state = np.array([0, -1 if spec.fixed_view is None else spec.fixed_view], dtype=np.int64)
+        res = (spec.resolution, spec.resolution)
+        geometry = spec.geometry
+        if geometry == "views":
+            image = [TableCropDecoder(res, spec.views.boxes, spec.views.flips, spec.views.seed, self._view_state)]
+        elif geometry == "rrc":
+            image = [RandomResizedCropRGBImageDecoder(res), RandomHorizontalFlip()]
+        elif geometry == "center":
+            image = [CenterCropRGBImageDecoder(res, ratio=spec.crop_ratio)]
+        elif geometry == "pad_crop":
+            image = [SimpleRGBImageDecoder(), PadCropFlip()]
+        elif geometry == "identity":
+            image = [SimpleRGBImageDecoder()]
+        else:  # resize the whole image
+            image = [TableCropDecoder(res, *_whole_image_boxes(spec), 0, self._view_state)]
+        self._gpu_normalize = spec.cuda
+        if spec.cuda:
+            # Ship uint8 (4x fewer bytes), normalise on the GPU in torch (ffcv's GPU NormalizeImage needs cupy).
+            image += [ToTensor(), ToDevice(spec.device, non_blocking=True), ToTorchImage(channels_last=True)]
+        else:
+            np_dtype = np.float16 if spec.dtype == torch.float16 else np.float32
+            mean = np.array(spec.mean) * 255
+            std = np.array(spec.std) * 255
+            image += [NormalizeImage(mean, std, np_dtype), ToTensor(), ToTorchImage(channels_last=spec.channels_last)]
+            if spec.dtype == torch.bfloat16:
+                image.append(Convert(torch.bfloat16))
+        # Labels and indices stay on the CPU inside ffcv: the plan alignment check reads them there.
+        self.loader = Loader(
+            str(path), batch_size=spec.batch_size, num_workers=spec.num_workers, os_cache=spec.in_memory,
+            order=SamplerOrder(self._plans), distributed=False, seed=spec.seed, drop_last=spec.drop_last,
+            batches_ahead=batches_ahead,
+            pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()],
+                       "index": [IntDecoder(), ToTensor(), Squeeze()]})
+        if spec.cuda:
+            self._mean = torch.tensor([m * 255 for m in spec.mean], device=spec.device).view(1, 3, 1, 1)
+            self._inv_std = torch.tensor([1 / (s * 255) for s in spec.std], device=spec.device).view(1, 3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return num_batches(self.spec)
+
+    def __iter__(self) -> Iterator[Batch]:
+        spec = self.spec
+        plan = self._plans.get(self.epoch)
+        self._view_state[0] = self.epoch  # read by TableCropDecoder's compiled code
+        self.loader.next_epoch = self.epoch  # ffcv asks the order for sample_order(next_epoch)
+        pos = 0
+        dev = spec.device
+        for images, labels, indices in self.loader:
+            n = int(labels.shape[0])
+            labels = labels.reshape(n)
+            indices = indices.reshape(n)
+            expect = plan.indices[pos:pos + n]
+            if not np.array_equal(indices.numpy(), expect):
+                raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order")
+            weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
+            views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + n])
+            pos += n
+            if self._gpu_normalize:
+                x = (images.float() - self._mean).mul_(self._inv_std)
+                fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
+                images = x.to(dtype=spec.dtype, memory_format=fmt)
+            # ffcv reuses its output buffers batches_ahead + 2 batches later: copy the small tensors
+            # (the images are documented as valid until then, like ffcv's own).
+            yield Batch(images,
+                        labels.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
+                        indices.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
+                        None if weights is None else weights.to(dev, non_blocking=True),
+                        None if views is None else views.to(dev, non_blocking=True))
