@@ -90,14 +90,19 @@ def _split_fingerprint(source: DatasetSource, split: SplitSource, opts: PrepOpti
 
 
 def _load_sidecar(path: Path, fingerprint: str) -> dict | None:
-    tar = path.with_suffix(".tar")
-    if not (path.exists() and tar.exists() and tar.with_suffix(".idx").exists()):
+    """A finished shard's metadata, or None when it must be (re)written."""
+    if not path.exists():
         return None
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if meta.get("fingerprint") != fingerprint or tar.stat().st_size != meta.get("tar_bytes"):
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    if meta["tar"] is None:  # every sample of this shard was skipped: nothing to publish
+        return meta
+    tar = path.with_suffix(".tar")
+    if not (tar.exists() and tar.with_suffix(".idx").exists()) or tar.stat().st_size != meta.get("tar_bytes"):
         return None
     return meta
 
@@ -163,8 +168,14 @@ def _write_one_shard(pool, split: SplitSource, positions: np.ndarray, wds: Path,
     except BaseException:
         writer.abort()
         raise
-    writer.close()
-    meta = {"fingerprint": fingerprint, "tar": f"{name}.tar", "tar_bytes": (wds / f"{name}.tar").stat().st_size,
+    if kept:
+        writer.close()
+    else:  # an empty tar would be a malformed shard for DALI (its index needs >= 1 sample)
+        writer.abort()
+        for stale in (wds / f"{name}.tar", wds / f"{name}.idx"):
+            stale.unlink(missing_ok=True)
+    meta = {"fingerprint": fingerprint, "tar": f"{name}.tar" if kept else None,
+            "tar_bytes": (wds / f"{name}.tar").stat().st_size if kept else 0,
             "positions": kept, "labels": split.labels[kept].tolist(), "offsets": writer.jpg_offsets,
             "sizes": writer.jpg_sizes, "skipped": skipped, "converted": converted}
     atomic_write_json(wds / f"{name}.json", meta)
@@ -172,10 +183,14 @@ def _write_one_shard(pool, split: SplitSource, positions: np.ndarray, wds: Path,
 
 
 def _write_index(split: SplitSource, metas: list[dict], out: Path) -> tuple[np.ndarray, int]:
-    labels = np.concatenate([np.asarray(m["labels"], np.int64) for m in metas]) if metas else np.zeros(0, np.int64)
-    shard = np.concatenate([np.full(len(m["labels"]), s, np.int32) for s, m in enumerate(metas)])
-    offset = np.concatenate([np.asarray(m["offsets"], np.int64) for m in metas])
-    size = np.concatenate([np.asarray(m["sizes"], np.int64) for m in metas])
+    metas = [m for m in metas if m["tar"] is not None]
+
+    def cat(key, dtype):
+        return np.concatenate([np.asarray(m[key], dtype) for m in metas] + [np.zeros(0, dtype)])
+
+    labels, offset, size = cat("labels", np.int64), cat("offsets", np.int64), cat("sizes", np.int64)
+    shard = np.concatenate([np.full(len(m["labels"]), s, np.int32) for s, m in enumerate(metas)]
+                           + [np.zeros(0, np.int32)])
     with atomic_path(index_path(out, split.name)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, label=labels, shard=shard, offset=offset, size=size)
@@ -249,7 +264,7 @@ def prepare(source: DatasetSource, out: str | Path, opts: PrepOptions) -> PrepSt
         stats.bytes += nbytes
         manifest_splits[name] = {"num_samples": int(len(labels)),
                                  "class_counts": np.bincount(labels, minlength=num_classes).tolist(),
-                                 "shards": [m["tar"] for m in metas], "jpeg_bytes": nbytes,
+                                 "shards": [m["tar"] for m in metas if m["tar"]], "jpeg_bytes": nbytes,
                                  "skipped": len(split_skipped), "converted": sum(len(m["converted"]) for m in metas),
                                  "fingerprint": _split_fingerprint(source, split, opts)}
     _write_reports(out, stats)
