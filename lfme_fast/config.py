@@ -1,0 +1,610 @@
+"""Typed, validated experiment configuration.
+
+One YAML file in ``configs/`` is one experiment. ``load_config(path, overrides)`` reads it, applies
+command-line overrides (``section.key=value``, the value parsed with ``yaml.safe_load``), checks every
+key and type, fills the derived defaults and returns a frozen :class:`Config`. An unknown key, a wrong
+type or an invalid value anywhere is a :class:`ConfigError` naming the dotted key and where it came from
+(the file or the override). The resolved config is written next to the run's outputs as
+``RUN/config.yaml`` (:func:`save_config`), so every run folder records exactly what produced it.
+
+Sections (the names are public: configs, overrides and fingerprints use them)
+-----------------------------------------------------------------------------
+
+=============  =========================================================================================
+key            meaning
+=============  =========================================================================================
+``name``       run name; ``output_dir`` defaults to ``runs/<name>``
+``seed``       seeds model init, samplers (order depends on ``(seed, epoch)`` only) and augmentation
+``recipe``     ``baseline`` (stages ``train``, ``eval``), ``experts`` (``experts``: LFME's experts
+               alone) or ``lfme`` (``experts``, ``offline``, ``student``, ``eval``); see
+               ``RECIPE_STAGES``
+``stages``     which of the recipe's stages to run, in the recipe's order (null: all)
+``output_dir`` run folder (``--output-dir`` on the command line sets it)
+``data``       ``root`` (prepared dataset, ``python -m data_prep``), ``backend`` (ffcv | dali | torch),
+               ``batch_size`` (per process), ``eval_batch_size`` (null: ``batch_size``), ``num_workers``
+               (null: loader default), ``resolution`` (null: the dataset's own), ``augment`` (auto |
+               imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
+               null), ``test_split``
+``model``      ``arch`` (``lfme_fast.models.MODELS``), ``pretrained`` (local checkpoint or null),
+               ``kwargs`` (extra constructor arguments, e.g. ``{use_norm: true}`` for resnet32)
+``optim``      ``name`` (sgd), ``lr`` (for the per-process ``batch_size``), ``momentum``,
+               ``weight_decay``, ``nesterov``, ``schedule`` (cosine | step | constant), ``milestones``
+               (epochs, for ``step``), ``gamma``, ``warmup_epochs`` (linear warm-up, may be fractional),
+               ``epochs``
+``train``      ``sampler`` (instance | class_balanced | sqrt | progressive), ``samples_per_class``
+               (class_balanced), ``epoch_samples`` (samples per epoch; null: dataset size),
+               ``loss`` (ce | balanced_softmax | logit_adjusted), ``tau`` (logit_adjusted),
+               ``grad_accum``, ``max_steps_per_epoch`` (null: whole epochs; for smoke tests),
+               ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off)
+``experts``    LFME experts: ``convention`` (lfme | strict), ``thresholds`` (null: the convention's;
+               else strictly descending inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size``
+               (one int, or one per subset, many -> few), ``lr``, ``arch`` (null: each inherits the
+               ``optim``/``data``/``model`` value), ``sampler`` (instance), ``eval_test`` (also score each
+               expert on the test split)
+``lfme``       LFME student: ``temperature``, ``t_squared``, ``alpha`` (SpES), ``spes`` (matched |
+               official | off), ``spis`` (paper | official | off), ``schedule`` (linear | convex |
+               concave), ``kd``, ``views``, ``view_kind`` (center | random), ``topk`` (null: dense
+               expert logits), ``samples_per_class``
+``precision``  ``mixed_precision`` (no | bf16 | fp16), ``channels_last`` (true | false | auto = on GPU)
+``eval``       ``convention`` (lfme | strict) and ``thresholds`` for the many/medium/few report
+``log``        ``tensorboard``, ``progress`` (tqdm bar on the main process)
+=============  =========================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import yaml
+
+from lfme_fast.io import atomic_write_text
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "ExpertsConfig",
+    "LFMEConfig",
+    "PrecisionConfig",
+    "EvalConfig",
+    "LogConfig",
+    "RECIPE_STAGES",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "save_config",
+    "fingerprint",
+    "missing_keys",
+    "parse_override",
+]
+
+#: Stages of each recipe, in execution order. The recipe classes (``lfme_fast.train.RECIPES``) run
+#: these; the schema lives here so a config can be validated without importing any training code.
+RECIPE_STAGES: dict[str, tuple[str, ...]] = {
+    "baseline": ("train", "eval"),
+    "experts": ("experts",),
+    "lfme": ("experts", "offline", "student", "eval"),
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the dotted key and its source."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# schema
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None
+    backend: Literal["ffcv", "dali", "torch"] = "torch"
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    num_workers: int | None = None
+    resolution: int | None = None
+    augment: Literal["auto", "imagenet", "pad_crop", "none"] = "auto"
+    in_memory: bool = True
+    train_split: str = "train"
+    val_split: str | None = "val"
+    test_split: str = "test"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet10"
+    pretrained: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    epochs: int = 90
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    sampler: Literal["instance", "class_balanced", "sqrt", "progressive"] = "instance"
+    samples_per_class: int = 4
+    epoch_samples: int | None = None
+    loss: Literal["ce", "balanced_softmax", "logit_adjusted"] = "ce"
+    tau: float = 1.0
+    grad_accum: int = 1
+    max_steps_per_epoch: int | None = None
+    log_every: int = 50
+    checkpoint_every_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    convention: Literal["lfme", "strict"] = "lfme"
+    thresholds: tuple[int, ...] | None = None
+    epochs: int | None = None
+    batch_size: int | tuple[int, ...] | None = None
+    lr: float | None = None
+    arch: str | None = None
+    sampler: Literal["instance"] = "instance"
+    eval_test: bool = True
+
+
+@dataclass(frozen=True)
+class LFMEConfig:
+    temperature: float = 2.0
+    t_squared: bool = False
+    alpha: float = 0.6
+    spes: Literal["matched", "official", "off"] = "matched"
+    spis: Literal["paper", "official", "off"] = "paper"
+    schedule: Literal["linear", "convex", "concave"] = "linear"
+    kd: bool = True
+    views: int = 1
+    view_kind: Literal["center", "random"] = "center"
+    topk: int | None = None
+    samples_per_class: int = 4
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool | Literal["auto"] = "auto"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    convention: Literal["lfme", "strict"] = "lfme"
+    thresholds: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment (see the module docstring for every key)."""
+
+    name: str = "run"
+    seed: int = 0
+    recipe: str = "baseline"
+    stages: tuple[str, ...] | None = None
+    output_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    lfme: LFMEConfig = field(default_factory=LFMEConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (``output_dir``; always set after ``load_config``)."""
+        return Path(self.output_dir if self.output_dir is not None else f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# type checking / coercion
+# ---------------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ``_Mismatch``. Conversions allowed: int -> float,
+    a numeric string -> float (YAML 1.1 reads ``1e-3`` as a string), list -> tuple."""
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if type(value) is type(choice) and value == choice:
+                return value
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        (item,) = typing.get_args(tp)[:1]
+        return tuple(_coerce(v, item) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported schema type {tp!r}")  # a bug in the schema, not in the user's file
+
+
+def _build(cls: type, data: Any, prefix: str, sources: Mapping[str, str]) -> Any:
+    """Construct dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    where = prefix.rstrip(".") or "<top level>"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} ({_source(where, sources)})")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}{key}"
+            raise ConfigError(
+                f"unknown key {dotted!r} ({_source(dotted, sources)}); {where} accepts: {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        dotted = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], dotted + ".", sources)
+            continue
+        try:
+            kwargs[name] = _coerce(data[name], tp)
+        except _Mismatch:
+            raise ConfigError(
+                f"{dotted}: expected {_type_name(tp)}, got {data[name]!r} ({_source(dotted, sources)})"
+            ) from None
+    return cls(**kwargs)
+
+
+def _source(dotted: str, sources: Mapping[str, str]) -> str:
+    """Where ``dotted`` (or its closest parent) was set: an override or the file."""
+    key = dotted
+    while key:
+        if key in sources:
+            return sources[key]
+        key = key.rpartition(".")[0]
+    return sources.get("", "defaults")
+
+
+# ---------------------------------------------------------------------------------------------------
+# overrides
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b=value"`` into ``(["a", "b"], yaml.safe_load("value"))``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
+    path, value = parse_override(text)
+    node: Any = raw
+    cls: Any = Config
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        is_last = i == len(path) - 1
+        if cls is dict:  # inside a free-form mapping (model.kwargs): any key
+            pass
+        else:
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in names:
+                parent = ".".join(path[:i]) or "<top level>"
+                raise ConfigError(
+                    f"unknown key {dotted!r} (override {text!r}); {parent} accepts: {', '.join(sorted(names))}"
+                )
+            tp = _hints(cls)[part]
+            if dataclasses.is_dataclass(tp):
+                if is_last:
+                    raise ConfigError(f"{dotted!r} is a section, set its keys instead (override {text!r})")
+                cls = tp
+            elif typing.get_origin(tp) is dict:
+                cls = dict
+            elif not is_last:
+                raise ConfigError(f"{dotted!r} is not a section (override {text!r})")
+        if is_last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"{dotted!r} is not a mapping (override {text!r})")
+            node = child
+    sources[".".join(path)] = f"override {text!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# value validation and derived defaults
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check(cond: bool, key: str, msg: str, sources: Mapping[str, str]) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg} ({_source(key, sources)})")
+
+
+def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
+    """Check values (ranges, cross-field rules) and fill derived defaults; return the resolved config."""
+    from lfme_fast.subsets import resolve_thresholds
+
+    _check(bool(cfg.name) and "/" not in cfg.name, "name", f"must be a non-empty name without '/', got {cfg.name!r}",
+           sources)
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}", sources)
+    _check(cfg.recipe in RECIPE_STAGES, "recipe", f"unknown recipe {cfg.recipe!r}; known: {sorted(RECIPE_STAGES)}",
+           sources)
+    allowed = RECIPE_STAGES[cfg.recipe]
+    stages = cfg.stages if cfg.stages is not None else allowed
+    for s in stages:
+        _check(s in allowed, "stages", f"{s!r} is not a stage of recipe {cfg.recipe!r} (stages: {list(allowed)})",
+               sources)
+    _check(len(set(stages)) == len(stages) and len(stages) > 0, "stages",
+           f"must be a non-empty list without repeats, got {list(stages)}", sources)
+    stages = tuple(s for s in allowed if s in stages)  # the recipe's order, whatever the file's
+
+    d = cfg.data
+    for key in ("batch_size",):
+        _check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}", sources)
+    _check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", sources)
+    _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "must be >= 0", sources)
+    _check(d.resolution is None or d.resolution >= 8, "data.resolution", "must be >= 8 or null", sources)
+
+    from lfme_fast.models import MODELS
+
+    _check(cfg.model.arch in MODELS, "model.arch", f"unknown architecture {cfg.model.arch!r}; known: {sorted(MODELS)}",
+           sources)
+    _check(cfg.experts.arch is None or cfg.experts.arch in MODELS, "experts.arch",
+           f"unknown architecture {cfg.experts.arch!r}; known: {sorted(MODELS)}", sources)
+
+    o = cfg.optim
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}", sources)
+    _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}", sources)
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}", sources)
+    _check(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs momentum > 0", sources)
+    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}", sources)
+    _check(0 < o.gamma <= 1, "optim.gamma", f"must be in (0, 1], got {o.gamma}", sources)
+    _check(0 <= o.warmup_epochs < o.epochs, "optim.warmup_epochs", f"must be in [0, epochs={o.epochs})", sources)
+    _check(list(o.milestones) == sorted(set(o.milestones)) and all(0 < m < o.epochs for m in o.milestones),
+           "optim.milestones", f"must be strictly ascending epochs in (0, {o.epochs}), got {list(o.milestones)}",
+           sources)
+
+    t = cfg.train
+    _check(t.samples_per_class >= 1, "train.samples_per_class", "must be >= 1", sources)
+    _check(t.epoch_samples is None or t.epoch_samples >= 1, "train.epoch_samples", "must be >= 1 or null", sources)
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}", sources)
+    _check(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+           "must be >= 1 or null", sources)
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1", sources)
+    _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
+           "must be >= 1 or null", sources)
+
+    e = cfg.experts
+    for key, value in (("experts.thresholds", e.thresholds), ("eval.thresholds", cfg.eval.thresholds)):
+        try:
+            resolve_thresholds(e.convention if key.startswith("experts") else cfg.eval.convention, value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc} ({_source(key, sources)})") from None
+    _check(e.epochs is None or e.epochs >= 1, "experts.epochs", "must be >= 1 or null", sources)
+    _check(e.lr is None or e.lr > 0, "experts.lr", "must be > 0 or null", sources)
+    bs = e.batch_size if isinstance(e.batch_size, tuple) else (e.batch_size,) if e.batch_size is not None else ()
+    _check(all(b >= 1 for b in bs), "experts.batch_size", "must be >= 1", sources)
+    if isinstance(e.batch_size, tuple):
+        n_subsets = len(resolve_thresholds(e.convention, e.thresholds)) + 1
+        _check(len(e.batch_size) == n_subsets, "experts.batch_size",
+               f"a list needs one entry per subset ({n_subsets}), got {len(e.batch_size)}", sources)
+
+    f = cfg.lfme
+    _check(f.temperature > 0, "lfme.temperature", "must be > 0", sources)
+    _check(0 <= f.alpha < 1, "lfme.alpha", f"must be in [0, 1), got {f.alpha}", sources)
+    _check(f.views >= 1, "lfme.views", "must be >= 1", sources)
+    _check(f.topk is None or f.topk >= 1, "lfme.topk", "must be >= 1 or null", sources)
+    _check(f.samples_per_class >= 1, "lfme.samples_per_class", "must be >= 1", sources)
+
+    return dataclasses.replace(
+        cfg,
+        stages=stages,
+        output_dir=cfg.output_dir if cfg.output_dir is not None else f"runs/{cfg.name}",
+        data=dataclasses.replace(d, eval_batch_size=d.eval_batch_size or d.batch_size),
+        experts=dataclasses.replace(
+            e,
+            epochs=e.epochs if e.epochs is not None else o.epochs,
+            batch_size=e.batch_size if e.batch_size is not None else d.batch_size,
+            lr=e.lr if e.lr is not None else o.lr,
+            arch=e.arch if e.arch is not None else cfg.model.arch,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), *, source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from a plain mapping plus ``overrides``."""
+    raw = json.loads(json.dumps(raw)) if raw else {}  # deep copy; the caller's dict is left alone
+    sources: dict[str, str] = {"": source}
+    for text in overrides:
+        _apply_override(raw, text, sources)
+    cfg = _build(Config, raw, "", sources)
+    return _validate(cfg, sources)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply ``section.key=value`` overrides, validate, resolve defaults.
+
+    Raises:
+        ConfigError: unknown key, wrong type or invalid value; the message names the dotted key and
+            the file or override it came from.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(raw or {}, overrides, source=f"file {path}")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config or one of its sections; YAML/JSON safe."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically); ``load_config`` of it gives ``cfg`` back."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None))
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(node):
+            node = getattr(node, part)
+        elif isinstance(node, dict):
+            node = node[part]
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+def fingerprint(cfg: Config, keys: Iterable[str], extra: Mapping[str, Any] | None = None) -> str:
+    """Hex digest of the config values at the dotted ``keys`` (plus ``extra``): a stage's identity.
+
+    Two runs whose stage depends only on ``keys`` produce the same outputs when their fingerprints
+    match, so a finished stage with a matching fingerprint is skipped.
+    """
+    payload = {k: config_to_dict(_lookup(cfg, k)) for k in sorted(keys)}
+    if extra:
+        payload["__extra__"] = dict(extra)
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def missing_keys(path: str | os.PathLike) -> list[str]:
+    """Dotted keys of the schema that the YAML file at ``path`` does not set (free-form mappings such as
+    ``model.kwargs`` count as set when present). Used to keep every file in ``configs/`` a complete
+    record of its experiment."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+
+    def walk(cls: type, node: Mapping, prefix: str) -> list[str]:
+        out = []
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            dotted = prefix + f.name
+            if f.name not in node:
+                out.append(dotted)
+            elif dataclasses.is_dataclass(hints[f.name]) and isinstance(node[f.name], Mapping):
+                out.extend(walk(hints[f.name], node[f.name], dotted + "."))
+        return out
+
+    return walk(Config, raw, "")

@@ -1,0 +1,281 @@
+"""LFME experts: one model per cardinality-adjacent class subset (paper Sec. 4.1).
+
+Expert ``l`` sees only the training images of its subset ``S_l`` (instance sampling within the subset,
+:class:`lfme_fast.sampling.SubsetSampler`), and its label space is ``S_l``'s classes: global class
+``c`` maps to local label ``label_map[c]`` (``-1`` outside the subset); output column ``j`` is global
+class ``classes[j]`` (ascending). Any number ``L >= 2`` of subsets works; they come from
+``experts.convention`` or ``experts.thresholds``, and an empty subset is an error (an expert with no
+classes cannot be trained; pick thresholds that suit the dataset).
+
+Layout::
+
+    RUN/experts/<subset>/model.pt      {"state_dict", "meta": {"subset": {...classes...}, "arch", ...}}
+    RUN/experts/<subset>/metrics.json  val (and test) top-1 on the subset's images, within its classes
+    RUN/experts/<subset>/log.jsonl     training log; checkpoints/ while training; done.json when finished
+    RUN/experts/summary.json           every expert's metrics
+
+Each expert is its own stage with its own fingerprint (config keys + its subset's classes + the
+data), so a re-run skips finished experts and resumes an interrupted one.
+
+``python -m lfme_fast.experts compare --experts RUN_E --model RUN_B --out FILE`` compares experts with
+a single model on each subset (LFME Fig. 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
+from lfme_fast.config import Config, fingerprint
+from lfme_fast.evaluate import predict, subset_accuracy
+from lfme_fast.io import atomic_write_json
+from lfme_fast.losses import weighted_cross_entropy
+from lfme_fast.subsets import Subset, describe_convention, split_classes
+from lfme_fast.trainer import MODEL_KEYS, LoopSettings, RunContext, train_model
+
+__all__ = ["ExpertInfo", "expert_subsets", "label_map", "train_experts", "load_experts", "compare_with_model",
+           "EXPERT_KEYS"]
+
+#: Config keys an expert depends on: the model keys minus the student's sampler/loss settings, plus
+#: the experts section.
+EXPERT_KEYS = tuple(k for k in MODEL_KEYS if not k.startswith("train.") or k in ("train.grad_accum",
+                                                                                   "train.max_steps_per_epoch"))
+EXPERT_KEYS = EXPERT_KEYS + ("experts.convention", "experts.thresholds", "experts.epochs", "experts.batch_size",
+                             "experts.lr", "experts.arch", "experts.sampler")
+
+
+@dataclass(frozen=True)
+class ExpertInfo:
+    """A trained expert: its subset, model file, metrics (``val_top1`` etc.) and whether this call
+    trained it (False: an earlier run's valid result was reused)."""
+
+    subset: Subset
+    model_path: Path
+    metrics: dict[str, Any]
+    trained: bool
+
+
+def expert_subsets(cfg: Config, class_counts: Sequence[int]) -> list[Subset]:
+    """The experts' subsets (many -> few) for these training counts; every one must be non-empty.
+
+    Raises:
+        ValueError: a subset has no class; the message names it, its count range and the counts.
+    """
+    e = cfg.experts
+    subsets = split_classes(np.asarray(class_counts), e.convention, e.thresholds)
+    for s in subsets:
+        if len(s) == 0:
+            raise ValueError(
+                f"experts: subset {s.name!r} ({s.range_text()} training images per class) has no classes under "
+                f"{describe_convention(e.convention, e.thresholds)}; class counts range "
+                f"{int(np.min(class_counts))}..{int(np.max(class_counts))}. Set experts.thresholds to bounds "
+                "that suit this dataset."
+            )
+    return subsets
+
+
+def label_map(classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Global class -> the expert's local label (``-1`` outside the subset)."""
+    out = np.full(num_classes, -1, dtype=np.int64)
+    out[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes), dtype=np.int64)
+    return out
+
+
+def _expert_batch_size(cfg: Config, k: int) -> int:
+    bs = cfg.experts.batch_size
+    return int(bs[k]) if isinstance(bs, tuple) else int(bs)
+
+
+def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Subset) -> dict[str, Any]:
+    """Top-1 of an expert on ``split``'s images of its subset, within the subset's label space."""
+    from lfme_fast.sampling import SubsetSampler
+
+    labels = ctx.labels(split)
+    present = np.intersect1d(np.unique(labels), subset.classes)
+    if present.size == 0:
+        return {"top1": None, "num_samples": 0}
+    # Only the subset's images: a sampler over them (one epoch = each once; sharding pads, and
+    # predict() drops the duplicates).
+    sampler = SubsetSampler(labels, present, seed=ctx.cfg.seed, num_replicas=ctx.accelerator.num_processes,
+                            rank=ctx.accelerator.process_index) if np.all(np.bincount(labels) > 0) else None
+    loader = ctx.eval_loader(split, sampler)
+    preds = predict(model, loader, ctx.accelerator, keep_logits=True)
+    mask = np.isin(preds.labels, subset.classes)
+    acc = subset_accuracy(preds.logits[mask], preds.labels[mask], subset.classes, local=True)
+    return {"top1": acc, "num_samples": int(mask.sum())}
+
+
+def _train_one(ctx: RunContext, k: int, subset: Subset, stage_dir: Path, fp: str,
+               interrupt_after_steps: int | None) -> dict[str, Any]:
+    cfg, acc = ctx.cfg, ctx.accelerator
+    e = cfg.experts
+    model = ctx.build_model(len(subset), e.arch, seed_offset=1000 * (k + 1))
+    sampler = ctx.build_sampler("subset", ctx.labels(cfg.data.train_split), e.epochs, classes=subset.classes,
+                                seed_offset=1000 * (k + 1))
+    loader = ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k))
+    lmap = torch.as_tensor(label_map(subset.classes, ctx.num_classes), device=ctx.device)
+
+    def loss_fn(batch: Any, logits: torch.Tensor):
+        return weighted_cross_entropy(logits, lmap[batch.labels])
+
+    result = train_model(model, loader, loss_fn, accelerator=acc, optim=cfg.optim, lr=e.lr,
+                         loop=LoopSettings.from_config(cfg, epochs=e.epochs, desc=f"expert-{subset.name}"),
+                         stage_dir=stage_dir, fingerprint=fp, channels_last=ctx.channels_last,
+                         interrupt_after_steps=interrupt_after_steps)
+    del loader
+    metrics: dict[str, Any] = {"subset": subset.to_json(), "arch": e.arch, "epochs": e.epochs,
+                               "train_images": int(np.isin(ctx.labels(cfg.data.train_split), subset.classes).sum()),
+                               "global_step": result.global_step,
+                               "metric": "top-1 on the split's images of the subset, prediction within its classes"}
+    for key, split in (("val", cfg.data.val_split), ("test", cfg.data.test_split if e.eval_test else None)):
+        if split is not None:
+            r = _subset_eval(ctx, result.model, split, subset)
+            metrics[f"{key}_top1"] = r["top1"]
+            metrics[f"{key}_samples"] = r["num_samples"]
+            metrics[f"{key}_split"] = split
+    if acc.is_main_process:
+        meta = {"subset": subset.to_json(), "arch": e.arch, "num_classes": len(subset),
+                "model_kwargs": dict(cfg.model.kwargs), "fingerprint": fp}
+        save_model_file(stage_dir / "model.pt", result.model, meta)
+        atomic_write_json(stage_dir / "metrics.json", metrics)
+        write_done(stage_dir, fp, ["model.pt", "metrics.json"])
+        remove_checkpoints(stage_dir)
+    acc.wait_for_everyone()
+    return metrics
+
+
+def expert_fingerprint(ctx: RunContext, subset: Subset) -> str:
+    """Fingerprint of one expert: config keys, its classes, the training data and process count."""
+    return fingerprint(ctx.cfg, EXPERT_KEYS, {**ctx.model_fingerprint_extra(), "classes": subset.classes.tolist()})
+
+
+def train_experts(cfg: Config, accelerator: Any, run_dir: str | Path, *,
+                  interrupt_after_steps: int | None = None) -> list[ExpertInfo]:
+    """Train (or reuse) one expert per subset; every process must call it.
+
+    Returns one :class:`ExpertInfo` per subset, many -> few. Writes the layout in the module docstring.
+    """
+    ctx = RunContext(cfg, accelerator)
+    run_dir = Path(run_dir)
+    subsets = expert_subsets(cfg, ctx.train_counts)
+    infos = []
+    for k, subset in enumerate(subsets):
+        stage_dir = run_dir / "experts" / subset.name
+        fp = expert_fingerprint(ctx, subset)
+        if stage_done(stage_dir, fp):
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+            if accelerator.is_main_process:
+                print(f"[experts] {subset.name}: reusing finished expert in {stage_dir}", flush=True)
+            infos.append(ExpertInfo(subset, stage_dir / "model.pt", metrics, trained=False))
+            continue
+        metrics = _train_one(ctx, k, subset, stage_dir, fp, interrupt_after_steps)
+        if accelerator.is_main_process:
+            print(f"[experts] {subset.name} ({len(subset)} classes): val top-1 {metrics.get('val_top1')}, "
+                  f"test top-1 {metrics.get('test_top1')} (within the subset)", flush=True)
+        infos.append(ExpertInfo(subset, stage_dir / "model.pt", metrics, trained=True))
+    if accelerator.is_main_process:
+        summary = {"convention": describe_convention(cfg.experts.convention, cfg.experts.thresholds),
+                   "experts": {i.subset.name: i.metrics for i in infos}}
+        atomic_write_json(run_dir / "experts" / "summary.json", summary)
+    accelerator.wait_for_everyone()
+    return infos
+
+
+def load_experts(run_dir: str | Path, cfg: Config, class_counts: Sequence[int] | None = None,
+                 device: Any = "cpu") -> list[tuple[Subset, torch.nn.Module]]:
+    """Load the trained experts of ``run_dir`` (many -> few), in eval mode on ``device``.
+
+    ``class_counts`` (training counts) define the subsets; read from the dataset manifest when omitted.
+
+    Raises:
+        FileNotFoundError: an expert's model file is missing (run the experts stage first).
+        ValueError: a saved expert's classes differ from the subset the config defines.
+    """
+    from lfme_fast.models import build_model
+
+    if class_counts is None:
+        from lfme_fast.shards import load_manifest
+
+        class_counts = load_manifest(cfg.data.root)["splits"][cfg.data.train_split]["class_counts"]
+    out = []
+    for subset in expert_subsets(cfg, class_counts):
+        path = Path(run_dir) / "experts" / subset.name / "model.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"expert {subset.name!r} not found at {path}: run the 'experts' stage first")
+        state, meta = load_model_file(path)
+        saved = meta.get("subset", {}).get("classes")
+        if saved != subset.classes.tolist():
+            raise ValueError(f"{path}: trained on classes {saved}, but the config's subset {subset.name!r} is "
+                             f"{subset.classes.tolist()} (experts.convention/thresholds changed?)")
+        model = build_model(meta.get("arch", cfg.experts.arch), len(subset), **meta.get("model_kwargs", {}))
+        model.load_state_dict(state)
+        out.append((subset, model.to(device).eval()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# LFME Fig. 2: experts vs one model on each subset
+# ---------------------------------------------------------------------------------------------------
+
+
+def compare_with_model(experts_run: str | Path, model_run: str | Path) -> dict[str, Any]:
+    """Per subset: the expert's test top-1 against a full-label-space model's, both scored on the
+    subset's test images (the model's prediction restricted to the subset's classes, and also its
+    unrestricted accuracy). Subsets must match (same classes)."""
+    summary = json.loads((Path(experts_run) / "experts" / "summary.json").read_text())
+    model_metrics = json.loads((Path(model_run) / "metrics.json").read_text())
+    counts = np.asarray(model_metrics["train_class_counts"])
+    rows = {}
+    for name, em in summary["experts"].items():
+        classes = em["subset"]["classes"]
+        mm = model_metrics["subsets"].get(name)
+        model_classes = None
+        if mm is not None:
+            model_classes = [c for c in range(counts.size)
+                             if (em["subset"]["lower"] is None or counts[c] >= em["subset"]["lower"])
+                             and (em["subset"]["upper"] is None or counts[c] <= em["subset"]["upper"])]
+        if mm is None or model_classes != classes:
+            raise ValueError(f"subset {name!r} differs between {experts_run} (classes {classes}) and {model_run} "
+                             f"(convention {model_metrics['convention']}): evaluate both with the same thresholds")
+        rows[name] = {
+            "classes": classes,
+            "train_images_per_class": [int(counts[c]) for c in classes],
+            "expert_top1": em.get("test_top1"),
+            "model_top1_within_subset": mm.get("top1_within_subset"),
+            "model_top1_full_label_space": mm.get("top1"),
+            "test_images": em.get("test_samples"),
+        }
+        exp, mod = rows[name]["expert_top1"], rows[name]["model_top1_within_subset"]
+        rows[name]["expert_minus_model"] = None if exp is None or mod is None else exp - mod
+    return {"convention": summary["convention"], "experts_run": str(experts_run), "model_run": str(model_run),
+            "metric": "test top-1 (fraction) on each subset's images; expert and model_top1_within_subset both "
+                      "predict among the subset's classes only; model_top1_full_label_space predicts among all",
+            "model_overall_top1": model_metrics.get("top1"), "subsets": rows}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lfme_fast.experts",
+                                     description="Compare trained experts with a single model (LFME Fig. 2).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("compare", help="per-subset test top-1: experts vs. one full-label-space model")
+    p.add_argument("--experts", required=True, help="run folder holding experts/summary.json")
+    p.add_argument("--model", required=True, help="run folder holding the model's metrics.json")
+    p.add_argument("--out", help="write the comparison JSON here")
+    args = parser.parse_args(argv)
+    result = compare_with_model(args.experts, args.model)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
