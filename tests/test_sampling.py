@@ -49,6 +49,16 @@ def test_class_csr_groups_interleaved_labels():
         np.testing.assert_array_equal(got, np.flatnonzero(LABELS == c))  # ascending within a class
 
 
+def test_class_csr_many_classes_uses_general_sort():
+    # more than 2**16 classes: the uint16 radix-sort shortcut does not apply
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(70_000), 2))
+    offsets, members = class_csr(labels)
+    np.testing.assert_array_equal(labels[members], np.repeat(np.arange(70_000), 2))
+    assert np.all(np.diff(members.reshape(-1, 2), axis=1) > 0)  # ascending within a class
+    idx = ClassBalancedSampler(labels, samples_per_class=2).indices(0)
+    assert np.all(labels[idx[0::2]] == labels[idx[1::2]])
+
+
 # ---- ClassBalancedSampler ------------------------------------------------------------------------
 
 
@@ -317,3 +327,26 @@ def test_bad_arguments():
         s.indices(-1)
     with pytest.raises(ValueError, match="epoch must be in"):
         s.indices_and_weights(5, 5)
+
+
+# ---- benchmark plumbing (no timing asserted) -------------------------------------------------------
+
+
+def test_bench_histogram_and_cases():
+    import argparse
+
+    from lfme_fast.bench import sampler as bench
+
+    counts, source = bench.load_imagenet_lt_histogram()
+    assert counts.size == 1000 and counts.sum() == 115_846, source
+    labels = bench.interleaved_labels(np.array([3, 1, 2]), seed=0)
+    np.testing.assert_array_equal(np.bincount(labels), [3, 1, 2])
+    args = argparse.Namespace(python_limit_s=60.0, python_budget_s=5.0, python_prefix=500)
+    case = bench.bench_case("tiny", COUNTS, 1, args)
+    assert case["num_samples"] == N
+    assert case["python_oltr_class_aware"]["extrapolated"] is False
+    assert case["numba_class_balanced"]["indices"]["median_s"] > 0
+    assert set(case["other_samplers"]) >= {"instance", "square_root", "progressive", "subset_many_shot"}
+    # an epoch estimated above the limit is extrapolated from the prefixes, and says so
+    slow = bench._time_python(LABELS, 1, limit_s=0.0, budget_s=1.0, prefix=200)
+    assert slow["extrapolated"] is True and slow["repeats"] == 0 and "extrapolated" in slow["note"]
