@@ -1,0 +1,112 @@
+"""LFME's two schedule figures, drawn from a student run's epoch log.
+
+* :func:`plot_expert_weights` — SpES weight ``w_l`` of each expert over the epochs (LFME Fig. 5).
+* :func:`plot_instance_schedules` — SpIS: the three schedule shapes ``f(v1, t)`` (LFME Fig. 4) next to
+  the run's own mean instance weight per subset over the epochs.
+
+Both write PNGs atomically (``lfme_fast.io.atomic_path``) with matplotlib's Agg back end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lfme_fast.io import atomic_path
+from lfme_fast.schedules import SCHEDULE_KINDS, instance_weight
+
+__all__ = ["plot_expert_weights", "plot_instance_schedules", "plot_run"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], dict[str, list[float]]]:
+    """Epochs and per-subset values of a ``{subset: value}`` field of the epoch records."""
+    epochs, out = [], {}
+    for r in records:
+        val = r.get(key)
+        if not isinstance(val, dict):
+            continue
+        epochs.append(int(r["epoch"]) + 1)
+        for name, x in val.items():
+            out.setdefault(name, []).append(np.nan if x is None else float(x))
+    return epochs, out
+
+
+def plot_expert_weights(path: str | Path, records: Sequence[dict[str, Any]], title: str = "") -> Path:
+    """``w_l`` used in each epoch, one line per expert (LFME Fig. 5); ``records`` are the student's
+    epoch log records holding ``lfme_w`` (``{subset: weight}``)."""
+    plt = _plt()
+    epochs, series = _series(records, "lfme_w")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, ys in series.items():
+        ax.plot(epochs, ys, marker="o", ms=3, label=f"expert {name}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("SpES weight $w_l$")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "self-paced expert selection (LFME Fig. 5)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_instance_schedules(path: str | Path, records: Sequence[dict[str, Any]], kind: str = "linear",
+                            v1_examples: Sequence[float] = (0.1, 0.4, 0.7), title: str = "") -> Path:
+    """Left: ``f(v1, t)`` for the linear, convex and concave schedules (LFME Fig. 4), the run's own
+    ``kind`` drawn solid. Right: the run's mean instance weight per subset over the epochs
+    (``lfme_v_mean`` records; empty when SpIS is off)."""
+    plt = _plt()
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.6))
+    t = np.linspace(0.0, 1.0, 101)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, v1 in enumerate(v1_examples):
+        for s in SCHEDULE_KINDS:
+            ys = [instance_weight(float(v1), float(x), s) for x in t]
+            ax0.plot(t, ys, color=colours[j % len(colours)], ls="-" if s == kind else ("--" if s == "convex" else ":"),
+                     lw=1.8 if s == kind else 1.0, label=f"{s}" if j == 0 else None)
+    ax0.set_xlabel("training progress t")
+    ax0.set_ylabel("instance weight f(v1, t)")
+    ax0.set_title(f"schedules for v1 = {', '.join(str(v) for v in v1_examples)} (this run: {kind})", fontsize=9)
+    ax0.legend(fontsize=8)
+    ax0.grid(alpha=0.3)
+    epochs, series = _series(records, "lfme_v_mean")
+    for name, ys in series.items():
+        ax1.plot(epochs, ys, marker="o", ms=3, label=f"subset {name}")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("mean SpIS weight v")
+    ax1.set_title("this run: mean instance weight per subset" if series else "this run: SpIS off", fontsize=9)
+    ax1.grid(alpha=0.3)
+    if series:
+        ax1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_run(run_dir: str | Path, records: Sequence[dict[str, Any]], kind: str, name: str = "") -> list[Path]:
+    """Both figures into ``run_dir`` (``spes_weights.png``, ``spis_schedules.png``); returns the paths."""
+    run_dir = Path(run_dir)
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    return [plot_expert_weights(run_dir / "spes_weights.png", epochs, f"{name}: SpES weights (LFME Fig. 5)"),
+            plot_instance_schedules(run_dir / "spis_schedules.png", epochs, kind,
+                                    title=f"{name}: SpIS (LFME Fig. 4)")]
