@@ -293,10 +293,10 @@ class OfflineStore:
         confidence = np.load(directory / "confidence.npy")
         device = None
         if load == "ram":
-            arrays = [tuple(np.ascontiguousarray(a) for a in g) for g in arrays]
+            arrays = [tuple(np.array(a) for a in g) for g in arrays]  # a copy: a memmap view would stay lazy
         elif load != "mmap":
             device = torch.device(load)
-            arrays = [tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in g) for g in arrays]
+            arrays = [tuple(torch.from_numpy(np.array(a)).to(device) for a in g) for g in arrays]
         return cls(directory, header, arrays, views, confidence, device)
 
     # ---- facts ---------------------------------------------------------------------------------
