@@ -41,6 +41,8 @@ __all__ = [
     "rrc_box",
     "center_box",
     "view_hash",
+    "normalize_table",
+    "normalize_batch",
 ]
 
 #: One normalisation for every dataset, 28-px ones included (RGB mean/std on the 0..1 scale).
@@ -279,6 +281,55 @@ def make_views(heights, widths, k: int, seed: int, include_center: bool = True,
         boxes[:, 0, :] = center_boxes(heights, widths)
         flips[:, 0] = False
     return FixedViews(boxes, flips, seed)
+
+
+# ==================================================================================================
+# Normalisation: uint8 HWC -> float32 (x - mean) / std, written in CHW order in the same pass
+# ==================================================================================================
+
+def normalize_table(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """float32 ``[256, 3]`` lookup table: ``table[v, c] = (v - 255 mean[c]) / (255 std[c])``."""
+    m = np.asarray(mean, dtype=np.float64) * 255.0
+    s = np.asarray(std, dtype=np.float64) * 255.0
+    return ((np.arange(256, dtype=np.float64)[:, None] - m[None, :]) / s[None, :]).astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def normalize_image_chw(src, table, dst, flip=False):
+    """One image: ``src`` uint8 ``[H, W, 3]`` -> ``dst`` float ``[3, H, W]`` via ``table``, mirrored
+    left-right when ``flip``.
+
+    Layout change, normalisation (and flip) in one pass: a separate permuted copy (torch's
+    ``permute(...).contiguous()``) costs several times the whole normalisation on a CPU.
+    """
+    h, w = src.shape[0], src.shape[1]
+    for y in range(h):
+        for x in range(w):
+            sx = w - 1 - x if flip else x
+            dst[0, y, x] = table[src[y, sx, 0], 0]
+            dst[1, y, x] = table[src[y, sx, 1], 1]
+            dst[2, y, x] = table[src[y, sx, 2], 2]
+
+
+@njit(cache=True, inline="always")
+def normalize_image_hwc(src, table, dst):
+    """One image: ``src`` uint8 ``[H, W, 3]`` -> ``dst`` float ``[H, W, 3]`` (channels-last order)."""
+    h, w = src.shape[0], src.shape[1]
+    for y in range(h):
+        for x in range(w):
+            for c in range(3):
+                dst[y, x, c] = table[src[y, x, c], c]
+
+
+@njit(cache=True, parallel=True)
+def normalize_batch(src, table, dst, channels_last):
+    """``src`` uint8 ``[N, H, W, 3]`` -> ``dst`` float32 ``[N, 3, H, W]`` (or ``[N, H, W, 3]`` when
+    ``channels_last``), threads over images."""
+    for i in prange(src.shape[0]):
+        if channels_last:
+            normalize_image_hwc(src[i], table, dst[i])
+        else:
+            normalize_image_chw(src[i], table, dst[i])
 
 
 # ==================================================================================================

@@ -119,3 +119,17 @@ def test_resolve_augment():
     assert resolve_augment("none", 256) == "none"
     with pytest.raises(ValueError, match="augment must be one of"):
         resolve_augment("mixup", 32)
+
+
+def test_normalize_batch_matches_numpy():
+    from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, normalize_table
+
+    src = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    ref = (src - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)
+    table = normalize_table()
+    chw = np.empty((3, 3, 5, 7), np.float32)
+    normalize_batch(src, table, chw, False)
+    np.testing.assert_allclose(chw, ref.transpose(0, 3, 1, 2), atol=1e-5)
+    hwc = np.empty((3, 5, 7, 3), np.float32)
+    normalize_batch(src, table, hwc, True)
+    np.testing.assert_allclose(hwc, ref, atol=1e-5)

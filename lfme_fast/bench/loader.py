@@ -1,0 +1,304 @@
+"""Loader throughput: ``python -m lfme_fast.bench loader --data DIR [options]``.
+
+Each back end runs the training pipeline (RandomResizedCrop + flip, normalised float32 batches on
+the CPU, class-balanced sampler order, all cores) for one warm-up epoch (numba/DALI compilation,
+worker start-up, page cache) and then ``--epochs`` timed epochs, interleaved round by round with the
+other back ends so that background load on a shared machine affects all alike (figures: median over
+rounds). Next to them, measured in the same rounds, the RAW LIMIT: the same stored JPEGs in the same order decoded by libjpeg-turbo
+(``simplejpeg``) and RandomResized-cropped with OpenCV (INTER_AREA, as ffcv), no loader, no
+normalisation, no batching, over all cores — the best of a thread pool and a process pool (both
+libraries release the GIL). A back end that fails is recorded with its error; the run goes on.
+
+Without ``--data`` a SYNTHETIC ImageNet-LT-shaped set (``--scale``, default 0.02 -> ~2,300 images,
+~500x375 generated, stored at max side 256, JPEG quality 90) is prepared once into ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import random
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from lfme_fast.bench.common import machine_info, write_result
+
+DEFAULT_CACHE = Path(os.environ.get("LFME_CACHE", Path.home() / ".cache" / "lfme_fast"))
+
+
+def prepare_synthetic(scale: float, cache: Path) -> Path:
+    """Prepare (once) a synthetic-lt train split at the default storage settings; return its dir."""
+    from data_prep.cli import DEFAULTS
+    from data_prep.images import EncodeSettings
+    from data_prep.pipeline import PrepOptions, prepare
+    from data_prep.sources import synthetic_dataset
+
+    out = cache / f"synthetic_lt_scale{scale:g}"
+    if (out / "manifest.json").exists():
+        return out
+    d = DEFAULTS["synthetic-lt"]
+    source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
+    settings = EncodeSettings(max_side=d["max_side"], quality=d["quality"], subsampling=d["subsampling"])
+    prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"]))
+    return out
+
+
+def dataset_stats(root: Path, split: str) -> dict:
+    from lfme_fast.augment import image_sizes
+    from lfme_fast.shards import ShardReader, load_manifest
+
+    reader = ShardReader(root, split)
+    h, w = image_sizes(root, split)
+    manifest = load_manifest(root)
+    return {"dir": str(root), "split": split, "dataset": manifest.get("dataset"),
+            "synthetic": bool(manifest.get("synthetic")), "num_images": len(reader),
+            "num_classes": reader.num_classes, "stored_max_side": int(max(h.max(), w.max())),
+            "mean_stored_height": float(h.mean()), "mean_stored_width": float(w.mean()),
+            "mean_jpeg_bytes": float(reader.size.mean()), "writer": manifest.get("writer")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw limit: decode + RRC + resize only
+# --------------------------------------------------------------------------------------------------
+
+_RAW: dict = {}
+
+
+def _raw_work(args) -> int:
+    """Decode + RandomResizedCrop + flip ``indices`` (one chunk); returns the count."""
+    import cv2
+    import simplejpeg
+
+    from lfme_fast.augment import py_rrc_box
+
+    indices, res, seed = args
+    reader = _RAW["reader"]
+    rng = random.Random(seed)
+    out = np.empty((res, res, 3), dtype=np.uint8)
+    for i in indices:
+        img = simplejpeg.decode_jpeg(reader.get_bytes(int(i)), colorspace="RGB")
+        y, x, h, w = py_rrc_box(img.shape[0], img.shape[1], rng)
+        cv2.resize(img[y:y + h, x:x + w], (res, res), dst=out, interpolation=cv2.INTER_AREA)
+        if rng.random() < 0.5:
+            cv2.flip(out, 1, dst=out)
+    return len(indices)
+
+
+class RawLimit:
+    """Decode + RRC + resize over all cores with no loader: a thread pool and a fork process pool,
+    kept alive across rounds; each round times one pass of each and keeps the better."""
+
+    def __init__(self, root: Path, split: str, order: np.ndarray, res: int, workers: int):
+        import cv2
+
+        from lfme_fast.shards import ShardReader
+
+        _RAW["reader"] = ShardReader(root, split)
+        self.n = len(order)
+        self.workers = workers
+        self.chunks = [(c, res, k) for k, c in enumerate(np.array_split(order, max(1, workers * 8)))]
+        cv2.setNumThreads(1)  # one OpenCV thread per worker: the pool is the parallelism
+        self.threads = ThreadPoolExecutor(workers)
+        self.procs = mp.get_context("fork").Pool(workers)
+        self.meters = {"threads": _Meter(), "processes": _Meter()}
+        self.round()  # warm-up: page cache, imports in the workers
+        self.meters = {"threads": _Meter(), "processes": _Meter()}
+
+    def round(self) -> float:
+        self.meters["threads"].measure(lambda: sum(self.threads.map(_raw_work, self.chunks)))
+        pids = [p.pid for p in self.procs._pool]
+        self.meters["processes"].measure(lambda: sum(self.procs.map(_raw_work, self.chunks, chunksize=1)), pids)
+        return max(self.n / m.wall[-1] for m in self.meters.values())
+
+    def summary(self) -> dict:
+        per_round = [max(self.n / a, self.n / b) for a, b in zip(self.meters["threads"].wall,
+                                                                 self.meters["processes"].wall)]
+        cpu_rate = max(self.n * len(m.cpu) / sum(m.cpu) for m in self.meters.values())
+        return {"images_per_s": float(np.median(per_round)), "per_round_images_per_s": per_round,
+                "by_method_images_per_s": {k: [self.n / w for w in m.wall] for k, m in self.meters.items()},
+                "images_per_cpu_s": cpu_rate, "workers": self.workers,
+                "what": "simplejpeg (libjpeg-turbo) decode + torchvision-RRC box + cv2.resize INTER_AREA + flip, "
+                        "no loader, no batching, no normalisation; per round the better of a thread pool and a "
+                        "process pool"}
+
+    def close(self) -> None:
+        self.threads.shutdown()
+        self.procs.close()
+        self.procs.join()
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(child_pids=()) -> float:
+    """CPU seconds (user + system) used so far by this process (all threads) and the given live
+    children (read from /proc: ``RUSAGE_CHILDREN`` only counts children that have exited)."""
+    t = os.times()
+    total = t.user + t.system
+    for pid in child_pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class _Meter:
+    """Wall time and CPU time of a block; images per CPU-second is robust to other load on the machine
+    (wall-clock figures on a shared machine are not)."""
+
+    def __init__(self):
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def measure(self, fn, child_pids=()):
+        c0, t0 = cpu_seconds(child_pids), time.perf_counter()
+        out = fn()
+        self.wall.append(time.perf_counter() - t0)
+        self.cpu.append(cpu_seconds(child_pids) - c0)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Back ends
+# --------------------------------------------------------------------------------------------------
+
+class BackendRun:
+    """One back end's training loader: built and warmed up (one full epoch) at construction."""
+
+    def __init__(self, backend: str, root: Path, split: str, args, workers: int, options: dict):
+        import torch
+
+        from lfme_fast.loaders import build_loader
+        from lfme_fast.sampling import ClassBalancedSampler
+        from lfme_fast.shards import ShardReader
+
+        labels = ShardReader(root, split).labels
+        sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=0)
+        t0 = time.perf_counter()
+        self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
+                                   sampler=sampler, total_epochs=args.epochs + 1, resolution=args.resolution,
+                                   augment="imagenet", num_workers=workers, dtype=torch.float32, **options)
+        self.build_s = time.perf_counter() - t0
+        self.options = options
+        self.next_epoch = 0
+        t0 = time.perf_counter()
+        self.images_per_epoch = self.epoch()
+        self.warmup_s = time.perf_counter() - t0
+        self.meter = _Meter()
+
+    def epoch(self) -> int:
+        self.loader.set_epoch(self.next_epoch)
+        self.next_epoch += 1
+        n = 0
+        for batch in self.loader:
+            n += int(batch.labels.shape[0])
+        return n
+
+    def _worker_pids(self) -> list[int]:
+        it = getattr(getattr(self.loader, "dataloader", None), "_iterator", None)  # torch's worker processes
+        return [w.pid for w in getattr(it, "_workers", [])]
+
+    def round(self) -> float:
+        n = self.meter.measure(self.epoch, self._worker_pids())
+        return n / self.meter.wall[-1]
+
+    def summary(self) -> dict:
+        n = self.images_per_epoch
+        rates = [n / w for w in self.meter.wall]
+        return {"images_per_s": float(np.median(rates)), "best_epoch_images_per_s": max(rates),
+                "epoch_images_per_s": rates, "images_per_cpu_s": n * len(rates) / sum(self.meter.cpu),
+                "images_per_epoch": n, "warmup_epoch_s": self.warmup_s, "build_s": self.build_s,
+                "batches_per_epoch": len(self.loader), "options": self.options}
+
+    def close(self) -> None:
+        close = getattr(self.loader, "close", None)
+        if close:
+            close()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lfme_fast.bench loader", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--backends", default="ffcv,dali,torch")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--workers", type=int, default=0, help="loader workers/threads (default: all cores)")
+    parser.add_argument("--scale", type=float, default=0.02, help="synthetic set size when --data is absent")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--ffcv-batches-ahead", type=int, default=3)
+    parser.add_argument("--json-out", default="results/bench_loader.json")
+    args = parser.parse_args(argv)
+
+    root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
+    workers = args.workers or os.cpu_count() or 1
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    result = {"benchmark": "loader", "machine": machine_info(), "load_average_before": os.getloadavg(),
+              "config": {"batch_size": args.batch_size, "resolution": args.resolution, "epochs": args.epochs,
+                         "workers": workers, "augment": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip",
+                         "sampler": "ClassBalancedSampler(4 per class)", "dtype": "float32", "device": "cpu"},
+              "dataset": dataset_stats(root, args.split), "backends": {}}
+
+    from lfme_fast.sampling import ClassBalancedSampler
+    from lfme_fast.shards import ShardReader
+
+    order = ClassBalancedSampler(ShardReader(root, args.split).labels, samples_per_class=4, seed=0).indices(0)
+    runs: dict[str, object] = {}
+    try:
+        runs["raw_limit"] = RawLimit(root, args.split, order, args.resolution, workers)
+    except Exception as exc:  # the limit is a reference: record the failure, keep going
+        result["raw_limit"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}}
+    for backend in backends:
+        print(f"[bench loader] {backend}: build + warm-up epoch ...", flush=True)
+        try:
+            runs[backend] = BackendRun(backend, root, args.split, args, workers, options.get(backend, {}))
+        except Exception as exc:
+            result["backends"][backend] = {"error": f"{type(exc).__name__}: {exc}",
+                                           "traceback": traceback.format_exc()}
+            print(f"[bench loader] {backend}: {result['backends'][backend]['error']}", flush=True)
+    # Interleaved rounds: every contender (and the raw limit) runs once per round, so a change in the
+    # machine's background load hits all of them alike and the ratios stay meaningful.
+    for r in range(args.epochs):
+        for name, run in list(runs.items()):
+            try:
+                rate = run.round()
+                print(f"[bench loader] round {r} {name}: {rate:.0f} images/s", flush=True)
+            except Exception as exc:
+                target = result if name == "raw_limit" else result["backends"]
+                target[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                runs.pop(name).close()
+    for name, run in runs.items():
+        if name == "raw_limit":
+            result["raw_limit"] = run.summary()
+        else:
+            result["backends"][name] = run.summary()
+        run.close()
+    torch_run = result["backends"].get("torch", {})
+    limit = result.get("raw_limit", {})
+    for r in result["backends"].values():
+        for key, suffix in (("images_per_s", ""), ("images_per_cpu_s", "_per_cpu_s")):
+            if key in r:
+                r["ratio_to_torch" + suffix] = r[key] / torch_run[key] if torch_run.get(key) else None
+                r["ratio_to_raw_limit" + suffix] = r[key] / limit[key] if limit.get(key) else None
+    result["load_average_after"] = os.getloadavg()
+    write_result(args.json_out, result)
+
+
+if __name__ == "__main__":
+    main()
