@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "stats":
         from data_prep import stats
 
-        stats.main(argv[1:])
-        return
+        sys.exit(stats.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     from data_prep.pipeline import prepare
 
