@@ -189,3 +189,15 @@ def test_lfme_recipe_end_to_end(fmnist_dir, tmp_path):
     before = (out / "student" / "model.pt").stat().st_mtime_ns
     run(cfg)
     assert (out / "student" / "model.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("path", sorted(p for p in REPO_CONFIG.rglob("*.yaml") if "recipe: lfme" in p.read_text()),
+                         ids=lambda p: p.relative_to(REPO_CONFIG).as_posix())
+def test_lfme_configs_resolve(path):
+    from lfme_fast.train import get_recipe
+
+    cfg = load_config(path)
+    assert get_recipe(cfg.recipe).STAGES == ("experts", "offline", "student", "eval")
+    assert cfg.lfme.temperature == 2.0 and cfg.lfme.samples_per_class == 4 and cfg.train.sampler == "class_balanced"
+    if "inat18" in str(path):
+        assert cfg.lfme.topk is not None  # 8,142 classes: top-k store

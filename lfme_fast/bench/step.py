@@ -1,0 +1,202 @@
+"""Student step cost: plain CE vs. LFME on offline logits vs. LFME with live expert forwards.
+
+``python -m lfme_fast.bench step --json [--json-out results/bench_step.json]``
+
+In one run, on the same model and the same batch (ResNet-10, ImageNet-LT's 1,000 classes split into
+its three LFME subsets 391 / 463 / 146; CPU default batch 64 at 112 px; on a GPU bf16 autocast with
+channels_last, batch 256 at 224 px):
+
+* ``plain_ce``: forward, CE, backward, SGD step.
+* ``offline_kd``: the same plus the three experts' stored float16 logits gathered by
+  ``(index, view)`` from an :class:`lfme_fast.offline.OfflineStore` (memory-mapped ``.npy`` files of
+  ``--store-samples`` rows and ``--views`` views, random indices per step; on a GPU the store is held
+  on the device) and LFME's loss (weighted CE + three subset KD terms).
+* ``live_kd``: the same loss with the teacher logits from three ResNet-10 experts run forward (no grad)
+  on the batch: what training would cost without the offline store.
+
+The three kinds of step are interleaved (rotating order) and repeated ``--repeats`` times, so machine
+noise (easily 8 % between identical steps) hits all three alike; the median and minimum per kind are
+reported, with ``offline/plain`` and ``live/offline`` ratios. Goal: offline <= 1.05 x plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from lfme_fast.bench.common import machine_info, write_result
+
+#: ImageNet-LT under the lfme convention: many / medium / few class counts.
+IMAGENET_LT_SUBSETS = (391, 463, 146)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequence[int], seed: int = 0,
+               load: str = "mmap"):
+    """A synthetic offline store (float16 logits) with the real store's reading code."""
+    import json
+
+    from lfme_fast.augment import FixedViews
+    from lfme_fast.offline import FORMAT, OfflineStore
+
+    rng = np.random.default_rng(seed)
+    offsets = np.cumsum([0, *sizes])
+    header = {"format": FORMAT,
+              "dataset": {"name": "synthetic", "split": "train", "num_samples": num_samples, "fingerprint": None},
+              "augmentation": {"resolution": 0, "mode": "imagenet", "num_views": num_views, "view_seed": 0,
+                               "view_kind": "center"},
+              "subsets": [{"name": f"s{l}", "classes": list(range(int(offsets[l]), int(offsets[l + 1])))}
+                          for l in range(len(sizes))],
+              "experts": [], "storage": {"dtype": "float16", "topk": None,
+                                         "logit_bytes_per_image": 2.0 * num_views * sum(sizes)}}
+    directory.mkdir(parents=True, exist_ok=True)
+    for l, c in enumerate(sizes):
+        arr = np.lib.format.open_memmap(directory / f"expert{l}.logits.npy", mode="w+", dtype=np.float16,
+                                        shape=(num_samples, num_views, c))
+        for lo in range(0, num_samples, 8192):
+            hi = min(num_samples, lo + 8192)
+            arr[lo:hi] = (rng.standard_normal((hi - lo, num_views, c), dtype=np.float32) * 3).astype(np.float16)
+        arr.flush()
+        del arr
+    FixedViews(np.tile(np.array([0, 0, 1, 1], np.int32), (num_samples, num_views, 1)),
+               np.zeros((num_samples, num_views), bool), 0).save(directory / "views.npz")
+    np.save(directory / "confidence.npy", np.full(num_samples, 0.5, np.float32))
+    (directory / "header.json").write_text(json.dumps(header))
+    return OfflineStore.open(directory, load=load)
+
+
+def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: int, store_samples: int,
+        views: int, arch: str = "resnet10", threads: int | None = None) -> dict[str, Any]:
+    """Time the three kinds of step; returns the result dict (see the module docstring)."""
+    from lfme_fast.losses import lfme_loss
+    from lfme_fast.models import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    sizes = IMAGENET_LT_SUBSETS
+    num_classes = sum(sizes)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes).to(dev, memory_format=fmt).train()
+    experts = [build_model(arch, c).to(dev, memory_format=fmt).eval() for c in sizes]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch_size, 3, resolution, resolution, device=dev).to(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    v = torch.rand(batch_size, device=dev)
+    offsets = np.cumsum([0, *sizes])
+    subsets = [torch.arange(int(offsets[l]), int(offsets[l + 1]), device=dev) for l in range(len(sizes))]
+    w = [1.0, 0.7, 0.4]
+    tmp = tempfile.TemporaryDirectory(prefix="bench_step_")
+    store = make_store(Path(tmp.name), store_samples, views, sizes, load=str(dev) if cuda else "mmap")
+    gen = np.random.default_rng(1)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
+        (lambda: torch.autocast("cpu", enabled=False))
+
+    def finish(loss: torch.Tensor) -> None:
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _synchronize(dev)
+
+    def plain() -> None:
+        with autocast():
+            logits = model(x)
+        finish(torch.nn.functional.cross_entropy(logits.float(), y))
+
+    def batch_ids() -> tuple[torch.Tensor, torch.Tensor]:
+        # A real batch arrives with its indices and view ids already on the device (Batch.indices/views).
+        idx = torch.from_numpy(gen.integers(0, store_samples, batch_size))
+        vw = torch.from_numpy(gen.integers(0, views, batch_size))
+        return idx.to(dev), vw.to(dev)
+
+    ids = [batch_ids() for _ in range(8)]
+    counter = {"i": 0}
+
+    def offline() -> None:
+        idx, vw = ids[counter["i"] % len(ids)]
+        counter["i"] += 1
+        teachers = store.teachers(idx, vw, dev)
+        with autocast():
+            logits = model(x)
+        finish(lfme_loss(logits, y, v, teachers, subsets, w, 2.0).loss)
+
+    def live() -> None:
+        with torch.no_grad(), autocast():
+            teachers = [e(x) for e in experts]
+        with autocast():
+            logits = model(x)
+        finish(lfme_loss(logits, y, v, teachers, subsets, w, 2.0).loss)
+
+    kinds: dict[str, Callable[[], None]] = {"plain_ce": plain, "offline_kd": offline, "live_kd": live}
+    names = list(kinds)
+    for _ in range(warmup):
+        for fn in kinds.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names[r % 3:] + names[:r % 3]  # rotate which kind goes first
+        for k in order:
+            _synchronize(dev)
+            t0 = time.perf_counter()
+            kinds[k]()
+            times[k].append(time.perf_counter() - t0)
+    tmp.cleanup()
+    med = {k: statistics.median(t) for k, t in times.items()}
+    mins = {k: min(t) for k, t in times.items()}
+    return {
+        "benchmark": "student step: plain CE vs LFME on offline float16 logits vs LFME with live expert forwards",
+        "plain_ce_s": med["plain_ce"], "offline_kd_s": med["offline_kd"], "live_kd_s": med["live_kd"],
+        "plain_ce_min_s": mins["plain_ce"], "offline_kd_min_s": mins["offline_kd"], "live_kd_min_s": mins["live_kd"],
+        "ratio_offline_over_plain": med["offline_kd"] / med["plain_ce"],
+        "ratio_live_over_offline": med["live_kd"] / med["offline_kd"],
+        "ratio_offline_over_plain_min": mins["offline_kd"] / mins["plain_ce"],
+        "ratio_live_over_offline_min": mins["live_kd"] / mins["offline_kd"],
+        "goal_offline_over_plain_max": 1.05,
+        "model": arch, "experts": f"3 x {arch} ({'/'.join(map(str, sizes))} classes, no grad)",
+        "num_classes": num_classes, "batch_size": batch_size, "resolution": resolution, "device": str(dev),
+        "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+        "store": {"samples": store_samples, "views": views, "dtype": "float16",
+                  "where": "device tensors" if cuda else "memory-mapped .npy",
+                  "bytes_per_image": store.bytes_per_image},
+        "repeats": repeats, "warmup": warmup, "all_times_s": times, "machine": machine_info(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lfme_fast.bench step", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (always done; kept for the CLI)")
+    parser.add_argument("--json-out", help="also write the JSON here (e.g. results/bench_step.json)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 on CPU, 256 on GPU")
+    parser.add_argument("--resolution", type=int, default=None, help="default 112 on CPU, 224 on GPU")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds of the three steps (15 CPU, 50 GPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--store-samples", type=int, default=20000, help="rows of the synthetic store")
+    parser.add_argument("--views", type=int, default=1)
+    parser.add_argument("--arch", default="resnet10")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    result = run(device=device, batch_size=args.batch_size or (256 if gpu else 64),
+                 resolution=args.resolution or (224 if gpu else 112), repeats=args.repeats or (50 if gpu else 15),
+                 warmup=args.warmup, store_samples=args.store_samples, views=args.views, arch=args.arch,
+                 threads=args.threads)
+    write_result(args.json_out, result)
+
+
+if __name__ == "__main__":
+    main()
