@@ -255,9 +255,26 @@ def compare_with_model(experts_run: str | Path, model_run: str | Path) -> dict[s
         exp, mod = rows[name]["expert_top1"], rows[name]["model_top1_within_subset"]
         rows[name]["expert_minus_model"] = None if exp is None or mod is None else exp - mod
     return {"convention": summary["convention"], "experts_run": str(experts_run), "model_run": str(model_run),
+            "experts_config": _run_summary(experts_run), "model_config": _run_summary(model_run),
             "metric": "test top-1 (fraction) on each subset's images; expert and model_top1_within_subset both "
                       "predict among the subset's classes only; model_top1_full_label_space predicts among all",
             "model_overall_top1": model_metrics.get("top1"), "subsets": rows}
+
+
+def _run_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The settings of a run that matter when reading a comparison (from its RUN/config.yaml)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    c = yaml.safe_load(path.read_text())
+    return {"name": c["name"], "recipe": c["recipe"], "seed": c["seed"], "arch": c["model"]["arch"],
+            "epochs": c["optim"]["epochs"], "batch_size": c["data"]["batch_size"], "lr": c["optim"]["lr"],
+            "schedule": c["optim"]["schedule"], "sampler": c["train"]["sampler"], "loss": c["train"]["loss"],
+            "augment": c["data"]["augment"], "backend": c["data"]["backend"],
+            "experts": {k: c["experts"][k] for k in ("thresholds", "epochs", "batch_size", "lr", "arch")}
+            if c["recipe"] != "baseline" else None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--experts", required=True, help="run folder holding experts/summary.json")
     p.add_argument("--model", required=True, help="run folder holding the model's metrics.json")
     p.add_argument("--out", help="write the comparison JSON here")
+    p.add_argument("--note", help="free text stored with the result (e.g. how long the runs took)")
     args = parser.parse_args(argv)
     result = compare_with_model(args.experts, args.model)
+    if args.note:
+        result["note"] = args.note
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -79,7 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="one batch size for every case")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--cpu-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a shared 2-core machine 1 thread can be "
+                             "much faster than 2, which stall each other when another job holds a core)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Read now: machine_info() imports ffcv, whose import sets torch's thread count to 1.
+    threads = torch.get_num_threads()
 
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     rows = []
@@ -103,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "median step time",
         "machine": machine_info(),
         "results": rows,
+        "torch_threads_used": threads,
         "wall_s": time.perf_counter() - t0,
     })
 
