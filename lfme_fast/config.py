@@ -256,7 +256,8 @@ class _Mismatch(Exception):
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise ``_Mismatch``. Conversions allowed: int -> float,
-    a numeric string -> float (YAML 1.1 reads ``1e-3`` as a string), list -> tuple."""
+    a numeric string -> float (YAML 1.1 reads ``1e-3`` as a string), list -> tuple, and a YAML 1.1
+    boolean back to the word ``off``/``no`` (``on``/``yes``) for a choice field that has it."""
     if tp is Any:
         return value
     if tp is type(None):
@@ -265,7 +266,13 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     origin = typing.get_origin(tp)
     if origin is Literal:
-        for choice in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads unquoted off/no (on/yes) as booleans: give back the word that was written
+            # when the field has such a choice (``mixed_precision: no``, ``spes: off``).
+            words = ("off", "no", "false") if not value else ("on", "yes", "true")
+            value = next((w for w in words if w in choices), value)
+        for choice in choices:
             if type(value) is type(choice) and value == choice:
                 return value
         raise _Mismatch

@@ -63,7 +63,10 @@ def test_overrides_are_parsed_and_typed():
         "precision.channels_last=false",
         "data.val_split=null",
         "seed=7",
+        "precision.mixed_precision=no",  # YAML 1.1: unquoted no/off are booleans; choice fields take the word
+        "lfme.spes=off",
     ])
+    assert cfg.precision.mixed_precision == "no" and cfg.lfme.spes == "off"
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.warmup_epochs == 1.0 and isinstance(cfg.optim.warmup_epochs, float)
     assert cfg.experts.thresholds == (1000, 200)
@@ -100,6 +103,8 @@ def test_derived_defaults_are_resolved():
     ("experts.batch_size=[64, 32]", "one entry per subset"),
     ("model.arch=vgg", "unknown architecture 'vgg'"),
     ("lfme.spes=sometimes", "lfme.spes"),
+    ("lfme.spis=on", "lfme.spis"),  # True has no matching word among paper/official/off
+    ("log.progress=maybe", "log.progress: expected bool"),
     ("optim.lr=-1", "optim.lr: must be > 0"),
 ])
 def test_bad_overrides_name_key_and_source(override, fragment):
