@@ -295,20 +295,34 @@ def normalize_table(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
-def normalize_image_chw(src, table, dst, flip=False):
-    """One image: ``src`` uint8 ``[H, W, 3]`` -> ``dst`` float ``[3, H, W]`` via ``table``, mirrored
-    left-right when ``flip``.
+def normalize_image_chw(src, table, dst):
+    """One image: ``src`` uint8 ``[H, W, 3]`` -> ``dst`` float ``[3, H, W]`` via ``table``.
 
-    Layout change, normalisation (and flip) in one pass: a separate permuted copy (torch's
+    Layout change and normalisation in one pass: a separate permuted copy (torch's
     ``permute(...).contiguous()``) costs several times the whole normalisation on a CPU.
     """
     h, w = src.shape[0], src.shape[1]
     for y in range(h):
         for x in range(w):
-            sx = w - 1 - x if flip else x
-            dst[0, y, x] = table[src[y, sx, 0], 0]
-            dst[1, y, x] = table[src[y, sx, 1], 1]
-            dst[2, y, x] = table[src[y, sx, 2], 2]
+            dst[0, y, x] = table[src[y, x, 0], 0]
+            dst[1, y, x] = table[src[y, x, 1], 1]
+            dst[2, y, x] = table[src[y, x, 2], 2]
+
+
+@njit(cache=True, inline="always")
+def flip_image_inplace(img):
+    """Mirror a ``[H, W, C]`` uint8 image left-right in place.
+
+    Measured cheaper than folding the mirror into :func:`normalize_image_chw` (reversed indexing
+    there stops the loop from vectorising: 0.155 vs 0.055 + 0.025 ms per 224 px image).
+    """
+    h, w, ch = img.shape[0], img.shape[1], img.shape[2]
+    for y in range(h):
+        for x in range(w // 2):
+            for c in range(ch):
+                t = img[y, x, c]
+                img[y, x, c] = img[y, w - 1 - x, c]
+                img[y, w - 1 - x, c] = t
 
 
 @njit(cache=True, inline="always")
