@@ -77,24 +77,29 @@ class EpochSource:
             yield tuple(batch)
 
 
-def augment_graph(jpegs, roi_start=None, roi_end=None, flip=None, anchor=None, *, geometry: str, resolution: int, decode_device: str,
-                  mean, std, dtype, layout: str, train_random: bool = True):
+def augment_graph(jpegs, roi_start=None, roi_end=None, flip=None, anchor=None, *, geometry: str,
+                  resolution: int, decode_device: str, mean, std, dtype, layout: str):
     """The DALI graph from encoded JPEGs to normalised images (a pure function of its inputs).
 
-    geometry: 'rrc' (RandomResizedCrop, scale (0.08, 1), ratio (3/4, 4/3), 10 attempts, random mirror),
+    geometry: 'rrc' (RandomResizedCrop, scale (0.08, 1), ratio (3/4, 4/3), 10 attempts, random mirror;
+    the crop is fused into the decoder so only the window is decoded, DALI's recommended form),
     'views'/'center'/'resize' (resize the given ROI, ``roi_start``/``roi_end`` as absolute ``(y, x)``,
     mirror when ``flip``), 'pad_crop' (slice at ``anchor`` with zero padding, random mirror),
     'identity'.
     """
     from nvidia.dali import fn, types
 
-    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     size = (resolution, resolution)
     if geometry == "rrc":
-        images = fn.random_resized_crop(images, size=size, random_area=(0.08, 1.0),
-                                        random_aspect_ratio=(3 / 4, 4 / 3), num_attempts=10)
+        images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                               random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
+                                               num_attempts=10)
+        images = fn.resize(images, size=size)
         mirror = fn.random.coin_flip(probability=0.5)
-    elif geometry in ROI_GEOMETRIES:
+        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=dtype, output_layout=layout,
+                                        mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
+    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+    if geometry in ROI_GEOMETRIES:
         images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False)
         mirror = flip
     elif geometry == "pad_crop":
