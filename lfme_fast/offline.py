@@ -160,10 +160,10 @@ def store_header(*, run_dir: str | os.PathLike, manifest: dict[str, Any], split:
         raise OfflineStoreError(f"the dataset manifest has no split {split!r}")
 
     def rel(p: Path) -> str:
-        try:
-            return Path(p).resolve().relative_to(run_dir.resolve()).as_posix()
-        except ValueError:
-            return str(Path(p).resolve())
+        # abspath, not resolve(): a run folder whose experts/ is a symlink to a shared expert run (the
+        # ablations) still records "experts/<subset>/model.pt"; the sha256 pins the content anyway.
+        here, base = os.path.abspath(p), os.path.abspath(run_dir)
+        return Path(os.path.relpath(here, base)).as_posix() if here.startswith(base + os.sep) else here
 
     return {
         "format": FORMAT,
