@@ -3,14 +3,22 @@
 Each back end runs the training pipeline (RandomResizedCrop + flip, normalised float32 batches on
 the CPU, class-balanced sampler order, all cores) for one warm-up epoch (numba/DALI compilation,
 worker start-up, page cache) and then ``--epochs`` timed epochs, interleaved round by round with the
-other back ends so that background load on a shared machine affects all alike (figures: median over
-rounds). Next to them, measured in the same rounds, the RAW LIMIT: the same stored JPEGs in the same order decoded by libjpeg-turbo
-(``simplejpeg``) and RandomResized-cropped with OpenCV (INTER_AREA, as ffcv), no loader, no
-normalisation, no batching, over all cores — the best of a thread pool and a process pool (both
-libraries release the GIL). A back end that fails is recorded with its error; the run goes on.
+other contenders so that background load on a shared machine affects all alike (figures: median
+over rounds; images per CPU-second are reported too, being much less sensitive to other load).
 
-Without ``--data`` a SYNTHETIC ImageNet-LT-shaped set (``--scale``, default 0.02 -> ~2,300 images,
-~500x375 generated, stored at max side 256, JPEG quality 90) is prepared once into ``--cache``.
+Measured in the same rounds:
+
+* RAW LIMIT: the same stored JPEGs in the same order decoded by libjpeg-turbo (``simplejpeg``) and
+  RandomResized-cropped + flipped with OpenCV (INTER_AREA, as ffcv), no loader, no batching, no
+  normalisation, over all cores — per round the better of a thread pool and a process pool (both
+  libraries release the GIL).
+* ``ffcv_uint8`` (diagnostic, not a contract back end): the ffcv pipeline that the GPU path runs on
+  the CPU — decode + RRC + flip to uint8 batches, no normalisation (done on the GPU there).
+  It separates ffcv's loader overhead from the cost of writing normalised float32 on the CPU.
+
+A contender that fails is recorded with its error; the run goes on. Without ``--data`` a SYNTHETIC
+ImageNet-LT-shaped set (``--scale``, default 0.02 -> ~2,500 images, ~500x375 generated, stored at
+max side 256, JPEG quality 90) is prepared once into ``--cache``.
 """
 
 from __future__ import annotations
@@ -175,6 +183,54 @@ class _Meter:
 # Back ends
 # --------------------------------------------------------------------------------------------------
 
+class _FFCVUint8Loader:
+    """Diagnostic: stock ffcv decode + RRC + flip to uint8 NHWC batches, ordered by our sampler."""
+
+    def __init__(self, root: Path, split: str, sampler, batch_size: int, resolution: int, workers: int,
+                 batches_ahead: int):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import ToTensor
+
+        from lfme_fast.loaders.base import resolve_spec
+        from lfme_fast.loaders.ffcv_backend import (
+            RandomFlipInPlace,
+            SamplerOrder,
+            _PlanHolder,
+            allocate_buffers_once,
+        )
+        from lfme_fast.shards import beton_path
+
+        spec = resolve_spec(root, split, train=True, batch_size=batch_size, sampler=sampler, total_epochs=10**6,
+                            resolution=resolution, augment="imagenet", num_workers=workers)
+        self.plans = _PlanHolder(spec)
+        self.loader = Loader(str(beton_path(root, split)), batch_size=batch_size, num_workers=workers,
+                             os_cache=True, order=SamplerOrder(self.plans), distributed=False, drop_last=True,
+                             batches_ahead=batches_ahead,
+                             pipelines={"image": [RandomResizedCropRGBImageDecoder((resolution, resolution)),
+                                                  RandomFlipInPlace(), ToTensor()],
+                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
+        allocate_buffers_once(self.loader)  # as the real back end does
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.loader.next_epoch = self.epoch
+        for images, labels, _ in self.loader:
+            yield _Counted(labels)
+
+
+class _Counted:
+    def __init__(self, labels):
+        self.labels = labels
+
+
 class BackendRun:
     """One back end's training loader: built and warmed up (one full epoch) at construction."""
 
@@ -188,9 +244,13 @@ class BackendRun:
         labels = ShardReader(root, split).labels
         sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=0)
         t0 = time.perf_counter()
-        self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
-                                   sampler=sampler, total_epochs=args.epochs + 1, resolution=args.resolution,
-                                   augment="imagenet", num_workers=workers, dtype=torch.float32, **options)
+        if backend == "ffcv_uint8":
+            self.loader = _FFCVUint8Loader(root, split, sampler, args.batch_size, args.resolution, workers,
+                                           options.get("batches_ahead", 3))
+        else:
+            self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
+                                       sampler=sampler, total_epochs=args.epochs + 1, resolution=args.resolution,
+                                       augment="imagenet", num_workers=workers, dtype=torch.float32, **options)
         self.build_s = time.perf_counter() - t0
         self.options = options
         self.next_epoch = 0
@@ -234,7 +294,8 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--backends", default="ffcv,dali,torch")
+    parser.add_argument("--backends", default="ffcv,dali,torch,ffcv_uint8",
+                        help="comma list of ffcv, dali, torch and the diagnostic ffcv_uint8")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=224)
@@ -263,7 +324,8 @@ def main(argv=None) -> None:
         runs["raw_limit"] = RawLimit(root, args.split, order, args.resolution, workers)
     except Exception as exc:  # the limit is a reference: record the failure, keep going
         result["raw_limit"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}}
+    options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {},
+               "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead}}
     for backend in backends:
         print(f"[bench loader] {backend}: build + warm-up epoch ...", flush=True)
         try:

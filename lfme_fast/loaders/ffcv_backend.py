@@ -45,7 +45,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.transforms.ops import Convert
 from ffcv.traversal_order.base import TraversalOrder
 
@@ -213,6 +213,38 @@ class PadCropFlip(Operation):
         return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
 
 
+class RandomFlipInPlace(Operation):
+    """Horizontal flip with probability ``flip_prob``, in place on uint8 HWC batches.
+
+    Replaces ffcv's ``RandomHorizontalFlip``, which copies every image of the batch into a new
+    buffer (mirrored or not); flipping the decoder's output in place touches only the flipped
+    half and vectorises (measured: the stock op made the whole uint8 pipeline ~15% slower).
+    """
+
+    def __init__(self, flip_prob: float = 0.5):
+        super().__init__()
+        self.flip_prob = float(flip_prob)
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        flip_prob = self.flip_prob
+        flip = flip_image_inplace
+
+        def random_flip_inplace(images, _):
+            n = images.shape[0]
+            flips = np.random.rand(n) < flip_prob
+            for i in my_range(n):
+                if flips[i]:
+                    flip(images[i])
+            return images
+
+        random_flip_inplace.is_parallel = True
+        return random_flip_inplace
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        return replace(previous_state, jit_mode=True), None
+
+
 class NormalizeToCHW(Operation):
     """uint8 ``[N, H, W, 3]`` -> normalised float ``[N, 3, H, W]`` in one pass (numpy dtype ``dtype``),
     optionally with a random horizontal flip (p = ``flip_prob``) of the uint8 input first.
@@ -267,6 +299,28 @@ def _whole_image_boxes(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
     return boxes, np.zeros((spec.num_samples, 1), dtype=np.bool_)
 
 
+def allocate_buffers_once(loader: Loader) -> None:
+    """Make ``loader`` allocate its pipeline buffers once instead of once per epoch.
+
+    ffcv's EpochIterator asks the graph for fresh buffers (``batches_ahead + 2`` slots of every
+    stage's output) at each epoch; first-touch page faults on ~1 GB of new memory then cost
+    ~0.25 ms per image on a 2,500-image epoch (measured: 1190 vs 1670 images per CPU-second).
+    Reuse is safe when an epoch's thread has stopped before the next starts
+    (:meth:`FFCVLoader.__iter__` makes sure of it).
+    """
+    graph = loader.graph
+    allocate = graph.allocate_memory
+    cache: dict = {}
+
+    def allocate_once(batch_size, batches_ahead):
+        key = (batch_size, batches_ahead)
+        if key not in cache:
+            cache[key] = allocate(batch_size, batches_ahead)
+        return cache[key]
+
+    graph.allocate_memory = allocate_once
+
+
 class FFCVLoader(BatchLoader):
     """Stock ffcv ``Loader`` behind the :class:`BatchLoader` contract."""
 
@@ -287,7 +341,7 @@ class FFCVLoader(BatchLoader):
         elif geometry == "rrc":
             image = [RandomResizedCropRGBImageDecoder(res)]
             if spec.cuda or spec.channels_last:
-                image.append(RandomHorizontalFlip())
+                image.append(RandomFlipInPlace())
             else:
                 flip_in_normalize = 0.5
         elif geometry == "center":
@@ -319,31 +373,11 @@ class FFCVLoader(BatchLoader):
             batches_ahead=batches_ahead,
             pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()],
                        "index": [IntDecoder(), ToTensor(), Squeeze()]})
-        self._reuse_buffers()
+        allocate_buffers_once(self.loader)
         self._epoch_iter = None
         if spec.cuda:
             self._mean = torch.tensor([m * 255 for m in spec.mean], device=spec.device).view(1, 3, 1, 1)
             self._inv_std = torch.tensor([1 / (s * 255) for s in spec.std], device=spec.device).view(1, 3, 1, 1)
-
-    def _reuse_buffers(self) -> None:
-        """Allocate ffcv's pipeline buffers once instead of once per epoch.
-
-        ffcv's EpochIterator asks the graph for fresh buffers (``batches_ahead + 2`` slots of every
-        stage's output) at each epoch; first-touch page faults on ~1 GB of new memory then cost
-        ~0.25 ms per image on a 2,500-image epoch (measured: 1190 vs 1670 images per CPU-second).
-        Reuse is safe because :meth:`__iter__` stops the previous epoch's thread before starting one.
-        """
-        graph = self.loader.graph
-        allocate = graph.allocate_memory
-        cache: dict = {}
-
-        def allocate_once(batch_size, batches_ahead):
-            key = (batch_size, batches_ahead)
-            if key not in cache:
-                cache[key] = allocate(batch_size, batches_ahead)
-            return cache[key]
-
-        graph.allocate_memory = allocate_once
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
