@@ -241,11 +241,14 @@ def test_bad_arguments(synthetic_dir, tmp_path):
 
 def test_ffcv_fused_normalize_flip():
     pytest.importorskip("ffcv")
-    from lfme_fast.loaders.ffcv_backend import NormalizeToCHW
+    from lfme_fast.loaders.ffcv_backend import NormalizeToCHW, RandomFlipInPlace
 
     src = np.random.default_rng(1).integers(0, 256, (4, 6, 5, 3), dtype=np.uint8)
     ref = ((src - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)).transpose(0, 3, 1, 2)
     for prob, expect in ((0.0, ref), (1.0, ref[..., ::-1])):
         code = NormalizeToCHW(IMAGENET_MEAN, IMAGENET_STD, np.float32, flip_prob=prob).generate_code()
-        out = code(src, np.empty((4, 3, 6, 5), np.float32))  # uncompiled: plain Python over the njit kernel
+        out = code(src.copy(), np.empty((4, 3, 6, 5), np.float32))  # uncompiled: Python over the njit kernels
         np.testing.assert_allclose(out, expect, atol=1e-5)
+    for prob, expect in ((0.0, src), (1.0, src[:, :, ::-1])):
+        out = RandomFlipInPlace(prob).generate_code()(src.copy(), None)
+        np.testing.assert_array_equal(out, expect)
