@@ -17,7 +17,10 @@
 * Weights/views per batch: looked up positionally in the epoch plan (ffcv returns batches in order
   of the traversal order) and checked against the decoded ``index`` field.
 
-Note: ffcv sets numba's *and torch's* CPU thread count to ``num_workers`` when it iterates.
+Note: ffcv sets numba's *and torch's* thread counts (to 1 on import, to ``num_workers`` when a
+Loader is made and when an epoch starts); this module restores the caller's counts after each, in
+the calling thread. (ffcv's epoch thread also sets torch's process-wide count to ``num_workers``,
+which with the default — all cores — is torch's own default.)
 """
 
 from __future__ import annotations
@@ -28,30 +31,43 @@ from typing import Callable, Iterator, Optional, Tuple
 import numba
 import numpy as np
 import torch
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import (
+# Importing ffcv runs Compiler.set_num_threads(1), which sets numba's *and torch's* thread counts to
+# 1 in the importing thread; we put back what the process had (restored after the ffcv imports).
+_THREADS_BEFORE_FFCV = (torch.get_num_threads(), numba.get_num_threads())
+
+from ffcv.fields.basics import IntDecoder  # noqa: E402
+from ffcv.fields.rgb_image import (  # noqa: E402
     IMAGE_MODES,
     CenterCropRGBImageDecoder,
     RandomResizedCropRGBImageDecoder,
     SimpleRGBImageDecoder,
 )
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.loader import Loader
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-from ffcv.pipeline.state import State
-from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.transforms.ops import Convert
-from ffcv.traversal_order.base import TraversalOrder
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.loader import Loader  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms.ops import Convert  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
-from lfme_fast.augment import PAD_CROP_PADDING, flip_image_inplace, normalize_image_chw, normalize_table, view_hash
-from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_epoch
-from lfme_fast.shards import beton_path
+torch.set_num_threads(_THREADS_BEFORE_FFCV[0])
+numba.set_num_threads(_THREADS_BEFORE_FFCV[1])
+
+from lfme_fast.augment import (  # noqa: E402
+    PAD_CROP_PADDING,
+    flip_image_inplace,
+    normalize_image_chw,
+    normalize_table,
+    view_hash,
+)
+from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_epoch  # noqa: E402
+from lfme_fast.shards import beton_path  # noqa: E402
 
 
 @intrinsic
@@ -331,6 +347,9 @@ class FFCVLoader(BatchLoader):
                                     "(python -m data_prep ... --formats wds,ffcv)")
         self.spec = spec
         self.epoch = 0
+        # ffcv's Loader sets numba's and torch's thread counts to num_workers in the calling thread
+        # (at construction and at each epoch start): we put the caller's counts back each time.
+        self._caller_threads = (torch.get_num_threads(), numba.get_num_threads())
         self._plans = _PlanHolder(spec)
         self._view_state = np.array([0, -1 if spec.fixed_view is None else spec.fixed_view], dtype=np.int64)
         res = (spec.resolution, spec.resolution)
@@ -373,11 +392,16 @@ class FFCVLoader(BatchLoader):
             batches_ahead=batches_ahead,
             pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()],
                        "index": [IntDecoder(), ToTensor(), Squeeze()]})
+        self._restore_threads()
         allocate_buffers_once(self.loader)
         self._epoch_iter = None
         if spec.cuda:
             self._mean = torch.tensor([m * 255 for m in spec.mean], device=spec.device).view(1, 3, 1, 1)
             self._inv_std = torch.tensor([1 / (s * 255) for s in spec.std], device=spec.device).view(1, 3, 1, 1)
+
+    def _restore_threads(self) -> None:
+        torch.set_num_threads(self._caller_threads[0])
+        numba.set_num_threads(self._caller_threads[1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -400,6 +424,7 @@ class FFCVLoader(BatchLoader):
         dev = spec.device
         self._stop_previous_epoch()
         self._epoch_iter = iter(self.loader)
+        self._restore_threads()
         for images, labels, indices in self._epoch_iter:
             n = int(labels.shape[0])
             labels = labels.reshape(n)
