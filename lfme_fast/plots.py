@@ -29,6 +29,12 @@ def _plt():
     return plt
 
 
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     plt = _plt()
     path = Path(path)
@@ -60,6 +66,7 @@ def plot_expert_weights(path: str | Path, records: Sequence[dict[str, Any]], tit
     for name, ys in series.items():
         ax.plot(epochs, ys, marker="o", ms=3, label=f"expert {name}")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(_integer_locator())
     ax.set_ylabel("SpES weight $w_l$")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
@@ -92,6 +99,7 @@ def plot_instance_schedules(path: str | Path, records: Sequence[dict[str, Any]],
     for name, ys in series.items():
         ax1.plot(epochs, ys, marker="o", ms=3, label=f"subset {name}")
     ax1.set_xlabel("epoch")
+    ax1.xaxis.set_major_locator(_integer_locator())
     ax1.set_ylabel("mean SpIS weight v")
     ax1.set_title("this run: mean instance weight per subset" if series else "this run: SpIS off", fontsize=9)
     ax1.grid(alpha=0.3)

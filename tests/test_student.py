@@ -198,6 +198,38 @@ def test_lfme_configs_resolve(path):
 
     cfg = load_config(path)
     assert get_recipe(cfg.recipe).STAGES == ("experts", "offline", "student", "eval")
-    assert cfg.lfme.temperature == 2.0 and cfg.lfme.samples_per_class == 4 and cfg.train.sampler == "class_balanced"
+    assert cfg.lfme.temperature == 2.0 and cfg.lfme.samples_per_class == 4
+    # LFME's student samples class-balanced; only the Table 3 "instance sampling" rows do not
+    assert cfg.train.sampler == ("instance" if "ablation_instance" in path.name else "class_balanced")
     if "inat18" in str(path):
         assert cfg.lfme.topk is not None  # 8,142 classes: top-k store
+
+
+def test_ablation_runner_shares_experts_and_store(fmnist_dir, tmp_path):
+    from lfme_fast.ablations import run_ablations
+
+    out = tmp_path / "abl"
+    overrides = ["data.test_split=val", "data.batch_size=32", "experts.thresholds=[100, 20]",
+                 "eval.thresholds=[100, 20]", "experts.epochs=1", "experts.batch_size=[16, 8, 4]", "optim.epochs=1",
+                 "train.max_steps_per_epoch=1", "log.progress=false", "experts.eval_test=false"]
+    report = run_ablations(fmnist_dir, out, [0], overrides, ["balanced", "balanced_kd_spes_spis"], log=lambda m: None)
+    assert set(report["rows"]) == {"balanced", "balanced_kd_spes_spis"}
+    for key in report["rows"]:
+        run_dir = out / "seed0" / key
+        assert (run_dir / "experts").is_symlink() and (run_dir / "offline").is_symlink()
+        assert not (run_dir / "offline.partial").exists()
+    # the store was written once, in the shared folder, and both rows used it
+    assert (out / "seed0" / "shared" / "offline" / "header.json").exists()
+    table = (out / "ablations.md").read_text()
+    assert "| Class-balanced sampling |" in table and "| SpIS + KD + SpES (LFME) |" in table
+    assert "1 seed (0)" in table
+
+
+def test_ablation_table_mean_std():
+    from lfme_fast.ablations import format_table
+
+    rows = {"balanced": {0: {"many": 0.5, "medium": 0.2, "few": None, "overall": 0.4},
+                         1: {"many": 0.7, "medium": 0.4, "few": None, "overall": 0.6}}}
+    table = format_table(rows, [0, 1], "lfme")
+    assert "| Class-balanced sampling | 60.00 ± 14.14 | 30.00 ± 14.14 | – | 50.00 ± 14.14 |" in table
+    assert "mean ± std over 2 seeds" in table
