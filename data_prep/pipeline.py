@@ -214,9 +214,10 @@ def _write_beton_if_needed(out: Path, split: str, opts: PrepOptions, split_fp: s
     path = beton_path(out, split)
     stamp = path.with_suffix(".json")
     fp = _fingerprint(split_fp, opts.write_mode, opts.settings.to_json())
-    if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fp \
-            and json.loads(stamp.read_text()).get("bytes") == path.stat().st_size:
-        return False
+    if path.exists() and stamp.exists():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("fingerprint") == fp and recorded.get("bytes") == path.stat().st_size:
+            return False
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[prep] writing {path}", file=sys.stderr)
     write_beton(path, ShardReader(out, split), write_mode=opts.write_mode, max_resolution=opts.settings.max_side,
