@@ -252,3 +252,58 @@ def test_ffcv_fused_normalize_flip():
     for prob, expect in ((0.0, src), (1.0, src[:, :, ::-1])):
         out = RandomFlipInPlace(prob).generate_code()(src.copy(), None)
         np.testing.assert_array_equal(out, expect)
+
+
+def _epoch_images(loader, epoch):
+    loader.set_epoch(epoch)
+    batches = _collect(loader)
+    return (torch.cat([b.indices for b in batches]).numpy(),
+            torch.cat([b.images for b in batches]).float().numpy().copy())
+
+
+@pytest.mark.parametrize("data, augment, res", [("synthetic", "imagenet", 48), ("fmnist", "pad_crop", None)])
+def test_torch_augmentation_replayable(data, augment, res, synthetic_dir, fmnist_dir):
+    """The torch back end's random crops + flips are a function of (seed, epoch, index, occurrence):
+    the same with 0 or 2 workers, the same for an epoch entered directly (a resumed process) as after
+    earlier epochs; different across epochs, across the repeats of an index and across seeds."""
+    root = synthetic_dir if data == "synthetic" else fmnist_dir
+    n = len(ShardReader(root, "train"))
+    order = np.concatenate([np.arange(12), np.arange(4)]) % n  # indices 0..3 occur twice per epoch
+
+    def make(workers, seed=0):
+        return build_loader(root, "train", backend="torch", train=True, batch_size=4, resolution=res,
+                            augment=augment, sampler=FixedOrderSampler(order), total_epochs=3,
+                            num_workers=workers, seed=seed)
+
+    serial, parallel, fresh = make(0), make(2), make(2)
+    try:
+        idx0, a0 = _epoch_images(serial, 0)
+        idx1, a1 = _epoch_images(serial, 1)
+        p_idx0, p0 = _epoch_images(parallel, 0)
+        p_idx1, p1 = _epoch_images(parallel, 1)
+        f_idx1, f1 = _epoch_images(fresh, 1)  # straight into epoch 1, as a restarted run does
+    finally:
+        for ld in (parallel, fresh):
+            ld.close()
+    np.testing.assert_array_equal(idx0, p_idx0)
+    np.testing.assert_array_equal(idx1, f_idx1)
+    np.testing.assert_array_equal(a0, p0)
+    np.testing.assert_array_equal(a1, p1)
+    np.testing.assert_array_equal(a1, f1)
+    _, s0 = _epoch_images(make(0, seed=1), 0)
+    assert not np.array_equal(a0, s0)  # another seed, other crops
+
+    def by_first_occurrence(idx, images):
+        first = {}
+        for p, i in enumerate(idx.tolist()):
+            first.setdefault(i, images[p])
+        return first
+
+    e0, e1 = by_first_occurrence(idx0, a0), by_first_occurrence(idx1, a1)
+    common = sorted(set(e0) & set(e1))
+    differ = [i for i in common if not np.array_equal(e0[i], e1[i])]
+    assert len(differ) >= len(common) - 2, (len(differ), len(common))  # a new epoch, new crops
+    repeats = [p for p, i in enumerate(idx0.tolist()) if i in idx0[:p]]
+    assert repeats
+    differ = [p for p in repeats if not np.array_equal(a0[p], e0[int(idx0[p])])]
+    assert len(differ) >= len(repeats) - 1, (len(differ), len(repeats))  # a repeat is a fresh draw

@@ -75,14 +75,14 @@ def test_checkpoint_of_other_config_is_ignored(fmnist_dir, tmp_path):
     assert json.loads((out / "train" / "done.json").read_text())["fingerprint"]
 
 
-@pytest.mark.xfail(reason="the torch loader back end draws pad-crop offsets from a per-worker random.Random "
-                          "that carries state across epochs, so a restarted process draws different crops; "
-                          "exact resume with augmentation needs per-(seed, epoch, index) draws in the loader",
-                   strict=False)
 def test_resume_with_augmentation(fmnist_dir, tmp_path):
+    """With random augmentation (pad-crop + flip on the 28 px images): the torch loader draws each
+    sample's crop from (seed, epoch, index, occurrence), so a restarted process sees the same pixels."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(cfg_for(fmnist_dir, full))
     kill_and_resume(fmnist_dir, killed, 7)
+    assert any(r["event"] == "resume" and r["from"] == "e0001-b000001" for r in read_jsonl(killed / "train" / "log.jsonl"))
     reference, resumed = step_losses(full), step_losses(killed)
+    assert sorted(reference) == list(range(1, 11)) and sorted(resumed) == sorted(reference)
     for step, loss in reference.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-6), f"step {step}"

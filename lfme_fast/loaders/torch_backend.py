@@ -5,6 +5,14 @@ transforms by hand (PIL's antialiased bilinear ``resize(box=...)`` for crops —
 ``RandomResizedCrop`` does on PIL images — and numpy for pad-crop/flip), and a ``DataLoader`` with
 worker processes, a batch sampler fed by our sampler's order, persistent workers and pinned memory
 (on CUDA) collates uint8 HWC batches. Normalisation happens on the target device after the copy.
+
+Random augmentation is replayable: the batch sampler hands each worker ``(index, view, epoch,
+occurrence)`` per sample (``occurrence`` = how many times ``index`` already came up earlier in this
+epoch's plan, so the repeats of an oversampled tail image get fresh crops), and the sample's
+RandomResizedCrop box + flip (or pad-crop offsets + flip) are drawn from a ``random.Random`` seeded by
+:func:`sample_key` — a splitmix64 hash of ``(loader seed, epoch, index, occurrence)``. The draws are
+therefore the same whatever the number of workers, whichever worker gets the batch, and wherever
+an epoch is resumed (the plan, hence the occurrence counts, is a function of ``(seed, epoch)``).
 """
 
 from __future__ import annotations
@@ -15,16 +23,46 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from numba import njit
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lfme_fast.augment import pad_crop_flip, py_center_box, py_rrc_box
+from lfme_fast.augment import _GOLDEN, _mix64, pad_crop_flip, py_center_box, py_rrc_box
 from lfme_fast.loaders.base import Batch, BatchLoader, LoaderSpec, normalize_uint8_nhwc, num_batches, plan_epoch
 from lfme_fast.shards import ShardReader
 
 
+_AUGMENT_SALT = np.uint64(0x6A09E667F3BCC909)  # separates these streams from the view/box hashes in augment.py
+
+
+@njit(cache=True)
+def sample_key(seed, epoch, index, occurrence):
+    """63-bit seed of one sample's augmentation draws: chained splitmix64 mixes of
+    ``(seed, epoch, index, occurrence)`` (the mixer of :mod:`lfme_fast.augment`)."""
+    z = _mix64(np.uint64(seed) ^ _AUGMENT_SALT)
+    z = _mix64(z + np.uint64(epoch) * _GOLDEN)
+    z = _mix64(z ^ np.uint64(index))
+    z = _mix64(z + np.uint64(occurrence) * _GOLDEN)
+    return np.int64(z >> np.uint64(1))
+
+
+def occurrences(indices: np.ndarray) -> np.ndarray:
+    """int64 per position: how many times ``indices[p]`` occurs in ``indices[:p]``."""
+    idx = np.asarray(indices, dtype=np.int64)
+    order = np.argsort(idx, kind="stable")
+    srt = idx[order]
+    pos = np.arange(idx.size, dtype=np.int64)
+    starts = np.ones(idx.size, dtype=bool)
+    starts[1:] = srt[1:] != srt[:-1]
+    first = np.maximum.accumulate(np.where(starts, pos, 0))
+    out = np.empty(idx.size, dtype=np.int64)
+    out[order] = pos - first
+    return out
+
+
 class ShardImageDataset(Dataset):
-    """Sample ``(i, view)`` -> ``(uint8 HWC image tensor, label, i, view)``; ``view`` is -1 without views."""
+    """Sample ``(i, view, epoch, occurrence)`` -> ``(uint8 HWC image tensor, label, i, view)``; ``view`` is -1
+    without views. Random geometry is a pure function of ``(spec.seed, epoch, i, occurrence)``."""
 
     def __init__(self, spec: LoaderSpec):
         self.reader = ShardReader(spec.root, spec.split)
@@ -32,18 +70,14 @@ class ShardImageDataset(Dataset):
         self.resolution = spec.resolution
         self.crop_ratio = spec.crop_ratio
         self.views = spec.views
-        self._rng: random.Random | None = None
+        self.seed = int(spec.seed) % 2**63
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    @property
-    def rng(self) -> random.Random:
-        # Seeded lazily from torch's per-worker seed, so workers draw different crops.
-        if self._rng is None:
-            info = torch.utils.data.get_worker_info()
-            self._rng = random.Random(info.seed if info is not None else torch.initial_seed())
-        return self._rng
+    def rng(self, epoch: int, i: int, occurrence: int) -> random.Random:
+        """The sample's own generator (Mersenne Twister seeded by :func:`sample_key`)."""
+        return random.Random(int(sample_key(self.seed, epoch, i, occurrence)))
 
     def _resize_box(self, img: Image.Image, y: int, x: int, h: int, w: int, flip: bool) -> np.ndarray:
         size = (self.resolution, self.resolution)
@@ -56,7 +90,7 @@ class ShardImageDataset(Dataset):
         return np.array(out)  # a writable copy: torch refuses read-only buffers
 
     def __getitem__(self, item):
-        i, view = item
+        i, view, epoch, occurrence = item
         img = Image.open(io.BytesIO(self.reader.get_bytes(i).tobytes()))
         img = img.convert("RGB")
         geometry = self.geometry
@@ -64,12 +98,13 @@ class ShardImageDataset(Dataset):
             y, x, h, w = (int(v) for v in self.views.boxes[i, view])
             arr = self._resize_box(img, y, x, h, w, bool(self.views.flips[i, view]))
         elif geometry == "rrc":
-            y, x, h, w = py_rrc_box(img.height, img.width, self.rng)
-            arr = self._resize_box(img, y, x, h, w, self.rng.random() < 0.5)
+            rng = self.rng(epoch, i, occurrence)
+            y, x, h, w = py_rrc_box(img.height, img.width, rng)
+            arr = self._resize_box(img, y, x, h, w, rng.random() < 0.5)
         elif geometry == "center":
             arr = self._resize_box(img, *py_center_box(img.height, img.width, self.crop_ratio), False)
         elif geometry == "pad_crop":
-            arr = pad_crop_flip(np.array(img), self.rng)
+            arr = pad_crop_flip(np.array(img), self.rng(epoch, i, occurrence))
         elif geometry == "resize":
             arr = self._resize_box(img, 0, 0, img.height, img.width, False)
         else:  # identity
@@ -78,8 +113,9 @@ class ShardImageDataset(Dataset):
 
 
 class _PlanBatchSampler:
-    """Batches of ``(index, view)`` from the current :class:`EpochPlan`, read when iterated, so
-    persistent workers keep working across epochs.
+    """Batches of ``(index, view, epoch, occurrence)`` from the current :class:`EpochPlan`, read when
+    iterated, so persistent workers keep working across epochs and learn each sample's epoch with
+    its index (no state to update in the worker processes).
 
     It holds the plan itself, not the loader: a loader <-> DataLoader reference cycle would leave the
     worker shutdown to the cyclic garbage collector, which (measured) stalls 5 s per worker in
@@ -96,8 +132,10 @@ class _PlanBatchSampler:
         views = plan.views if plan.views is not None else np.full(len(plan.indices), -1, dtype=np.int64)
         idx = plan.indices.tolist()
         vw = views.tolist()
+        occ = occurrences(plan.indices).tolist()
+        epoch = int(plan.epoch)
         for sl in plan.batch_slices(self.batch_size):
-            yield list(zip(idx[sl], vw[sl]))
+            yield [(i, v, epoch, k) for i, v, k in zip(idx[sl], vw[sl], occ[sl])]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -109,6 +147,7 @@ class TorchLoader(BatchLoader):
     def __init__(self, spec: LoaderSpec, prefetch_factor: int = 2):
         self.spec = spec
         self.dataset = ShardImageDataset(spec)
+        sample_key(0, 0, 0, 0)  # compile (or load from numba's cache) before workers fork
         self.epoch = 0
         self.batch_sampler = _PlanBatchSampler(plan_epoch(spec, 0), spec.batch_size, num_batches(spec))
         workers = spec.num_workers
