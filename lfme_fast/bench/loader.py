@@ -2,8 +2,8 @@
 
 Each back end runs the training pipeline (RandomResizedCrop + flip, normalised float32 batches on
 the CPU, class-balanced sampler order, all cores) for one warm-up epoch (numba/DALI compilation,
-worker start-up, page cache) and then ``--epochs`` timed epochs, interleaved round by round with the
-other contenders so that background load on a shared machine affects all alike (figures: median
+worker start-up, page cache), then ``--settle-rounds`` untimed rounds and ``--epochs`` timed epochs,
+interleaved round by round with the other contenders so that background load on a shared machine affects all alike (figures: median
 over rounds; images per CPU-second are reported too, being much less sensitive to other load).
 
 Measured in the same rounds:
@@ -16,9 +16,17 @@ Measured in the same rounds:
   the CPU — decode + RRC + flip to uint8 batches, no normalisation (done on the GPU there).
   It separates ffcv's loader overhead from the cost of writing normalised float32 on the CPU.
 
+* ``torch_fullsize``: the PyTorch baseline (same torch back end: PIL decode, ordinary DataLoader) over
+  the SAME images stored at their original size (``--max-side 0``: the generated ~500x375 JPEGs,
+  quality 90) — what a user would run over the original ImageNet-LT JPEGs instead of our pipeline.
+  ``ratio_ffcv_to_torch_fullsize`` compares against it (the user's alternative); ``ratio_to_torch``
+  stays the like-for-like figure (torch over our max-side-256 storage: same bytes as ffcv reads).
+
 A contender that fails is recorded with its error; the run goes on. Without ``--data`` a SYNTHETIC
 ImageNet-LT-shaped set (``--scale``, default 0.02 -> ~2,500 images, ~500x375 generated, stored at
-max side 256, JPEG quality 90) is prepared once into ``--cache``.
+max side 256, JPEG quality 90) is prepared once into ``--cache``, and its full-size twin (same seed
+and scale, ``max_side`` 0) for ``torch_fullsize``; with ``--data``, pass the full-size twin as
+``--fullsize-data`` (else that row records an error).
 """
 
 from __future__ import annotations
@@ -39,19 +47,26 @@ from lfme_fast.bench.common import machine_info, write_result
 DEFAULT_CACHE = Path(os.environ.get("LFME_CACHE", Path.home() / ".cache" / "lfme_fast"))
 
 
-def prepare_synthetic(scale: float, cache: Path) -> Path:
-    """Prepare (once) a synthetic-lt train split at the default storage settings; return its dir."""
+def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) -> Path:
+    """Prepare (once) a synthetic-lt train split; return its dir.
+
+    ``max_side`` None: the default storage settings (max side 256); 0: the generated JPEGs at their
+    original size (~500x375, passed through unchanged), with the same seed and scale, so the same
+    images in the same order with the same labels.
+    """
     from data_prep.cli import DEFAULTS
     from data_prep.images import EncodeSettings
     from data_prep.pipeline import PrepOptions, prepare
     from data_prep.sources import synthetic_dataset
 
-    out = cache / f"synthetic_lt_scale{scale:g}"
+    d = DEFAULTS["synthetic-lt"]
+    max_side = d["max_side"] if max_side is None else int(max_side)
+    suffix = "" if max_side == d["max_side"] else f"_maxside{max_side}"
+    out = cache / f"synthetic_lt_scale{scale:g}{suffix}"
     if (out / "manifest.json").exists():
         return out
-    d = DEFAULTS["synthetic-lt"]
     source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
-    settings = EncodeSettings(max_side=d["max_side"], quality=d["quality"], subsampling=d["subsampling"])
+    settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"])
     prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"]))
     return out
 
@@ -115,6 +130,10 @@ class RawLimit:
         self.procs = mp.get_context("fork").Pool(workers)
         self.meters = {"threads": _Meter(), "processes": _Meter()}
         self.round()  # warm-up: page cache, imports in the workers
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the rounds timed so far (after untimed settle rounds)."""
         self.meters = {"threads": _Meter(), "processes": _Meter()}
 
     def round(self) -> float:
@@ -249,7 +268,7 @@ class BackendRun:
                                            options.get("batches_ahead", 3))
         else:
             self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
-                                       sampler=sampler, total_epochs=args.epochs + 1, resolution=args.resolution,
+                                       sampler=sampler, total_epochs=args.epochs + args.settle_rounds + 1, resolution=args.resolution,
                                        augment="imagenet", num_workers=workers, dtype=torch.float32, **options)
         self.build_s = time.perf_counter() - t0
         self.options = options
@@ -270,6 +289,10 @@ class BackendRun:
     def _worker_pids(self) -> list[int]:
         it = getattr(getattr(self.loader, "dataloader", None), "_iterator", None)  # torch's worker processes
         return [w.pid for w in getattr(it, "_workers", [])]
+
+    def reset(self) -> None:
+        """Forget the rounds timed so far (after untimed settle rounds)."""
+        self.meter = _Meter()
 
     def round(self) -> float:
         n = self.meter.measure(self.epoch, self._worker_pids())
@@ -294,9 +317,15 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--backends", default="ffcv,dali,torch,ffcv_uint8",
-                        help="comma list of ffcv, dali, torch and the diagnostic ffcv_uint8")
+    parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8",
+                        help="comma list of ffcv, dali, torch, torch_fullsize (the torch back end over the "
+                             "full-size twin) and the diagnostic ffcv_uint8")
+    parser.add_argument("--fullsize-data", type=Path,
+                        help="the same images at original size, for torch_fullsize (default with no --data: "
+                             "the synthetic set prepared with --max-side 0 in --cache)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--settle-rounds", type=int, default=1,
+                        help="untimed interleaved rounds after every contender's warm-up epoch (default 1)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=0, help="loader workers/threads (default: all cores)")
@@ -306,17 +335,41 @@ def main(argv=None) -> None:
     parser.add_argument("--json-out", default="results/bench_loader.json")
     args = parser.parse_args(argv)
 
-    root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
-    workers = args.workers or os.cpu_count() or 1
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    result = {"benchmark": "loader", "machine": machine_info(), "load_average_before": os.getloadavg(),
-              "config": {"batch_size": args.batch_size, "resolution": args.resolution, "epochs": args.epochs,
-                         "workers": workers, "augment": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip",
-                         "sampler": "ClassBalancedSampler(4 per class)", "dtype": "float32", "device": "cpu"},
-              "dataset": dataset_stats(root, args.split), "backends": {}}
+    import numba
+    import torch
 
     from lfme_fast.sampling import ClassBalancedSampler
     from lfme_fast.shards import ShardReader
+
+    root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
+    workers = args.workers or os.cpu_count() or 1
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    fullsize_root = args.fullsize_data
+    if fullsize_root is None and args.data is None and "torch_fullsize" in backends:
+        print("[bench loader] preparing the full-size synthetic twin (once) ...", flush=True)
+        fullsize_root = prepare_synthetic(args.scale, args.cache, max_side=0)
+    # machine_info() imports ffcv, whose import sets torch's (and numba's) thread counts to 1 in this
+    # thread: put the process defaults back so every contender runs as it would on its own.
+    threads = (torch.get_num_threads(), numba.get_num_threads())
+    machine = machine_info()
+    torch.set_num_threads(threads[0])
+    numba.set_num_threads(threads[1])
+    result = {"benchmark": "loader", "machine": machine, "load_average_before": os.getloadavg(),
+              "config": {"batch_size": args.batch_size, "resolution": args.resolution, "epochs": args.epochs,
+                         "workers": workers, "settle_rounds": args.settle_rounds,
+                         "augment": "RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3) + flip",
+                         "sampler": "ClassBalancedSampler(4 per class)", "dtype": "float32", "device": "cpu"},
+              "dataset": dataset_stats(root, args.split), "backends": {}}
+    if "torch_fullsize" in backends:
+        try:
+            if fullsize_root is None:
+                raise ValueError("torch_fullsize needs --fullsize-data (the same images at original size)")
+            result["dataset_fullsize"] = dataset_stats(fullsize_root, args.split)
+            if not np.array_equal(ShardReader(fullsize_root, args.split).labels, ShardReader(root, args.split).labels):
+                raise ValueError(f"{fullsize_root} is not the full-size twin of {root}: labels differ")
+        except Exception as exc:
+            result["backends"]["torch_fullsize"] = {"error": f"{type(exc).__name__}: {exc}"}
+            backends.remove("torch_fullsize")
 
     order = ClassBalancedSampler(ShardReader(root, args.split).labels, samples_per_class=4, seed=0).indices(0)
     runs: dict[str, object] = {}
@@ -324,23 +377,33 @@ def main(argv=None) -> None:
         runs["raw_limit"] = RawLimit(root, args.split, order, args.resolution, workers)
     except Exception as exc:  # the limit is a reference: record the failure, keep going
         result["raw_limit"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {},
+    options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}, "torch_fullsize": {},
                "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead}}
     for backend in backends:
         print(f"[bench loader] {backend}: build + warm-up epoch ...", flush=True)
         try:
-            runs[backend] = BackendRun(backend, root, args.split, args, workers, options.get(backend, {}))
+            if backend == "torch_fullsize":
+                runs[backend] = BackendRun("torch", fullsize_root, args.split, args, workers, options[backend])
+            else:
+                runs[backend] = BackendRun(backend, root, args.split, args, workers, options.get(backend, {}))
         except Exception as exc:
             result["backends"][backend] = {"error": f"{type(exc).__name__}: {exc}",
                                            "traceback": traceback.format_exc()}
             print(f"[bench loader] {backend}: {result['backends'][backend]['error']}", flush=True)
     # Interleaved rounds: every contender (and the raw limit) runs once per round, so a change in the
     # machine's background load hits all of them alike and the ratios stay meaningful.
-    for r in range(args.epochs):
+    # Settle rounds (untimed): measured on this machine, the first ffcv epoch after the torch back end's
+    # first epoch in the same process runs at ~half speed, once (then back to normal); one untimed
+    # round of everyone after all the warm-ups keeps such one-off effects out of the timed rounds.
+    for r in range(-args.settle_rounds, args.epochs):
+        if r == 0:
+            for run in runs.values():
+                run.reset()
         for name, run in list(runs.items()):
             try:
                 rate = run.round()
-                print(f"[bench loader] round {r} {name}: {rate:.0f} images/s", flush=True)
+                tag = f"round {r}" if r >= 0 else "settle round (untimed)"
+                print(f"[bench loader] {tag} {name}: {rate:.0f} images/s", flush=True)
             except Exception as exc:
                 target = result if name == "raw_limit" else result["backends"]
                 target[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
@@ -351,13 +414,40 @@ def main(argv=None) -> None:
         else:
             result["backends"][name] = run.summary()
         run.close()
+    # Read at measurement time (after the rounds): what the contenders actually ran with.
+    result["machine"]["torch_threads"] = torch.get_num_threads()
+    result["machine"]["numba_threads"] = numba.get_num_threads()
     torch_run = result["backends"].get("torch", {})
+    full_run = result["backends"].get("torch_fullsize", {})
     limit = result.get("raw_limit", {})
     for r in result["backends"].values():
         for key, suffix in (("images_per_s", ""), ("images_per_cpu_s", "_per_cpu_s")):
             if key in r:
                 r["ratio_to_torch" + suffix] = r[key] / torch_run[key] if torch_run.get(key) else None
+                r["ratio_to_torch_fullsize" + suffix] = r[key] / full_run[key] if full_run.get(key) else None
                 r["ratio_to_raw_limit" + suffix] = r[key] / limit[key] if limit.get(key) else None
+    ffcv_run = result["backends"].get("ffcv", {})
+    result["summary"] = {
+        "ffcv_images_per_s": ffcv_run.get("images_per_s"),
+        "ratio_ffcv_to_torch_fullsize": ffcv_run.get("ratio_to_torch_fullsize"),
+        "ratio_ffcv_to_torch": ffcv_run.get("ratio_to_torch"),
+        "ratio_ffcv_to_raw_limit": ffcv_run.get("ratio_to_raw_limit"),
+        "ratio_ffcv_to_torch_fullsize_per_cpu_s": ffcv_run.get("ratio_to_torch_fullsize_per_cpu_s"),
+        "ratio_ffcv_to_torch_per_cpu_s": ffcv_run.get("ratio_to_torch_per_cpu_s"),
+        "ratio_ffcv_to_raw_limit_per_cpu_s": ffcv_run.get("ratio_to_raw_limit_per_cpu_s"),
+        "storage_max_side": result["dataset"]["stored_max_side"],
+    }
+    result["baseline_note"] = (
+        "Two PyTorch baselines, both the same torch back end (PIL decode + antialiased bilinear RRC 224 + flip, "
+        "an ordinary torch DataLoader with all cores as workers): "
+        "'torch_fullsize' reads the images at their ORIGINAL size (~500x375, quality 90; dataset_fullsize) — what a "
+        "user runs over the original ImageNet-LT JPEGs instead of our pipeline, so ratio_ffcv_to_torch_fullsize is "
+        "the speed-up a user gets from switching (storage choice + loader together). "
+        "'torch' reads OUR max-side-256 storage (dataset) — the same bytes ffcv decodes, so ratio_ffcv_to_torch "
+        "(ratio_to_torch) isolates the loader itself. The raw limit is measured on our storage too "
+        "(ratio_ffcv_to_raw_limit: how close ffcv gets to bare decode + crop + resize on all cores). "
+        "images_per_s: median over interleaved rounds; *_per_cpu_s: images per CPU-second, less sensitive to "
+        "other load on a shared machine.")
     result["load_average_after"] = os.getloadavg()
     write_result(args.json_out, result)
 
