@@ -233,3 +233,40 @@ def test_ablation_table_mean_std():
     table = format_table(rows, [0, 1], "lfme")
     assert "| Class-balanced sampling | 60.00 ± 14.14 | 30.00 ± 14.14 | – | 50.00 ± 14.14 |" in table
     assert "mean ± std over 2 seeds" in table
+
+
+def test_two_process_lfme_store_equals_single_process(fmnist_dir, tmp_path):
+    """A real 2-process CPU job (gloo, accelerate launch) runs the whole recipe; each rank writes its
+    share of the store's rows, and the result is bit-identical to a single-process pass."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lfme_fast.train import run
+
+    repo = Path(__file__).resolve().parents[1]
+    common = [f"data.root={fmnist_dir}", "data.test_split=val", "data.batch_size=32", "experts.thresholds=[100, 20]",
+              "eval.thresholds=[100, 20]", "experts.epochs=1", "experts.batch_size=[16, 8, 4]", "optim.epochs=1",
+              "train.max_steps_per_epoch=2", "lfme.views=2", "log.progress=false", "experts.eval_test=false"]
+    dist = tmp_path / "dist"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config",
+           "configs/fmnist_lt/lfme.yaml", "--output-dir", str(dist), *common]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((dist / "metrics.json").read_text())["world_size"] == 2
+
+    single = tmp_path / "single"
+    shutil.copytree(dist / "experts", single / "experts")
+    run(load_config(REPO_CONFIG / "fmnist_lt" / "lfme.yaml", [*common, f"output_dir={single}", "stages=[offline]"]))
+    for name in ("expert0.logits.npy", "expert1.logits.npy", "expert2.logits.npy", "confidence.npy"):
+        a, b = (dist / "offline" / name).read_bytes(), (single / "offline" / name).read_bytes()
+        assert a == b, name
+    from lfme_fast.augment import FixedViews
+
+    va, vb = FixedViews.load(dist / "offline" / "views.npz"), FixedViews.load(single / "offline" / "views.npz")
+    assert np.array_equal(va.boxes, vb.boxes) and np.array_equal(va.flips, vb.flips)
