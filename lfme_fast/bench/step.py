@@ -77,7 +77,8 @@ def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequenc
 
 
 def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: int, store_samples: int,
-        views: int, arch: str = "resnet10", threads: int | None = None) -> dict[str, Any]:
+        views: int, arch: str = "resnet10", threads: int | None = None,
+        store_load: str | None = None) -> dict[str, Any]:
     """Time the three kinds of step; returns the result dict (see the module docstring)."""
     from lfme_fast.losses import lfme_loss
     from lfme_fast.models import build_model
@@ -100,7 +101,8 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
     subsets = [torch.arange(int(offsets[l]), int(offsets[l + 1]), device=dev) for l in range(len(sizes))]
     w = [1.0, 0.7, 0.4]
     tmp = tempfile.TemporaryDirectory(prefix="bench_step_")
-    store = make_store(Path(tmp.name), store_samples, views, sizes, load=str(dev) if cuda else "mmap")
+    load = store_load or (str(dev) if cuda else "ram")
+    store = make_store(Path(tmp.name), store_samples, views, sizes, load=load)
     gen = np.random.default_rng(1)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else \
         (lambda: torch.autocast("cpu", enabled=False))
@@ -153,6 +155,7 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
             t0 = time.perf_counter()
             kinds[k]()
             times[k].append(time.perf_counter() - t0)
+    loss_only = _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats=max(50, repeats))
     tmp.cleanup()
     med = {k: statistics.median(t) for k, t in times.items()}
     mins = {k: min(t) for k, t in times.items()}
@@ -169,10 +172,42 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         "num_classes": num_classes, "batch_size": batch_size, "resolution": resolution, "device": str(dev),
         "precision": "bf16 autocast, channels_last" if cuda else "fp32",
         "store": {"samples": store_samples, "views": views, "dtype": "float16",
-                  "where": "device tensors" if cuda else "memory-mapped .npy",
+                  "load": load, "where": {"mmap": "memory-mapped .npy", "ram": "numpy arrays in RAM"}.get(
+                      load, f"tensors on {load}"),
                   "bytes_per_image": store.bytes_per_image},
+        # The extra work of an offline step without the network (many repeats, so far less noisy than the
+        # difference of two whole-step medians): gather + LFME loss forward/backward vs CE forward/backward.
+        **loss_only,
+        "offline_extra_s": loss_only["loss_only_offline_kd_s"] - loss_only["loss_only_ce_s"],
+        "offline_extra_over_plain": (loss_only["loss_only_offline_kd_s"] - loss_only["loss_only_ce_s"])
+        / med["plain_ce"],
         "repeats": repeats, "warmup": warmup, "all_times_s": times, "machine": machine_info(),
     }
+
+
+def _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats: int) -> dict[str, float]:
+    """Median seconds of (a) CE forward/backward and (b) store gather + LFME loss forward/backward, both
+    on the same detached student logits (the network's cost left out)."""
+    from lfme_fast.losses import lfme_loss
+
+    with torch.no_grad(), autocast():
+        base = model(x).float()
+    out: dict[str, list[float]] = {"loss_only_ce_s": [], "loss_only_offline_kd_s": []}
+    for r in range(repeats + 2):
+        for key in out:
+            logits = base.clone().requires_grad_(True)
+            _synchronize(dev)
+            t0 = time.perf_counter()
+            if key == "loss_only_ce_s":
+                loss = torch.nn.functional.cross_entropy(logits, y)
+            else:
+                idx, vw = ids[r % len(ids)]
+                loss = lfme_loss(logits, y, v, store.teachers(idx, vw, dev), subsets, w, 2.0).loss
+            loss.backward()
+            _synchronize(dev)
+            if r >= 2:  # two warm-up rounds
+                out[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(t) for k, t in out.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -187,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--store-samples", type=int, default=20000, help="rows of the synthetic store")
     parser.add_argument("--views", type=int, default=1)
     parser.add_argument("--arch", default="resnet10")
+    parser.add_argument("--store-load", choices=["mmap", "ram", "cpu", "cuda"], default=None,
+                        help="how the store is read (default: like the LFME recipe: on the GPU when training "
+                             "there, else in RAM; 'mmap' for stores larger than memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result = run(device=device, batch_size=args.batch_size or (256 if gpu else 64),
                  resolution=args.resolution or (224 if gpu else 112), repeats=args.repeats or (50 if gpu else 15),
                  warmup=args.warmup, store_samples=args.store_samples, views=args.views, arch=args.arch,
-                 threads=args.threads)
+                 threads=args.threads, store_load=args.store_load)
     write_result(args.json_out, result)
 
 
