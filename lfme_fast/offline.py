@@ -445,7 +445,6 @@ def write_offline(run_dir: str | os.PathLike, header: dict[str, Any], experts: S
         accelerator: optional; every process fills its share, the main one publishes.
     """
     run_dir = Path(run_dir)
-    final = run_dir / "offline"
     partial = run_dir / "offline.partial"
     n, k_views = int(header["dataset"]["num_samples"]), int(header["augmentation"]["num_views"])
     topk = header["storage"]["topk"]
@@ -454,23 +453,8 @@ def write_offline(run_dir: str | os.PathLike, header: dict[str, Any], experts: S
     if [e.name for e in experts] != [s["name"] for s in header["subsets"]]:
         raise ValueError("experts are not in the header's subset order")
     t0 = time.perf_counter()
-    done_views: list[int] = []
     if _is_main(accelerator):
-        ppath = partial / "progress.json"
-        if ppath.exists():
-            try:
-                prev = json.loads(ppath.read_text())
-                compare_headers(prev["header"], header)
-                done_views = list(prev["done_views"])
-                log(f"[offline] resuming {partial}: views {done_views} already written")
-            except (OfflineStoreError, KeyError, ValueError):
-                shutil.rmtree(partial)
-        elif partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True, exist_ok=True)
-        views.save(partial / "views.npz")
-        _create_arrays(partial, header, n, k_views, topk)
-        atomic_write_json(ppath, {"header": header, "done_views": done_views})
+        _prepare_partial(partial, header, views, topk, log)
     _barrier(accelerator)
     done_views = json.loads((partial / "progress.json").read_text())["done_views"]
     groups = _open_partial(partial, header, topk)
@@ -482,7 +466,7 @@ def write_offline(run_dir: str | os.PathLike, header: dict[str, Any], experts: S
         label_maps.append(m)
     center_in_store = header["augmentation"]["view_kind"] == "center"
     todo = [k for k in range(k_views) if k not in done_views]
-    passes = len(todo) + (0 if center_in_store or "conf" in done_views else 1)
+    passes = len(todo) + (0 if center_in_store else 1)
     pbar = _Progress(passes * n, "offline", show_progress and _is_main(accelerator))
     for k in todo:
         loader = make_loader(views, k)
@@ -497,7 +481,7 @@ def write_offline(run_dir: str | os.PathLike, header: dict[str, Any], experts: S
             done_views.append(k)
             atomic_write_json(partial / "progress.json", {"header": header, "done_views": done_views})
         log(f"[offline] view {k + 1}/{k_views} written ({time.perf_counter() - t0:.1f} s)")
-    if not center_in_store and "conf" not in done_views:
+    if not center_in_store:
         # SpIS confidences come from the eval (centre) view, which an all-random store does not hold:
         # one extra pass over the eval views, not stored.
         if eval_views is None:
@@ -506,41 +490,72 @@ def write_offline(run_dir: str | os.PathLike, header: dict[str, Any], experts: S
                   accelerator, pbar)
         confidence.flush()
         _barrier(accelerator)
-        if _is_main(accelerator):
-            done_views.append("conf")
     pbar.close()
     del groups
     if _is_main(accelerator):
-        conf = np.load(partial / "confidence.npy")
-        if np.isnan(conf).any():
-            bad = int(np.flatnonzero(np.isnan(conf))[0])
-            raise RuntimeError(f"offline pass left sample {bad} without a confidence (is its class in no subset?)")
-        data_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
-                         for g in _open_partial(partial, header, topk) for a in g)
-        total_bytes = sum(p.stat().st_size for p in partial.iterdir() if p.name != "progress.json")
-        full = dict(header)
-        full["storage"] = {**header["storage"],
-                           "files": sorted(p.name for p in partial.iterdir() if p.suffix in (".npy", ".npz")),
-                           "logit_bytes_per_image": data_bytes / max(n, 1),
-                           "total_bytes_per_image": total_bytes / max(n, 1),
-                           "total_bytes": total_bytes}
-        full["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        full["pass_seconds"] = round(time.perf_counter() - t0, 3)
-        atomic_write_json(partial / "header.json", full)
-        (partial / "progress.json").unlink()
-        if final.exists():
-            old = run_dir / f"offline.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        log(f"[offline] {final}: {n} images x {k_views} view(s) x {len(experts)} experts, "
-            f"{full['storage']['logit_bytes_per_image']:.1f} bytes of expert outputs per image "
-            f"({full['storage']['total_bytes_per_image']:.1f} with views and confidences), "
-            f"{full['pass_seconds']:.1f} s")
+        _publish(run_dir, partial, header, len(experts), time.perf_counter() - t0, log)
     _barrier(accelerator)
     return OfflineStore.open(run_dir, header)
+
+
+def _prepare_partial(partial: Path, header: dict[str, Any], views: FixedViews, topk: int | None,
+                     log: Callable[[str], None]) -> None:
+    """Create (or keep, for a resume with the same header) ``offline.partial`` with its empty arrays,
+    the views and ``progress.json``. Main process only."""
+    n, k_views = int(header["dataset"]["num_samples"]), int(header["augmentation"]["num_views"])
+    ppath = partial / "progress.json"
+    done_views: list[int] = []
+    if ppath.exists():
+        try:
+            prev = json.loads(ppath.read_text())
+            compare_headers(prev["header"], header)
+            done_views = list(prev["done_views"])
+            log(f"[offline] resuming {partial}: views {done_views} already written")
+        except (OfflineStoreError, KeyError, ValueError):
+            shutil.rmtree(partial)  # an interrupted pass for other inputs: start over
+    elif partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    views.save(partial / "views.npz")
+    _create_arrays(partial, header, n, k_views, topk)
+    atomic_write_json(ppath, {"header": header, "done_views": done_views})
+
+
+def _publish(run_dir: Path, partial: Path, header: dict[str, Any], num_experts: int, seconds: float,
+             log: Callable[[str], None]) -> None:
+    """Check the confidences, write the final header (with storage figures) and rename the finished
+    ``offline.partial`` onto ``offline`` (replacing an older store or a link to one). Main process only."""
+    n, k_views = int(header["dataset"]["num_samples"]), int(header["augmentation"]["num_views"])
+    conf = np.load(partial / "confidence.npy")
+    if np.isnan(conf).any():
+        bad = int(np.flatnonzero(np.isnan(conf))[0])
+        raise RuntimeError(f"offline pass left sample {bad} without a confidence (is its class in no subset?)")
+    data_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                     for g in _open_partial(partial, header, header["storage"]["topk"]) for a in g)
+    total_bytes = sum(p.stat().st_size for p in partial.iterdir() if p.name != "progress.json")
+    full = dict(header)
+    full["storage"] = {**header["storage"],
+                       "files": sorted(p.name for p in partial.iterdir() if p.suffix in (".npy", ".npz")),
+                       "logit_bytes_per_image": data_bytes / max(n, 1),
+                       "total_bytes_per_image": total_bytes / max(n, 1),
+                       "total_bytes": total_bytes}
+    full["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    full["pass_seconds"] = round(seconds, 3)
+    atomic_write_json(partial / "header.json", full)
+    (partial / "progress.json").unlink()
+    final = run_dir / "offline"
+    if final.is_symlink():
+        final.unlink()
+    elif final.exists():
+        old = run_dir / f"offline.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if not final.exists():
+        os.replace(partial, final)
+    log(f"[offline] {final}: {n} images x {k_views} view(s) x {num_experts} experts, "
+        f"{full['storage']['logit_bytes_per_image']:.1f} bytes of expert outputs per image "
+        f"({full['storage']['total_bytes_per_image']:.1f} with views and confidences), {seconds:.1f} s")
 
 
 class _Progress:
