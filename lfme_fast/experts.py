@@ -24,6 +24,7 @@ a single model on each subset (LFME Fig. 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
-from lfme_fast.config import Config, fingerprint
+from lfme_fast.config import Config, OptimConfig, fingerprint
 from lfme_fast.evaluate import predict, subset_accuracy
 from lfme_fast.io import atomic_write_json
 from lfme_fast.losses import weighted_cross_entropy
@@ -43,10 +44,12 @@ from lfme_fast.trainer import MODEL_KEYS, LoopSettings, RunContext, train_model
 __all__ = ["ExpertInfo", "expert_subsets", "label_map", "train_experts", "load_experts", "compare_with_model",
            "EXPERT_KEYS"]
 
-#: Config keys an expert depends on: the model keys minus the student's sampler/loss settings, plus
-#: the experts section.
-EXPERT_KEYS = tuple(k for k in MODEL_KEYS if not k.startswith("train.") or k in ("train.grad_accum",
-                                                                                   "train.max_steps_per_epoch"))
+#: Config keys an expert depends on: the model keys minus the student's sampler/loss settings and
+#: the student's epoch count (``experts.epochs``, resolved from ``optim.epochs`` when unset, counts
+#: instead), plus the experts section.
+_OPTIM_KEYS = tuple(f"optim.{f.name}" for f in dataclasses.fields(OptimConfig) if f.name != "epochs")
+EXPERT_KEYS = tuple(k for k in MODEL_KEYS if (not k.startswith("train.") and k != "optim")
+                    or k in ("train.grad_accum", "train.max_steps_per_epoch")) + _OPTIM_KEYS
 EXPERT_KEYS = EXPERT_KEYS + ("experts.convention", "experts.thresholds", "experts.epochs", "experts.batch_size",
                              "experts.lr", "experts.arch", "experts.sampler")
 
