@@ -249,17 +249,21 @@ def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor
     return x if spec.dtype == torch.float32 else x.to(spec.dtype)
 
 
-def to_device_batch(spec: LoaderSpec, images: torch.Tensor, labels, indices, weights, views) -> Batch:
-    """Wrap already-normalised images and numpy/torch metadata into a :class:`Batch` on the device."""
+def plan_batch(plan: EpochPlan, pos: int, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+               device) -> Batch:
+    """The :class:`Batch` of ``plan``'s samples ``pos:pos+n`` (``n = len(labels)``) on ``device``.
 
-    def dev(a, dtype):
-        if a is None:
-            return None
-        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-        return t.to(device=spec.device, dtype=dtype, non_blocking=True)
-
-    return Batch(images, dev(labels, torch.int64), dev(indices, torch.int64), dev(weights, torch.float32),
-                 dev(views, torch.int64))
+    ``labels``/``indices`` are copied (the pipelines reuse their output buffers); ``weights`` and
+    ``views`` are sliced from the plan. ``images`` are passed through as they are.
+    """
+    n = int(labels.shape[0])
+    weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
+    views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + n])
+    return Batch(images,
+                 labels.to(device, dtype=torch.int64, non_blocking=True, copy=True),
+                 indices.to(device, dtype=torch.int64, non_blocking=True, copy=True),
+                 None if weights is None else weights.to(device, non_blocking=True),
+                 None if views is None else views.to(device, non_blocking=True))
 
 
 def resolve_spec(root, split, *, train: bool, batch_size: int, sampler=None, total_epochs: int = 1,

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from lfme_fast.augment import PAD_CROP_PADDING
-from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_epoch, view_boxes
+from lfme_fast.loaders.base import (Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch,
+                                    view_boxes)
 from lfme_fast.shards import ShardReader
 
 # Outputs of the external source, in order: always the first three, then what the geometry needs.
@@ -203,9 +204,6 @@ class DALILoader(BatchLoader):
             n = int(labels.shape[0])
             if not np.array_equal(indices.cpu().numpy(), plan.indices[pos:pos + n]):
                 raise RuntimeError(f"DALI batch at position {pos} does not follow the epoch order")
-            weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
-            views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + n])
-            pos += n
             images = out["images"]
             if self._layout == "HWC":
                 images = images.permute(0, 3, 1, 2)  # NCHW view with channels_last strides
@@ -213,8 +211,5 @@ class DALILoader(BatchLoader):
             if images.dtype != spec.dtype:
                 fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
                 images = images.to(dtype=spec.dtype, memory_format=fmt)
-            yield Batch(images,
-                        labels.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
-                        indices.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
-                        None if weights is None else weights.to(dev, non_blocking=True),
-                        None if views is None else views.to(dev, non_blocking=True))
+            yield plan_batch(plan, pos, images, labels, indices, dev)
+            pos += n

@@ -66,7 +66,8 @@ from lfme_fast.augment import (  # noqa: E402
     normalize_table,
     view_hash,
 )
-from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_epoch  # noqa: E402
+from lfme_fast.loaders.base import (  # noqa: E402
+    Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch)
 from lfme_fast.shards import beton_path  # noqa: E402
 
 
@@ -432,17 +433,11 @@ class FFCVLoader(BatchLoader):
             expect = plan.indices[pos:pos + n]
             if not np.array_equal(indices.numpy(), expect):
                 raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order")
-            weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
-            views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + n])
-            pos += n
             if self._gpu_normalize:
                 x = (images.float() - self._mean).mul_(self._inv_std)
                 fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
                 images = x.to(dtype=spec.dtype, memory_format=fmt)
-            # ffcv reuses its output buffers batches_ahead + 2 batches later: copy the small tensors
-            # (the images are documented as valid until then, like ffcv's own).
-            yield Batch(images,
-                        labels.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
-                        indices.to(dev, dtype=torch.int64, non_blocking=True, copy=True),
-                        None if weights is None else weights.to(dev, non_blocking=True),
-                        None if views is None else views.to(dev, non_blocking=True))
+            # ffcv reuses its output buffers batches_ahead + 2 batches later: plan_batch copies the small
+            # tensors (the images are documented as valid until then, like ffcv's own).
+            yield plan_batch(plan, pos, images, labels, indices, dev)
+            pos += n
