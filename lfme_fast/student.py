@@ -108,8 +108,9 @@ def mean_weight_per_subset(kind: str, schedule: str, v1: np.ndarray | None, labe
     if kind == "official":
         v = official_instance_weight(v1, epoch, total_epochs)
     else:
-        t = 1.0 if total_epochs == 1 else epoch / (total_epochs - 1)
-        v = instance_weight(v1, t, schedule)
+        from lfme_fast.sampling import curriculum_progress
+
+        v = instance_weight(v1, curriculum_progress(epoch, total_epochs), schedule)
     return {s.name: float(v[np.isin(labels, s.classes)].mean()) for s in subsets}
 
 
