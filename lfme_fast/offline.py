@@ -322,17 +322,39 @@ class OfflineStore:
         return float(self.header["storage"]["logit_bytes_per_image"])
 
     # ---- reading -------------------------------------------------------------------------------
-    def _gather(self, arr: Any, indices: Any, views: Any) -> torch.Tensor:
-        if isinstance(arr, torch.Tensor):
-            idx = torch.as_tensor(indices, device=arr.device).long()
-            v = torch.zeros_like(idx) if views is None else torch.as_tensor(views, device=arr.device).long()
-            return arr[idx, v]
+    def _rows(self, indices: Any, views: Any) -> tuple[Any, Any]:
+        """``(sample, view)`` index arrays in the arrays' own form, converted once per batch: int64
+        tensors on the arrays' device, or int64 numpy arrays (memory-mapped or RAM store)."""
+        first = self._arrays[0][0]
+        if isinstance(first, torch.Tensor):
+            idx = torch.as_tensor(indices, device=first.device).long()
+            v = torch.zeros_like(idx) if views is None else torch.as_tensor(views, device=first.device).long()
+            return idx, v
         idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        idx = idx.astype(np.int64, copy=False)
         if views is None:
             v = np.zeros_like(idx)
         else:
             v = views.cpu().numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
-        return torch.from_numpy(np.asarray(arr[idx.astype(np.int64), v.astype(np.int64)]))
+            v = v.astype(np.int64, copy=False)
+        return idx, v
+
+    @staticmethod
+    def _gather(arr: Any, rows: tuple[Any, Any]) -> torch.Tensor:
+        idx, v = rows
+        if isinstance(arr, torch.Tensor):
+            return arr[idx, v]
+        return torch.from_numpy(np.asarray(arr[idx, v]))
+
+    def _teacher(self, expert: int, rows: tuple[Any, Any], device: Any) -> torch.Tensor:
+        group = self._arrays[expert]
+        out = [self._gather(a, rows) for a in group]
+        if device is not None:
+            out = [t.to(device, non_blocking=True) for t in out]
+        if len(out) == 1:
+            return out[0]
+        values, idx = out
+        return topk_to_dense(values, idx.long(), len(self.subset_classes[expert]))
 
     def teacher_logits(self, expert: int, indices: Any, views: Any = None, device: Any = None) -> torch.Tensor:
         """Expert ``expert``'s logits ``(B, C_l)`` for samples ``indices`` in views ``views`` (None: view 0).
@@ -341,18 +363,14 @@ class OfflineStore:
         rebuild a float32 row with :func:`lfme_fast.losses.topk_to_dense` (missing classes far below
         the kept ones).
         """
-        group = self._arrays[expert]
-        out = [self._gather(a, indices, views) for a in group]
-        if device is not None:
-            out = [t.to(device, non_blocking=True) for t in out]
-        if len(out) == 1:
-            return out[0]
-        values, idx = out
-        return topk_to_dense(values, idx.long(), len(self.subset_classes[expert]))
+        return self._teacher(expert, self._rows(indices, views), device)
 
     def teachers(self, indices: Any, views: Any = None, device: Any = None) -> list[torch.Tensor]:
-        """Every expert's :meth:`teacher_logits` for one batch."""
-        return [self.teacher_logits(l, indices, views, device) for l in range(self.num_experts)]
+        """Every expert's :meth:`teacher_logits` for one batch (the indices converted once)."""
+        if not self._arrays:
+            return []
+        rows = self._rows(indices, views)
+        return [self._teacher(l, rows, device) for l in range(self.num_experts)]
 
 
 # ---------------------------------------------------------------------------------------------------
