@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_source(args):
     from data_prep.sources import list_dataset
 
-    lists = find_split_lists(args.lists) if args.lists else {}
-    for split in ("train", "val", "test"):
-        if getattr(args, split):
-            lists[split] = getattr(args, split)
+    explicit = {split: getattr(args, split) for split in ("train", "val", "test") if getattr(args, split)}
+    found = find_split_lists(args.lists, skip=explicit) if args.lists else {}
+    lists = {split: explicit.get(split) or found[split] for split in ("train", "val", "test")
+             if split in explicit or split in found}
     if "train" not in lists:
         raise SourceError("no training list: pass --lists DIR or --train FILE")
     names = args.class_names

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Collection, Union
 
 import numpy as np
 
@@ -104,16 +104,21 @@ def parse_split_list(list_file: Path) -> list[ListEntry]:
     return entries
 
 
-def find_split_lists(lists_dir: Path) -> dict[str, Path]:
-    """Find ``*_train.txt``, ``*_val.txt``, ``*_test.txt`` in ``lists_dir`` (open-set lists are ignored)."""
+def find_split_lists(lists_dir: Path, skip: Collection[str] = ()) -> dict[str, Path]:
+    """Find ``*_train.txt``, ``*_val.txt``, ``*_test.txt`` in ``lists_dir`` (open-set lists are ignored).
+
+    Splits in ``skip`` (lists the user gave explicitly) are not looked for.
+    """
     found: dict[str, Path] = {}
     for split in SPLIT_NAMES:
+        if split in skip:
+            continue
         matches = sorted(Path(lists_dir).glob(f"*_{split}.txt"))
         if len(matches) > 1:
             raise SourceError(f"{lists_dir}: several {split} lists {[m.name for m in matches]}; pass them explicitly")
         if matches:
             found[split] = matches[0]
-    if "train" not in found:
+    if "train" not in found and "train" not in skip:
         raise SourceError(f"{lists_dir}: no *_train.txt split list (the training list must be given by the user)")
     return found
 
