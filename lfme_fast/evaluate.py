@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lfme_fast.io import atomic_path, atomic_write_json, atomic_write_text
+from lfme_fast.io import atomic_write_json, atomic_write_text
 from lfme_fast.subsets import Subset, describe_convention, split_classes
 
 __all__ = [
@@ -214,11 +214,9 @@ def plot_per_class_accuracy(path: str | Path, metrics: dict[str, Any], subsets: 
                             title: str = "") -> None:
     """Per-class accuracy against training class frequency (log x), one colour per subset, the subsets'
     count ranges shaded."""
-    import matplotlib
+    from lfme_fast.plots import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     counts = np.asarray(metrics["train_class_counts"], dtype=np.float64)
     acc = np.array([np.nan if a is None else 100 * a for a in metrics["per_class_top1"]])
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -241,9 +239,7 @@ def plot_per_class_accuracy(path: str | Path, metrics: dict[str, Any], subsets: 
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_reports(out_dir: str | Path, metrics: dict[str, Any], *, title: str = "Results",
