@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data_prep.images import BadImage, EncodeSettings, canonicalize_encoded, encode_array
 from data_prep.sources import DatasetSource, SourceError, SplitSource
 from data_prep.writers import WdsShardWriter, shard_name, shard_ranges, write_beton
-from lfme_fast.io import atomic_path, atomic_write_json, atomic_write_text
+from lfme_fast.io import atomic_path, atomic_write_json, atomic_write_text, read_json_with_fingerprint
 from lfme_fast.shards import MANIFEST, ShardReader, beton_path, index_path
 
 FORMAT_VERSION = 1
@@ -91,13 +91,8 @@ def _split_fingerprint(source: DatasetSource, split: SplitSource, opts: PrepOpti
 
 def _load_sidecar(path: Path, fingerprint: str) -> dict | None:
     """A finished shard's metadata, or None when it must be (re)written."""
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if meta.get("fingerprint") != fingerprint:
+    meta = read_json_with_fingerprint(path, fingerprint)
+    if meta is None:
         return None
     if meta["tar"] is None:  # every sample of this shard was skipped: nothing to publish
         return meta

@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from lfme_fast.io import atomic_path, atomic_write_json
+from lfme_fast.io import atomic_path, atomic_write_json, read_json_with_fingerprint
 
 __all__ = [
     "CheckpointInfo",
@@ -220,13 +220,7 @@ def remove_checkpoints(stage_dir: str | Path) -> None:
 
 def stage_done(stage_dir: str | Path, fingerprint: str) -> bool:
     """Whether ``STAGE/done.json`` exists with this fingerprint and every output it lists exists."""
-    marker = Path(stage_dir) / DONE
-    if not marker.exists():
-        return False
-    try:
-        done = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return False
-    if done.get("fingerprint") != fingerprint:
+    done = read_json_with_fingerprint(Path(stage_dir) / DONE, fingerprint)
+    if done is None:
         return False
     return all((Path(stage_dir) / out).exists() for out in done.get("outputs", []))

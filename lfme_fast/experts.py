@@ -36,6 +36,7 @@ import torch
 from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
 from lfme_fast.config import Config, OptimConfig, fingerprint
 from lfme_fast.evaluate import predict, subset_accuracy
+from lfme_fast.bench.common import write_result
 from lfme_fast.io import atomic_write_json
 from lfme_fast.losses import weighted_cross_entropy
 from lfme_fast.subsets import Subset, describe_convention, split_classes
@@ -293,10 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare_with_model(args.experts, args.model)
     if args.note:
         result["note"] = args.note
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        atomic_write_json(args.out, result)
+    write_result(args.out, result)
     return 0
 
 

@@ -57,3 +57,18 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def read_json_with_fingerprint(path: str | os.PathLike, fingerprint: str) -> dict | None:
+    """The JSON object at ``path`` if it exists, parses and records ``fingerprint``; else None.
+
+    Done-markers and shard sidecars use it to decide whether finished work is valid for the same inputs.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) and obj.get("fingerprint") == fingerprint else None
