@@ -122,14 +122,75 @@ def test_resolve_augment():
 
 
 def test_normalize_batch_matches_numpy():
-    from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, normalize_table
+    """Normalise + mirror + layout in one pass, against numpy (odd width: the mirror's middle column)."""
+    from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, normalize_coefficients
 
     src = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
     ref = (src - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)
-    table = normalize_table()
+    flips = np.array([False, True, False])
+    ref[1] = ref[1, :, ::-1]
+    coef = normalize_coefficients()
     chw = np.empty((3, 3, 5, 7), np.float32)
-    normalize_batch(src, table, chw, False)
+    normalize_batch(src, coef, flips, chw, False)
     np.testing.assert_allclose(chw, ref.transpose(0, 3, 1, 2), atol=1e-5)
     hwc = np.empty((3, 5, 7, 3), np.float32)
-    normalize_batch(src, table, hwc, True)
+    normalize_batch(src, coef, flips, hwc, True)
     np.testing.assert_allclose(hwc, ref, atol=1e-5)
+
+
+def test_copy_and_window_kernels_match_numpy():
+    from numba import njit
+
+    from lfme_fast.augment import copy_image, pad_crop_window, window_into
+
+    @njit
+    def copy(src, dst, flip):
+        copy_image(src, dst, flip)
+
+    @njit
+    def window(src, y, x, dst):
+        window_into(src, y, x, dst)
+
+    src = np.random.default_rng(1).integers(1, 256, (6, 5, 3), dtype=np.uint8)
+    for flip in (False, True):
+        dst = np.empty_like(src)
+        copy(src, dst, flip)
+        np.testing.assert_array_equal(dst, src[:, ::-1] if flip else src)
+    ref = pad_crop_window(src, -2, 3)
+    assert (ref[:2] == 0).all() and (ref[:, 2:] == 0).all()  # rows above / columns right of the image
+    np.testing.assert_array_equal(ref[2:, :2], src[:4, 3:])
+    for y, x in ((-2, 3), (0, 0), (4, -4), (-6, 0), (1, -1)):
+        dst = np.full_like(src, 7)
+        window(src, y, x, dst)
+        np.testing.assert_array_equal(dst, pad_crop_window(src, y, x), err_msg=str((y, x)))
+
+
+def test_draw_rrc_and_pad_crop_per_position():
+    """Epoch geometry is a function of (seed, epoch, index, occurrence): reproducible, fresh for a
+    repeated index, for another epoch and another seed; boxes inside the image; pad offsets in range."""
+    from lfme_fast.augment import draw_pad_crop, draw_rrc, occurrences
+
+    rng = np.random.default_rng(0)
+    h = rng.integers(100, 300, 50)
+    w = rng.integers(100, 300, 50)
+    idx = np.concatenate([np.arange(50), np.arange(10)])  # 0..9 twice
+    np.testing.assert_array_equal(occurrences(idx), np.r_[np.zeros(50), np.ones(10)])
+    b, f = draw_rrc(h, w, idx, seed=3, epoch=1)
+    b2, f2 = draw_rrc(h, w, idx, seed=3, epoch=1)
+    np.testing.assert_array_equal(b, b2)
+    np.testing.assert_array_equal(f, f2)
+    assert b.dtype == np.int32 and b.shape == (60, 4) and f.dtype == np.bool_
+    assert (b[:, :2] >= 0).all() and (b[:, 2:] >= 1).all()
+    assert (b[:, 0] + b[:, 2] <= h[idx]).all() and (b[:, 1] + b[:, 3] <= w[idx]).all()
+    assert (b[50:] != b[:10]).any(axis=1).sum() >= 9  # a repeat draws afresh
+    assert (draw_rrc(h, w, idx, seed=3, epoch=2)[0] != b).any(axis=1).sum() >= 55
+    assert (draw_rrc(h, w, idx, seed=4, epoch=1)[0] != b).any(axis=1).sum() >= 55
+    # the same draw whatever else the epoch visits: position p depends on its index and occurrence only
+    sub, _ = draw_rrc(h, w, idx[40:50], seed=3, epoch=1)
+    np.testing.assert_array_equal(sub, b[40:50])
+    area = b[:, 2].astype(float) * b[:, 3] / (h[idx] * w[idx])
+    assert 0.07 < area.min() and area.max() <= 1.0  # scale (0.08, 1), up to rounding (rrc_box is tested above)
+    assert 15 < f.sum() < 45
+    p, pf = draw_pad_crop(np.full(50, 28), np.full(50, 28), idx, seed=0, epoch=0)
+    assert p[:, :2].min() == -4 and p[:, :2].max() == 4 and (p[:, 2:] == 28).all()
+    assert 15 < pf.sum() < 45

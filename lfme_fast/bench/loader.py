@@ -15,6 +15,9 @@ Measured in the same rounds:
 * ``ffcv_uint8`` (diagnostic, not a contract back end): the ffcv pipeline that the GPU path runs on
   the CPU — decode + RRC + flip to uint8 batches, no normalisation (done on the GPU there).
   It separates ffcv's loader overhead from the cost of writing normalised float32 on the CPU.
+* ``ffcv_stock`` (diagnostic): the pipeline an ffcv user writes from ffcv's own operations
+  (RandomResizedCropRGBImageDecoder, RandomHorizontalFlip, NormalizeImage to float32, ToTensor,
+  ToTorchImage) over the same beton in the same order — what our decoder is measured against.
 
 * ``torch_fullsize``: the PyTorch baseline (same torch back end: PIL decode, ordinary DataLoader) over
   the SAME images stored at their original size (``--max-side 0``: the generated ~500x375 JPEGs,
@@ -23,7 +26,9 @@ Measured in the same rounds:
   stays the like-for-like figure (torch over our max-side-256 storage: same bytes as ffcv reads).
 
 A contender that fails is recorded with its error; the run goes on. Without ``--data`` a SYNTHETIC
-ImageNet-LT-shaped set (``--scale``, default 0.02 -> ~2,500 images, ~500x375 generated, stored at
+ImageNet-LT-shaped set (``--scale``, default 0.05 -> ~5,800 images, 22 batches of 256 an epoch, so
+that the fill and drain of the loaders' pipelines at each epoch boundary weigh as little as they do in
+real training (ImageNet-LT: ~450 batches); ~500x375 generated, stored at
 max side 256, JPEG quality 90) is prepared once into ``--cache``, and its full-size twin (same seed
 and scale, ``max_side`` 0) for ``torch_fullsize``; with ``--data``, pass the full-size twin as
 ``--fullsize-data`` (else that row records an error).
@@ -202,35 +207,48 @@ class _Meter:
 # Back ends
 # --------------------------------------------------------------------------------------------------
 
-class _FFCVUint8Loader:
-    """Diagnostic: stock ffcv decode + RRC + flip to uint8 NHWC batches, ordered by our sampler."""
+class _FFCVDiagnostic:
+    """Diagnostic ffcv pipelines ordered by our sampler (not contract back ends; see the module docstring).
 
-    def __init__(self, root: Path, split: str, sampler, batch_size: int, resolution: int, workers: int,
-                 batches_ahead: int):
+    ``kind='uint8'``: our :class:`PlanDecoder` with uint8 output — the CPU side of the GPU path
+    (decode + plan crop + resize + flip; normalised on the device there). ``kind='stock'``: what an
+    ffcv user writes for CPU training with ffcv's own operations — ``RandomResizedCropRGBImageDecoder``,
+    ``RandomHorizontalFlip``, ``NormalizeImage`` (float32), ``ToTensor``, ``ToTorchImage``.
+    """
+
+    def __init__(self, kind: str, root: Path, split: str, sampler, batch_size: int, resolution: int,
+                 workers: int, batches_ahead: int):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader
-        from ffcv.transforms import ToTensor
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
 
+        from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD
         from lfme_fast.loaders.base import resolve_spec
-        from lfme_fast.loaders.ffcv_backend import (
-            RandomFlipInPlace,
-            SamplerOrder,
-            _PlanHolder,
-            allocate_buffers_once,
-        )
+        from lfme_fast.loaders.ffcv_backend import PlanDecoder, SamplerOrder, _PlanHolder, allocate_buffers_once
         from lfme_fast.shards import beton_path
 
         spec = resolve_spec(root, split, train=True, batch_size=batch_size, sampler=sampler, total_epochs=10**6,
                             resolution=resolution, augment="imagenet", num_workers=workers)
         self.plans = _PlanHolder(spec)
+        self.state = np.zeros(5, dtype=np.int64)
+        res = (resolution, resolution)
+        if kind == "uint8":
+            image = [PlanDecoder(res, False, None, False, self.state), ToTensor()]
+        elif kind == "stock":
+            mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+            image = [RandomResizedCropRGBImageDecoder(res), RandomHorizontalFlip(),
+                     NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+        else:
+            raise ValueError(f"unknown diagnostic {kind!r}")
+        self.kind = kind
         self.loader = Loader(str(beton_path(root, split)), batch_size=batch_size, num_workers=workers,
                              os_cache=True, order=SamplerOrder(self.plans), distributed=False, drop_last=True,
                              batches_ahead=batches_ahead,
-                             pipelines={"image": [RandomResizedCropRGBImageDecoder((resolution, resolution)),
-                                                  RandomFlipInPlace(), ToTensor()],
-                                        "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]})
-        allocate_buffers_once(self.loader)  # as the real back end does
+                             pipelines={"image": image, "label": [IntDecoder(), ToTensor()],
+                                        "index": [IntDecoder(), ToTensor()]})
+        if kind == "uint8":
+            allocate_buffers_once(self.loader)  # as the real back end does
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -240,6 +258,9 @@ class _FFCVUint8Loader:
         return len(self.loader)
 
     def __iter__(self):
+        from lfme_fast.loaders.ffcv_backend import point_decoder_at
+
+        point_decoder_at(self.state, self.plans.get(self.epoch))
         self.loader.next_epoch = self.epoch
         for images, labels, _ in self.loader:
             yield _Counted(labels)
@@ -263,9 +284,9 @@ class BackendRun:
         labels = ShardReader(root, split).labels
         sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=0)
         t0 = time.perf_counter()
-        if backend == "ffcv_uint8":
-            self.loader = _FFCVUint8Loader(root, split, sampler, args.batch_size, args.resolution, workers,
-                                           options.get("batches_ahead", 3))
+        if backend in ("ffcv_uint8", "ffcv_stock"):
+            self.loader = _FFCVDiagnostic(backend.split("_")[1], root, split, sampler, args.batch_size,
+                                          args.resolution, workers, options.get("batches_ahead", 3))
         else:
             self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
                                        sampler=sampler, total_epochs=args.epochs + args.settle_rounds + 1, resolution=args.resolution,
@@ -317,9 +338,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8",
+    parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock",
                         help="comma list of ffcv, dali, torch, torch_fullsize (the torch back end over the "
-                             "full-size twin) and the diagnostic ffcv_uint8")
+                             "full-size twin) and the diagnostics ffcv_uint8 and ffcv_stock")
     parser.add_argument("--fullsize-data", type=Path,
                         help="the same images at original size, for torch_fullsize (default with no --data: "
                              "the synthetic set prepared with --max-side 0 in --cache)")
@@ -329,7 +350,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--workers", type=int, default=0, help="loader workers/threads (default: all cores)")
-    parser.add_argument("--scale", type=float, default=0.02, help="synthetic set size when --data is absent")
+    parser.add_argument("--scale", type=float, default=0.05, help="synthetic set size when --data is absent")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--ffcv-batches-ahead", type=int, default=3)
     parser.add_argument("--json-out", default="results/bench_loader.json")
@@ -378,7 +399,8 @@ def main(argv=None) -> None:
     except Exception as exc:  # the limit is a reference: record the failure, keep going
         result["raw_limit"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}, "torch_fullsize": {},
-               "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead}}
+               "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead},
+               "ffcv_stock": {"batches_ahead": args.ffcv_batches_ahead}}
     for backend in backends:
         print(f"[bench loader] {backend}: build + warm-up epoch ...", flush=True)
         try:
@@ -427,8 +449,11 @@ def main(argv=None) -> None:
                 r["ratio_to_torch_fullsize" + suffix] = r[key] / full_run[key] if full_run.get(key) else None
                 r["ratio_to_raw_limit" + suffix] = r[key] / limit[key] if limit.get(key) else None
     ffcv_run = result["backends"].get("ffcv", {})
+    stock = result["backends"].get("ffcv_stock", {})
     result["summary"] = {
         "ffcv_images_per_s": ffcv_run.get("images_per_s"),
+        "ratio_ffcv_to_ffcv_stock": (ffcv_run["images_per_s"] / stock["images_per_s"]
+                                     if ffcv_run.get("images_per_s") and stock.get("images_per_s") else None),
         "ratio_ffcv_to_torch_fullsize": ffcv_run.get("ratio_to_torch_fullsize"),
         "ratio_ffcv_to_torch": ffcv_run.get("ratio_to_torch"),
         "ratio_ffcv_to_raw_limit": ffcv_run.get("ratio_to_raw_limit"),

@@ -5,6 +5,11 @@ branches on the back end. Everything that is not pixel work — which indices an
 rank, their curriculum weights, which fixed view each sample shows, resolution and augmentation
 mode — is decided here once (:class:`LoaderSpec`, :class:`EpochPlan`), so the back ends cannot
 disagree about it; they only decode, crop, flip, resize and normalise.
+
+That includes the random geometry: each position of an epoch gets its crop box and flip from
+:func:`lfme_fast.augment.draw_rrc` / :func:`~lfme_fast.augment.draw_pad_crop`, a pure function of
+``(seed, epoch, index, occurrence)``. So every back end shows the same crops for the same order, and
+an epoch resumed in a fresh process replays exactly the crops of the interrupted one.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from lfme_fast.augment import (
     IMAGENET_STD,
     FixedViews,
     center_boxes,
+    draw_pad_crop,
+    draw_rrc,
     image_sizes,
     normalize_batch,
-    normalize_table,
+    normalize_coefficients,
     resolve_augment,
 )
 from lfme_fast.shards import ShardReader, load_manifest
@@ -153,12 +160,21 @@ class LoaderSpec:
 @dataclass
 class EpochPlan:
     """One epoch on this rank: the visited ``indices`` in order (truncated to whole batches when
-    ``drop_last``), aligned ``weights`` (or None) and fixed-view ids ``views`` (or None)."""
+    ``drop_last``), aligned ``weights`` (or None) and fixed-view ids ``views`` (or None), and the
+    geometry of every position: ``boxes`` int32 ``[n, 4]`` ``(y, x, h, w)`` in stored pixels and
+    ``flips`` bool ``[n]``.
+
+    A box is resized to the loader's resolution, except for the 'pad_crop' geometry, where it is a
+    stored-size window whose corner ``(y, x)`` lies in ``[-pad, pad]`` (outside the image is zero)
+    and for 'identity' (the whole image, as stored).
+    """
 
     epoch: int
     indices: np.ndarray
     weights: np.ndarray | None
     views: np.ndarray | None
+    boxes: np.ndarray
+    flips: np.ndarray
 
     def batch_slices(self, batch_size: int) -> Iterator[slice]:
         for lo in range(0, len(self.indices), batch_size):
@@ -200,7 +216,32 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
             views = np.full(indices.size, spec.fixed_view, dtype=np.int64)
         else:
             views = spec.views.choose(epoch, indices)
-    return EpochPlan(int(epoch), np.ascontiguousarray(indices), weights, views)
+    indices = np.ascontiguousarray(indices)
+    boxes, flips = plan_geometry(spec, epoch, indices, views)
+    return EpochPlan(int(epoch), indices, weights, views, boxes, flips)
+
+
+def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
+                  views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes ``[n, 4]`` and flips ``[n]`` of the samples at the epoch's positions (see
+    :class:`EpochPlan`): their fixed views, seeded random draws, the eval centre view or the whole
+    image, by ``spec.geometry``."""
+    geometry = spec.geometry
+    h, w = spec.heights, spec.widths
+    if geometry == "views":
+        return (np.ascontiguousarray(spec.views.boxes[indices, views]),
+                np.ascontiguousarray(spec.views.flips[indices, views]))
+    if geometry == "rrc":
+        return draw_rrc(h, w, indices, spec.seed, epoch)
+    if geometry == "pad_crop":
+        return draw_pad_crop(h, w, indices, spec.seed, epoch)
+    if geometry == "center":
+        boxes = center_boxes(h[indices], w[indices], spec.crop_ratio)
+    else:  # 'resize' / 'identity': the whole image
+        boxes = np.zeros((indices.size, 4), dtype=np.int32)
+        boxes[:, 2] = h[indices]
+        boxes[:, 3] = w[indices]
+    return boxes, np.zeros(indices.size, dtype=np.bool_)
 
 
 def num_batches(spec: LoaderSpec) -> int:
@@ -208,15 +249,6 @@ def num_batches(spec: LoaderSpec) -> int:
     n = len(spec.sampler) if spec.sampler is not None else len(eval_share(spec.num_samples, spec.num_replicas,
                                                                           spec.rank))
     return n // spec.batch_size if spec.drop_last else -(-n // spec.batch_size)
-
-
-def view_boxes(spec: LoaderSpec, indices: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Crop boxes ``[n, 4]`` and flips ``[n]`` for the given samples: their fixed views, or (eval) the
-    centre view. Used by back ends that take per-sample crop windows as input (torch, DALI)."""
-    if spec.views is not None:
-        return spec.views.boxes[indices, views], spec.views.flips[indices, views]
-    boxes = center_boxes(spec.heights[indices], spec.widths[indices], spec.crop_ratio)
-    return boxes, np.zeros(len(indices), dtype=np.bool_)
 
 
 def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
@@ -235,16 +267,15 @@ def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor
         return x.to(dtype=spec.dtype, memory_format=fmt)
     src = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     n, h, w, _ = src.shape
-    table = spec.extra.get("normalize_table")
-    if table is None:
-        table = spec.extra["normalize_table"] = normalize_table(spec.mean, spec.std)
+    coef = normalize_coefficients(spec.mean, spec.std)
+    no_flips = np.zeros(n, dtype=np.bool_)  # the back ends hand over images already mirrored
     if spec.channels_last:
         out = np.empty((n, h, w, 3), dtype=np.float32)
-        normalize_batch(np.ascontiguousarray(src), table, out, True)
+        normalize_batch(np.ascontiguousarray(src), coef, no_flips, out, True)
         x = torch.from_numpy(out).permute(0, 3, 1, 2)
     else:
         out = np.empty((n, 3, h, w), dtype=np.float32)
-        normalize_batch(np.ascontiguousarray(src), table, out, False)
+        normalize_batch(np.ascontiguousarray(src), coef, no_flips, out, False)
         x = torch.from_numpy(out)
     return x if spec.dtype == torch.float32 else x.to(spec.dtype)
 

@@ -2,10 +2,11 @@
 
 The Python side (:class:`EpochSource`) only *fetches*: for each batch of this rank's epoch plan it
 hands DALI the encoded JPEG bytes (zero-copy views into the memory-mapped shards), labels, indices
-and, for the deterministic geometries, each sample's crop window and flip. Everything else is the
-pure graph function :func:`augment_graph` — decode (``device='mixed'`` = nvJPEG on the GPU when CUDA
-is available, else the CPU decoder with ``device_id=None``), crop/resize, mirror, normalise —
-wrapped by the thin ``pipeline_def`` :func:`_pipeline`.
+and each sample's crop box and flip from the plan (the same seeded draws as the other back ends).
+Everything else is the pure graph function :func:`augment_graph` — decode only the crop box
+(``fn.decoders.image_slice``; ``device='mixed'`` = nvJPEG on the GPU when CUDA is available, else
+the CPU decoder with ``device_id=None``), resize, mirror, normalise — wrapped by the thin
+``pipeline_def`` :func:`_pipeline`.
 
 ``external_source`` is given an iterable with ``cycle='raise'``: at the end of an epoch it raises
 StopIteration and on ``reset()`` DALI calls ``iter()`` on it again, which starts the *current*
@@ -20,33 +21,26 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lfme_fast.augment import PAD_CROP_PADDING
-from lfme_fast.loaders.base import (Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch,
-                                    view_boxes)
+from lfme_fast.loaders.base import Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch
 from lfme_fast.shards import ShardReader
 
-# Outputs of the external source, in order: always the first three, then what the geometry needs.
-BASE_OUTPUTS = ("jpegs", "labels", "indices")
-# Geometries whose crop window is computed on the Python side (per-sample ROI into fn.resize).
-ROI_GEOMETRIES = ("views", "center", "resize")
+# Outputs of the external source, in order.
+SOURCE_OUTPUTS = ("jpegs", "labels", "indices", "anchor", "shape", "flip")
 
 
 class EpochSource:
     """The external source: ``iter()`` = this rank's batches of the current epoch plan.
 
-    Each batch is a tuple of per-output batches (names in ``outputs``): JPEG byte arrays; int64
-    labels and indices; float32 ROI start/end ``(y, x)`` and int32 flip for ROI geometries; int32
-    ``(y, x)`` slice anchors for pad-crop (random offsets in ``[-pad, pad]``).
+    Each batch is a tuple of per-output batches (names in ``SOURCE_OUTPUTS``): JPEG byte arrays; int64
+    labels and indices; float32 crop-box corner ``(y, x)`` and size ``(h, w)`` in stored pixels and
+    int32 flip, from the plan.
     """
 
     def __init__(self, spec: LoaderSpec):
         self.spec = spec
         self.reader = ShardReader(spec.root, spec.split)
         self.plan: EpochPlan = plan_epoch(spec, 0)
-        extra = {"pad_crop": ("anchor",)}.get(spec.geometry, ())
-        if spec.geometry in ROI_GEOMETRIES:
-            extra = ("roi_start", "roi_end", "flip")
-        self.outputs = BASE_OUTPUTS + extra
+        self.outputs = SOURCE_OUTPUTS
 
     def __iter__(self):
         # DALI calls iter() as soon as the previous epoch ends (before reset() and set_epoch), so the
@@ -54,65 +48,39 @@ class EpochSource:
         return self._batches()
 
     def _batches(self):
-        spec, reader, plan = self.spec, self.reader, self.plan
-        geometry = spec.geometry
+        reader, plan = self.reader, self.plan
         labels_all = reader.labels
-        rng = np.random.default_rng([spec.seed, plan.epoch, spec.rank])
-        for sl in plan.batch_slices(spec.batch_size):
+        for sl in plan.batch_slices(self.spec.batch_size):
             idx = plan.indices[sl]
-            n = len(idx)
+            boxes = plan.boxes[sl].astype(np.float32)
             # JPEG bytes as zero-copy views into the memory-mapped shards: DALI copies them once.
-            batch = [[reader.get_bytes(int(i)) for i in idx], labels_all[idx].astype(np.int64),
-                     idx.astype(np.int64)]
-            if geometry in ROI_GEOMETRIES:
-                if geometry == "resize":
-                    boxes = np.stack([np.zeros(n), np.zeros(n), spec.heights[idx], spec.widths[idx]], axis=1)
-                    flips = np.zeros(n, dtype=np.bool_)
-                else:
-                    boxes, flips = view_boxes(spec, idx, None if plan.views is None else plan.views[sl])
-                boxes = np.asarray(boxes, dtype=np.float32)
-                batch += [np.ascontiguousarray(boxes[:, 0:2]), boxes[:, 0:2] + boxes[:, 2:4],
-                          np.asarray(flips, dtype=np.int32)]
-            elif geometry == "pad_crop":
-                batch.append(rng.integers(-PAD_CROP_PADDING, PAD_CROP_PADDING + 1, size=(n, 2), dtype=np.int32))
-            yield tuple(batch)
+            yield ([reader.get_bytes(int(i)) for i in idx], labels_all[idx].astype(np.int64), idx.astype(np.int64),
+                   np.ascontiguousarray(boxes[:, 0:2]), np.ascontiguousarray(boxes[:, 2:4]),
+                   plan.flips[sl].astype(np.int32))
 
 
-def augment_graph(jpegs, roi_start=None, roi_end=None, flip=None, anchor=None, *, geometry: str,
-                  resolution: int, decode_device: str, mean, std, dtype, layout: str):
+def augment_graph(jpegs, anchor, shape, flip, *, geometry: str, resolution: int, decode_device: str, mean, std,
+                  dtype, layout: str):
     """The DALI graph from encoded JPEGs to normalised images (a pure function of its inputs).
 
-    geometry: 'rrc' (RandomResizedCrop, scale (0.08, 1), ratio (3/4, 4/3), 10 attempts, random mirror;
-    the crop is fused into the decoder so only the window is decoded, DALI's recommended form),
-    'views'/'center'/'resize' (resize the given ROI, ``roi_start``/``roi_end`` as absolute ``(y, x)``,
-    mirror when ``flip``), 'pad_crop' (slice at ``anchor`` with zero padding, random mirror),
-    'identity'.
+    ``anchor``/``shape``: each sample's crop box ``(y, x)``/``(h, w)`` in stored pixels; ``flip``: mirror.
+    geometry 'rrc'/'views'/'center'/'resize': decode only the box (DALI's ROI decoding) and resize it
+    to ``resolution``; 'pad_crop' (and 'identity', whose window is the whole image): decode, then the
+    stored-size window at ``anchor`` with zero padding where it leaves the image.
     """
     from nvidia.dali import fn, types
 
-    size = (resolution, resolution)
-    if geometry == "rrc":
-        images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                               random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
-                                               num_attempts=10)
-        images = fn.resize(images, size=size)
-        mirror = fn.random.coin_flip(probability=0.5)
-        return fn.crop_mirror_normalize(images, mirror=mirror, dtype=dtype, output_layout=layout,
-                                        mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
-    images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    if geometry in ROI_GEOMETRIES:
-        images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False)
-        mirror = flip
-    elif geometry == "pad_crop":
-        images = fn.slice(images, anchor, fn.shapes(images, dtype=types.INT32)[0:2], axis_names="HW",
-                          normalized_anchor=False, normalized_shape=False, out_of_bounds_policy="pad",
-                          fill_values=0)
-        mirror = fn.random.coin_flip(probability=0.5)
-    elif geometry == "identity":
-        mirror = 0
+    if geometry in ("pad_crop", "identity"):  # identity: the window (0, 0, H, W)
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False,
+                          out_of_bounds_policy="pad", fill_values=0)
+    elif geometry in ("rrc", "views", "center", "resize"):
+        images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, output_type=types.RGB,
+                                         axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        images = fn.resize(images, size=(resolution, resolution))
     else:
         raise ValueError(f"unknown geometry {geometry!r}")
-    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=dtype, output_layout=layout,
+    return fn.crop_mirror_normalize(images, mirror=flip, dtype=dtype, output_layout=layout,
                                     mean=[m * 255.0 for m in mean], std=[s * 255.0 for s in std])
 
 

@@ -5,15 +5,25 @@
   subclasses and instances passed as ``order=`` but *calls* what it is given with itself, so we
   pass an instance whose ``__call__(loader)`` finishes ``TraversalOrder.__init__`` and returns
   itself (REFERENCE §3). ffcv's own ``distributed`` stays off: our samplers already shard.
-* Pixels: ffcv's decoders (RandomResizedCrop / CenterCrop / Simple) and transforms; two additions
-  written the ffcv way (an ``Operation`` whose generated code is numba-compiled):
-  :class:`TableCropDecoder` (fixed views: the crop box of each sample comes from a table indexed by
-  the batch's sample indices) and :class:`PadCropFlip` (28/32-px training augmentation).
+* Pixels: one decoder written the ffcv way (an ``Operation`` whose generated code is
+  numba-compiled), :class:`PlanDecoder`: per sample it decodes the JPEG (ffcv's libjpeg-turbo
+  ``imdecode``), crops the box the epoch plan gives that *position* and resizes it (ffcv's
+  ``resize_crop``, OpenCV INTER_AREA) or copies a pad-crop window, then mirrors and normalises into
+  the float32 output in one vectorised pass (CPU) or mirrors into uint8 (GPU: normalised on the
+  device) — one parallel loop per batch, the crop still in cache when it is normalised. The random
+  geometry therefore comes from the plan (seeded by (seed, epoch, index, occurrence)), as in the
+  other back ends, instead of from ffcv's per-thread generators: same crops as torch/DALI for the
+  same order, exact replay on resume.
+* Position of a sample in the epoch: ffcv hands the decoder ``batch_indices``, a slice of the order
+  array our :class:`SamplerOrder` returned (``order[:n][b * bs:(b + 1) * bs]``, numpy views), so
+  the position is the slice's address offset from the plan's index array. The decoder checks the
+  plan's indices at that position against ``batch_indices`` and raises a flag the loader turns
+  into an error, should a future ffcv copy the order instead.
 * Per-epoch state for compiled code: numba freezes arrays captured by a jitted function as
   constants at compile time, and ffcv compiles the pipeline once. Tables the decoder must read at
-  run time (the epoch, the boxes) are therefore reached through their address
-  (:func:`_address_as_pointer` + ``numba.carray``); the owning numpy arrays live on the decoder
-  object, so the memory outlives the compiled code. Recompiling each epoch instead would cost seconds.
+  run time (the plan's indices, boxes, flips) are therefore reached through their address
+  (:func:`_address_as_pointer` + ``numba.carray``); the owning numpy arrays live on the loader's
+  current plan, which is replaced only after the previous epoch's thread has stopped.
 * Weights/views per batch: looked up positionally in the epoch plan (ffcv returns batches in order
   of the traversal order) and checked against the decoded ``index`` field.
 
@@ -40,32 +50,20 @@ from numba.extending import intrinsic
 _THREADS_BEFORE_FFCV = (torch.get_num_threads(), numba.get_num_threads())
 
 from ffcv.fields.basics import IntDecoder  # noqa: E402
-from ffcv.fields.rgb_image import (  # noqa: E402
-    IMAGE_MODES,
-    CenterCropRGBImageDecoder,
-    RandomResizedCropRGBImageDecoder,
-    SimpleRGBImageDecoder,
-)
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder  # noqa: E402
 from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader  # noqa: E402
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.pipeline.operation import Operation  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402
-from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 from ffcv.transforms.ops import Convert  # noqa: E402
 from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 torch.set_num_threads(_THREADS_BEFORE_FFCV[0])
 numba.set_num_threads(_THREADS_BEFORE_FFCV[1])
 
-from lfme_fast.augment import (  # noqa: E402
-    PAD_CROP_PADDING,
-    flip_image_inplace,
-    normalize_image_chw,
-    normalize_table,
-    view_hash,
-)
+from lfme_fast.augment import copy_image, normalize_coefficients, normalize_image, window_into  # noqa: E402
 from lfme_fast.loaders.base import (  # noqa: E402
     Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch)
 from lfme_fast.shards import beton_path  # noqa: E402
@@ -120,34 +118,47 @@ class SamplerOrder(TraversalOrder):
 # Pixel operations
 # ==================================================================================================
 
-class TableCropDecoder(SimpleRGBImageDecoder):
-    """Decode, crop ``boxes[i, v]`` (``(y, x, h, w)`` stored pixels), resize (ffcv's ``resize_crop``,
-    OpenCV INTER_AREA) and flip when ``flips[i, v]``, for each sample ``i`` of the batch.
+#: Slots of the decoder's plan-state array (int64): address and length of the current plan's
+#: indices, addresses of its boxes and flips, and the flag the decoder raises when a batch is not a
+#: slice of the plan's indices.
+_ST_INDICES, _ST_LENGTH, _ST_BOXES, _ST_FLIPS, _ST_ERROR = range(5)
 
-    ``v`` is ``state[1]`` when ``state[1] >= 0`` (a forced view), else
-    ``view_hash(seed, state[0] = epoch, i, K)`` — the same function as ``FixedViews.choose``.
-    ``state`` is an int64 array the owner updates between epochs.
+
+class PlanDecoder(SimpleRGBImageDecoder):
+    """Decode, crop the plan's box, resize (or copy a pad-crop window), mirror, and normalise (see the
+    module docstring), for every sample of a batch in one parallel loop.
+
+    ``window``: copy the ``output_size`` window at the box corner (pad-crop, identity) instead of
+    resizing the box to ``output_size``. ``coef``: :func:`~lfme_fast.augment.normalize_coefficients`
+    for float32 output (``[3, H, W]``, or ``[H, W, 3]`` when ``channels_last``), or None for uint8
+    ``[H, W, 3]`` output. ``state``: int64 array of 5 the owner fills before each epoch (``_ST_*``).
     """
 
-    def __init__(self, output_size: tuple[int, int], boxes: np.ndarray, flips: np.ndarray, seed: int,
-                 state: np.ndarray):
+    def __init__(self, output_size: tuple[int, int], window: bool, coef: Optional[np.ndarray],
+                 channels_last: bool, state: np.ndarray):
         super().__init__()
-        self.output_size = output_size
-        self.boxes = np.ascontiguousarray(boxes, dtype=np.int32)
-        self.flips = np.ascontiguousarray(flips, dtype=np.uint8)
-        self.seed = int(seed)
-        if state.dtype != np.int64 or state.shape != (2,) or not state.flags.c_contiguous:
-            raise ValueError("state must be a contiguous int64 array of 2 (epoch, forced view or -1)")
+        if state.dtype != np.int64 or state.shape != (5,) or not state.flags.c_contiguous:
+            raise ValueError("state must be a contiguous int64 array of 5")
+        self.output_size = (int(output_size[0]), int(output_size[1]))
+        self.window = bool(window)
+        self.coef = None if coef is None else np.ascontiguousarray(coef, dtype=np.float32).reshape(2, 3)
+        self.channels_last = bool(channels_last)
         self.state = state
 
+    def _output(self) -> tuple[tuple[int, ...], np.dtype]:
+        h, w = self.output_size
+        if self.coef is None:
+            return (h, w, 3), np.dtype("<u1")
+        return ((h, w, 3) if self.channels_last else (3, h, w)), np.dtype("<f4")
+
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
-        widths = self.metadata["width"]
-        heights = self.metadata["height"]
-        max_width, max_height = np.uint64(widths.max()), np.uint64(heights.max())
-        output_shape = (self.output_size[0], self.output_size[1], 3)
+        max_width, max_height = np.uint64(self.metadata["width"].max()), np.uint64(self.metadata["height"].max())
+        shape, dtype = self._output()
         u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
-                (AllocationQuery(output_shape, u8), AllocationQuery((max_height * max_width * np.uint64(3),), u8)))
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                (AllocationQuery(shape, dtype),  # the batch
+                 AllocationQuery((max_height * max_width * np.uint64(3),), u8),  # the decoded JPEG
+                 AllocationQuery(self.output_size + (3,), u8)))  # the resized crop, before normalising
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -155,165 +166,70 @@ class TableCropDecoder(SimpleRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
-        n, k = self.boxes.shape[:2]
-        boxes_addr, flips_addr, state_addr = (self.boxes.ctypes.data, self.flips.ctypes.data,
-                                              self.state.ctypes.data)
-        seed = np.uint64(self.seed % 2**63)
-        hash_view = view_hash
-        flip = flip_image_inplace
+        state_addr = self.state.ctypes.data
+        window = self.window
+        to_float = self.coef is not None
+        coef = self.coef if to_float else np.zeros((2, 3), dtype=np.float32)  # 24 bytes, frozen: wanted
+        channels_last = self.channels_last
+        normalize, copy, window_copy = normalize_image, copy_image, window_into
 
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage = my_storage
-            boxes = numba.carray(_address_as_pointer(boxes_addr), (n, k, 4), np.int32)
-            flips = numba.carray(_address_as_pointer(flips_addr), (n, k), np.uint8)
-            state = numba.carray(_address_as_pointer(state_addr), (2,), np.int64)
-            epoch, forced = state[0], state[1]
-            for dst_ix in my_range(len(batch_indices)):
-                source_ix = batch_indices[dst_ix]
-                field = metadata[source_ix]
+            destination, temp_storage, crop_storage = my_storage
+            state = numba.carray(_address_as_pointer(state_addr), (5,), np.int64)
+            n = len(batch_indices)
+            length = state[1]
+            pos0 = (batch_indices.ctypes.data - state[0]) // 8
+            ok = length > 0 and 0 <= pos0 and pos0 + n <= length
+            if ok:
+                plan_indices = numba.carray(_address_as_pointer(state[0]), (length,), np.int64)
+                for j in range(n):
+                    if plan_indices[pos0 + j] != batch_indices[j]:
+                        ok = False
+            if not ok:
+                state[4] = 1  # the loader raises when it receives this batch
+                return destination[:n]
+            boxes = numba.carray(_address_as_pointer(state[2]), (length, 4), np.int32)
+            flips = numba.carray(_address_as_pointer(state[3]), (length,), np.uint8)
+            for j in my_range(n):
+                p = pos0 + j
+                field = metadata[batch_indices[j]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
+                    temp_buffer = temp_storage[j]
                     imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                v = forced if forced >= 0 else hash_view(seed, epoch, source_ix, k)
-                y, x, h, w = boxes[source_ix, v, 0], boxes[source_ix, v, 1], boxes[source_ix, v, 2], \
-                    boxes[source_ix, v, 3]
-                out = destination[dst_ix]
-                resize_crop_c(temp_buffer, y, y + h, x, x + w, out)
-                if flips[source_ix, v]:
-                    flip(out)
-            return destination[:len(batch_indices)]
+                    image = image_data.reshape(height, width, 3)
+                y, x, h, w = boxes[p, 0], boxes[p, 1], boxes[p, 2], boxes[p, 3]
+                crop = crop_storage[j]
+                if window:
+                    window_copy(image, y, x, crop)
+                else:
+                    resize_crop_c(image, y, y + h, x, x + w, crop)
+                if to_float:
+                    normalize(crop, coef, destination[j], flips[p] != 0, channels_last)
+                else:
+                    copy(crop, destination[j], flips[p] != 0)
+            return destination[:n]
 
         decode.is_parallel = True
         return decode
-
-
-class PadCropFlip(Operation):
-    """Zero-pad ``padding`` pixels, random crop back to the input size, horizontal flip with p = 0.5
-    (the CIFAR recipe), on uint8 HWC batches; numba's per-thread generator supplies the randomness."""
-
-    def __init__(self, padding: int = PAD_CROP_PADDING):
-        super().__init__()
-        self.padding = int(padding)
-
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        pad = self.padding
-
-        def pad_crop_flip(images, dst):
-            n, h, w = images.shape[0], images.shape[1], images.shape[2]
-            for i in my_range(n):
-                dy = np.random.randint(0, 2 * pad + 1) - pad  # source row = output row + dy
-                dx = np.random.randint(0, 2 * pad + 1) - pad
-                flip = np.random.random() < 0.5
-                for r in range(h):
-                    sr = r + dy
-                    for c in range(w):
-                        sc = (w - 1 - c if flip else c) + dx
-                        if 0 <= sr < h and 0 <= sc < w:
-                            for ch in range(3):
-                                dst[i, r, c, ch] = images[i, sr, sc, ch]
-                        else:
-                            for ch in range(3):
-                                dst[i, r, c, ch] = 0
-            return dst[:n]
-
-        pad_crop_flip.is_parallel = True
-        return pad_crop_flip
-
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
-
-
-class RandomFlipInPlace(Operation):
-    """Horizontal flip with probability ``flip_prob``, in place on uint8 HWC batches.
-
-    Replaces ffcv's ``RandomHorizontalFlip``, which copies every image of the batch into a new
-    buffer (mirrored or not); flipping the decoder's output in place touches only the flipped
-    half and vectorises (measured: the stock op made the whole uint8 pipeline ~15% slower).
-    """
-
-    def __init__(self, flip_prob: float = 0.5):
-        super().__init__()
-        self.flip_prob = float(flip_prob)
-
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        flip_prob = self.flip_prob
-        flip = flip_image_inplace
-
-        def random_flip_inplace(images, _):
-            n = images.shape[0]
-            flips = np.random.rand(n) < flip_prob
-            for i in my_range(n):
-                if flips[i]:
-                    flip(images[i])
-            return images
-
-        random_flip_inplace.is_parallel = True
-        return random_flip_inplace
-
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        return replace(previous_state, jit_mode=True), None
-
-
-class NormalizeToCHW(Operation):
-    """uint8 ``[N, H, W, 3]`` -> normalised float ``[N, 3, H, W]`` in one pass (numpy dtype ``dtype``),
-    optionally with a random horizontal flip (p = ``flip_prob``) of the uint8 input first.
-
-    Replaces ffcv's ``RandomHorizontalFlip`` + ``NormalizeImage`` + ``ToTorchImage(channels_last=False)``
-    for contiguous NCHW output: that chain copies the whole batch for the flip, writes float HWC, then
-    makes torch do a strided permuted copy, measured at ~0.5 ms per 224 px image on this machine —
-    more than the JPEG decode itself. (With channels_last the stock chain is used: there the permute
-    is a free view.)
-    """
-
-    def __init__(self, mean, std, dtype=np.float32, flip_prob: float = 0.0):
-        super().__init__()
-        self.table = normalize_table(mean, std).astype(dtype)
-        self.dtype = np.dtype(dtype)
-        self.flip_prob = float(flip_prob)
-
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        table = self.table  # 3 KB: frozen into the compiled code, which is what we want
-        normalize = normalize_image_chw
-        flip = flip_image_inplace
-        flip_prob = self.flip_prob
-
-        def normalize_to_chw(images, dst):
-            n = images.shape[0]
-            flips = np.random.rand(n) < flip_prob  # drawn outside the parallel loop, like ffcv's flip
-            for i in my_range(n):
-                if flips[i]:
-                    flip(images[i])  # in place: the decoder's output buffer has no other reader
-                normalize(images[i], table, dst[i])
-            return dst[:n]
-
-        normalize_to_chw.is_parallel = True
-        return normalize_to_chw
-
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        h, w, c = previous_state.shape
-        shape = (c, h, w)
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=self.dtype),
-                AllocationQuery(shape, self.dtype))
 
 
 # ==================================================================================================
 # Loader
 # ==================================================================================================
 
-def _whole_image_boxes(spec: LoaderSpec) -> tuple[np.ndarray, np.ndarray]:
-    boxes = np.zeros((spec.num_samples, 1, 4), dtype=np.int32)
-    boxes[:, 0, 2] = spec.heights
-    boxes[:, 0, 3] = spec.widths
-    return boxes, np.zeros((spec.num_samples, 1), dtype=np.bool_)
+def point_decoder_at(state: np.ndarray, plan: EpochPlan) -> None:
+    """Point the compiled :class:`PlanDecoder` sharing ``state`` at ``plan``'s arrays; the caller keeps
+    ``plan`` alive until the epoch's thread has stopped."""
+    plan.boxes = np.ascontiguousarray(plan.boxes, dtype=np.int32)
+    plan.flips = np.ascontiguousarray(plan.flips, dtype=np.bool_)
+    if plan.indices.dtype != np.int64 or not plan.indices.flags.c_contiguous:
+        raise RuntimeError("epoch plan indices must be contiguous int64")
+    state[:] = (plan.indices.ctypes.data, len(plan.indices), plan.boxes.ctypes.data, plan.flips.ctypes.data, 0)
 
 
 def allocate_buffers_once(loader: Loader) -> None:
@@ -352,40 +268,25 @@ class FFCVLoader(BatchLoader):
         # (at construction and at each epoch start): we put the caller's counts back each time.
         self._caller_threads = (torch.get_num_threads(), numba.get_num_threads())
         self._plans = _PlanHolder(spec)
-        self._view_state = np.array([0, -1 if spec.fixed_view is None else spec.fixed_view], dtype=np.int64)
-        res = (spec.resolution, spec.resolution)
+        self._plan_state = np.zeros(5, dtype=np.int64)  # read by PlanDecoder's compiled code
         geometry = spec.geometry
-        flip_in_normalize = 0.0  # rrc on the CPU NCHW path: the flip is folded into NormalizeToCHW
-        if geometry == "views":
-            image = [TableCropDecoder(res, spec.views.boxes, spec.views.flips, spec.views.seed, self._view_state)]
-        elif geometry == "rrc":
-            image = [RandomResizedCropRGBImageDecoder(res)]
-            if spec.cuda or spec.channels_last:
-                image.append(RandomFlipInPlace())
-            else:
-                flip_in_normalize = 0.5
-        elif geometry == "center":
-            image = [CenterCropRGBImageDecoder(res, ratio=spec.crop_ratio)]
-        elif geometry == "pad_crop":
-            image = [SimpleRGBImageDecoder(), PadCropFlip()]
-        elif geometry == "identity":
-            image = [SimpleRGBImageDecoder()]
-        else:  # resize the whole image
-            image = [TableCropDecoder(res, *_whole_image_boxes(spec), 0, self._view_state)]
+        window = geometry in ("pad_crop", "identity")  # a stored-size window, not a resized box
+        if window:
+            out_size = (int(spec.heights.max()), int(spec.widths.max()))  # one size: checked by resolve_spec
+        else:
+            out_size = (spec.resolution, spec.resolution)
         self._gpu_normalize = spec.cuda
         if spec.cuda:
             # Ship uint8 (4x fewer bytes), normalise on the GPU in torch (ffcv's GPU NormalizeImage needs cupy).
-            image += [ToTensor(), ToDevice(spec.device, non_blocking=True), ToTorchImage(channels_last=True)]
+            image = [PlanDecoder(out_size, window, None, False, self._plan_state),
+                     ToTensor(), ToDevice(spec.device, non_blocking=True), ToTorchImage(channels_last=True)]
         else:
-            np_dtype = np.float16 if spec.dtype == torch.float16 else np.float32
+            coef = normalize_coefficients(spec.mean, spec.std)
+            image = [PlanDecoder(out_size, window, coef, spec.channels_last, self._plan_state), ToTensor()]
             if spec.channels_last:
-                mean = np.array(spec.mean) * 255
-                std = np.array(spec.std) * 255
-                image += [NormalizeImage(mean, std, np_dtype), ToTensor(), ToTorchImage(channels_last=True)]
-            else:
-                image += [NormalizeToCHW(spec.mean, spec.std, np_dtype, flip_prob=flip_in_normalize), ToTensor()]
-            if spec.dtype == torch.bfloat16:
-                image.append(Convert(torch.bfloat16))
+                image.append(ToTorchImage(channels_last=True))  # a permuted view of the NHWC floats
+            if spec.dtype != torch.float32:
+                image.append(Convert(spec.dtype))
         # Labels and indices stay on the CPU inside ffcv: the plan alignment check reads them there.
         self.loader = Loader(
             str(path), batch_size=spec.batch_size, num_workers=spec.num_workers, os_cache=spec.in_memory,
@@ -418,12 +319,13 @@ class FFCVLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
+        # Stop an epoch left early before its plan can be replaced: its thread still reads the plan.
+        self._stop_previous_epoch()
         plan = self._plans.get(self.epoch)
-        self._view_state[0] = self.epoch  # read by TableCropDecoder's compiled code
+        point_decoder_at(self._plan_state, plan)
         self.loader.next_epoch = self.epoch  # ffcv asks the order for sample_order(next_epoch)
         pos = 0
         dev = spec.device
-        self._stop_previous_epoch()
         self._epoch_iter = iter(self.loader)
         self._restore_threads()
         for images, labels, indices in self._epoch_iter:
@@ -431,8 +333,9 @@ class FFCVLoader(BatchLoader):
             labels = labels.reshape(n)
             indices = indices.reshape(n)
             expect = plan.indices[pos:pos + n]
-            if not np.array_equal(indices.numpy(), expect):
-                raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order")
+            if self._plan_state[_ST_ERROR] or not np.array_equal(indices.numpy(), expect):
+                raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order (or ffcv "
+                                   "no longer hands the decoder slices of the order array)")
             if self._gpu_normalize:
                 x = (images.float() - self._mean).mul_(self._inv_std)
                 fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
