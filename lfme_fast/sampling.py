@@ -39,6 +39,7 @@ float32 weights aligned with the indices, computed inside the ``@njit`` kernel t
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from abc import ABC, abstractmethod
@@ -49,7 +50,6 @@ from numba import njit
 
 from lfme_fast.schedules import (
     instance_weight,
-    instance_weight_nb,
     official_progress,
     schedule_code,
 )
@@ -136,13 +136,18 @@ def _rand_unit(key, ctr):
 # Hot loops: free @njit functions over plain arrays.
 #
 # Common arguments: ``seed`` (already seed + epoch), ``code`` / ``t`` (schedule code and progress, see
-# schedules.instance_weight_nb), the outputs ``out_idx`` (int64, length n) and ``out_w`` (float32,
-# length n, or empty when no weights are wanted), and the initial weights: ``v1`` per dataset index,
-# or ``v1_sorted`` = ``v1[class_members]`` (class-CSR order, so a class's weights are contiguous).
+# schedules.instance_weight_nb; the kernels apply it through _schedule_block, the same arithmetic
+# with the per-epoch constants hoisted), the outputs ``out_idx`` (int64, length n) and ``out_w``
+# (float32, length n, or empty when no weights are wanted; _fill_from_class_cycles takes its uint32
+# view), and the initial weights: ``v1`` per dataset index, or ``v1_sorted`` = ``v1[class_members]``
+# (class-CSR order, so a class's weights are contiguous).
 # Large scratch arrays come from the caller (numpy's allocator asks for transparent huge pages, which
 # makes first touch ~4x cheaper than numba's allocator at 100 MB).
-# Note: numba's on-disk cache does not notice edits to schedules.instance_weight_nb; delete
-# lfme_fast/__pycache__/sampling.*.nb[ic] after changing it.
+# Indexing: numba wraps negative indices, so ``a[lo + q]`` with a signed computed index pays a
+# compare-and-select per access and stops LLVM from vectorising the loop (a class-by-class copy of
+# 11.6 M members: 22 ms that way, 6 ms over the slice ``a[lo:lo + m]`` indexed by the loop counter,
+# whose sign LLVM can prove). Hot loops therefore index slices by their loop counter, or use uint64
+# positions (never mixed with int64 in arithmetic: numba types uint64 + int64 as float64).
 # ==================================================================================================
 
 
@@ -159,8 +164,48 @@ def _fy_block(key, ctr0, p0, m, count, jbuf):
 
 
 @njit(cache=True)
+def _schedule_block(src, code, t, dst):
+    """``dst[q] = f(src[q], t)`` for every ``q`` of ``src`` (float32 ``dst``, at least as long).
+
+    The same float64 arithmetic as :func:`lfme_fast.schedules.instance_weight_nb` (same expressions,
+    same operation order, rounded to float32 once at the store), but with the branch on ``code`` / ``t``
+    and the transcendental constant (``cos(t pi / 2)``, ``log1p(t) / log 2``) hoisted out of the loop,
+    so each loop is a vectorised multiply-add stream instead of a per-element call with branches and
+    a ``cos`` / ``log1p``. Callers pass slices rather than ``(array, offset)``: see the note on
+    indexing above. A change to the schedules must be made here too;
+    ``tests/test_sampling.py::test_weights_bitwise_equal_numpy_schedule`` checks the two agree bit
+    for bit for every schedule and sampler.
+    """
+    m = src.shape[0]
+    if code == 3:  # official ramp: not clamped, no endpoint shortcuts
+        for q in range(m):
+            v = src[q]
+            dst[q] = v + (1.0 - v) * t
+    elif t <= 0.0:
+        for q in range(m):
+            dst[q] = src[q]
+    elif t >= 1.0:
+        for q in range(m):
+            dst[q] = 1.0
+    elif code == 0:
+        for q in range(m):
+            v = src[q]
+            dst[q] = (1.0 - v) * t + v
+    elif code == 1:
+        k = math.cos(t * math.pi / 2.0)
+        for q in range(m):
+            v = src[q]
+            dst[q] = 1.0 - (1.0 - v) * k
+    else:
+        k = math.log1p(t) / math.log(2.0)
+        for q in range(m):
+            v = src[q]
+            dst[q] = v + (1.0 - v) * k
+
+
+@njit(cache=True)
 def _fill_from_class_cycles(group_class, group_size, class_offsets, class_members, v1_sorted, code, t, seed,
-                            buf_idx, buf_w, scratch_idx, scratch_w, jbuf, out_idx, out_w):
+                            buf, scratch, wtmp, wtmp_bits, jbuf, out_idx, out_w_bits):
     """Fill the epoch given its class sequence: group ``g`` is ``group_size`` draws of class
     ``group_class[g]`` (the last group may be cut short at ``n = len(out_idx)``), each the next index
     of that class's own reshuffling cycle.
@@ -168,26 +213,37 @@ def _fill_from_class_cycles(group_class, group_size, class_offsets, class_member
     Two cache-friendly passes instead of one pass that hops between classes: (a) class by class, all of
     the class's draws for the epoch come from an incremental Fisher-Yates over a scratch copy of its
     members (restarting at each wrap: a new uniform permutation, independent of the previous one),
-    written to a class-CSR buffer together with their weights; (b) the groups are laid out by reading
-    each class's buffer sequentially. The one-pass version makes one random access into an N-sized
-    array per index (~100 ns/index at 11.6 M samples).
+    written to a class-CSR buffer; (b) the groups are laid out by reading each class's buffer
+    sequentially. The one-pass version makes one random access into an N-sized array per index
+    (~100 ns/index at 11.6 M samples).
 
-    Scratch (from the caller): ``buf_idx`` (n), ``buf_w`` (n or 0), ``scratch_idx`` / ``jbuf`` (largest
-    class), ``scratch_w`` (largest class or 0).
+    Weights ride along with the indices: a class's scheduled weights ``f(v1_sorted[lo:lo+m], t)`` are
+    computed once per epoch in one vectorised streaming pass (:func:`_schedule_block`, into ``wtmp``),
+    and each scratch / buffer entry is one uint64 holding ``index << 32 | float32 bits of its weight``
+    (indices are < 2**32, checked at construction). So the shuffle swaps and the buffer writes are
+    exactly those of the indices-only path (the old layout swapped a second float64 scratch, evaluated
+    the schedule, ``cos`` / ``log1p`` included, per draw, and wrote and re-read a second n-sized
+    buffer); pass (b) splits the words into ``out_idx`` and ``out_w_bits`` (the uint32 view of the
+    float32 weights; empty when no weights are wanted, and then a word is just the index).
+
+    Scratch (from the caller): ``buf`` (uint64, n), ``scratch`` (uint64, largest class), ``jbuf``
+    (largest class), ``wtmp`` (float32, largest class, or empty) with ``wtmp_bits`` its uint32 view.
     """
     key = _stream_key(seed, _SALT_MEMBERS)
     num_classes = class_offsets.shape[0] - 1
     n = out_idx.shape[0]
-    want_w = out_w.shape[0] > 0
+    want_w = out_w_bits.shape[0] > 0
     num_groups = group_class.shape[0]
     full_groups = n // group_size  # all groups but a possibly cut-short last one
     buf_off = np.zeros(num_classes + 1, dtype=np.int64)
+    one = np.uint64(1)
     for g in range(full_groups):
-        buf_off[group_class[g] + 1] += group_size
+        buf_off[np.uint64(group_class[g]) + one] += group_size
     if num_groups > full_groups:
         buf_off[group_class[full_groups] + 1] += n - full_groups * group_size
     for c in range(num_classes):
         buf_off[c + 1] += buf_off[c]
+    # (a) class by class: each class's draws for the epoch, in class-CSR order
     for c in range(num_classes):
         r = buf_off[c]
         end = buf_off[c + 1]
@@ -195,38 +251,42 @@ def _fill_from_class_cycles(group_class, group_size, class_offsets, class_member
             continue
         lo = class_offsets[c]
         m = class_offsets[c + 1] - lo
-        for q in range(m):
-            scratch_idx[q] = class_members[lo + q]
+        members = class_members[lo:lo + m]
         if want_w:
+            _schedule_block(v1_sorted[lo:lo + m], code, t, wtmp)
             for q in range(m):
-                scratch_w[q] = v1_sorted[lo + q]
+                scratch[q] = (np.uint64(members[q]) << _U32) | np.uint64(wtmp_bits[q])
+        else:
+            for q in range(m):
+                scratch[q] = np.uint64(members[q])
         while r < end:  # one pass of this loop per (partial) cycle of the class
             take = min(end - r, m)
             _fy_block(key, r, 0, m, take, jbuf)  # draw counter = buffer position: unique per draw
+            dst = buf[r:r + take]
             for p in range(take):
-                j = jbuf[p]
-                idx = scratch_idx[j]
-                scratch_idx[j] = scratch_idx[p]
-                scratch_idx[p] = idx
-                buf_idx[r + p] = idx
-                if want_w:
-                    w = scratch_w[j]
-                    scratch_w[j] = scratch_w[p]
-                    scratch_w[p] = w
-                    buf_w[r + p] = instance_weight_nb(w, t, code)
+                j = np.uint64(jbuf[p])
+                x = scratch[j]
+                scratch[j] = scratch[p]
+                scratch[p] = x
+                dst[p] = x
             r += take
-    # buf_off[c] becomes class c's read pointer
+    # (b) lay out the groups; buf_off[c] becomes class c's read pointer. Unsigned positions: a signed
+    # computed index costs a negative-index wraparound check on every access (see the note above).
+    gs = np.uint64(group_size)
     for g in range(num_groups):
-        c = group_class[g]
-        ptr = buf_off[c]
-        i = g * group_size
-        cnt = group_size if g < full_groups else n - i
-        for s in range(cnt):
-            out_idx[i + s] = buf_idx[ptr + s]
+        c = np.uint64(group_class[g])
+        ptr = np.uint64(buf_off[c])
+        i = np.uint64(g) * gs
+        cnt = gs if g < full_groups else np.uint64(n) - i
         if want_w:
             for s in range(cnt):
-                out_w[i + s] = buf_w[ptr + s]
-        buf_off[c] = ptr + cnt
+                x = buf[ptr + s]
+                out_idx[i + s] = np.int64(x >> _U32)
+                out_w_bits[i + s] = np.uint32(x & _LOW32)
+        else:
+            for s in range(cnt):
+                out_idx[i + s] = np.int64(buf[ptr + s])
+        buf_off[c] = np.int64(ptr + cnt)
 
 
 @njit(cache=True)
@@ -244,12 +304,13 @@ def _class_cycle_groups(num_classes, seed, group_class):
     while g < num_groups:  # one pass per (partial) cycle
         take = min(num_groups - g, num_classes)
         _fy_block(key, g, 0, num_classes, take, jbuf)  # draw counter = group index
+        dst = group_class[g:g + take]
         for ci in range(take):
-            j = jbuf[ci]
+            j = np.uint64(jbuf[ci])
             c = cycle[j]
             cycle[j] = cycle[ci]
             cycle[ci] = c
-            group_class[g + ci] = c
+            dst[ci] = c
         g += take
 
 
@@ -279,40 +340,74 @@ def _class_prob_groups(cum_probs, seed, group_class):
 
 
 @njit(cache=True)
-def _shuffle_kernel(members, v1, seed, code, t, jbuf, work, out_idx, out_w):
+def _fy_cycle(arr, key, ctr0, take, jbuf):
+    """Fix the first ``take`` positions of an incremental Fisher-Yates over all of ``arr`` (in place),
+    with draws ``ctr0 + p`` of ``key`` for position ``p``; swap targets in vectorised blocks of
+    ``len(jbuf)``. Works on int64 indices and on packed uint64 (index, weight) words alike."""
+    m = arr.shape[0]
+    block = jbuf.shape[0]
+    p = 0
+    while p < take:
+        cnt = min(block, take - p)
+        _fy_block(key, ctr0 + p, p, m, cnt, jbuf)
+        seg = arr[p:p + cnt]
+        for s in range(cnt):
+            j = np.uint64(jbuf[s])
+            x = arr[j]
+            arr[j] = seg[s]
+            seg[s] = x
+        p += cnt
+
+
+@njit(cache=True)
+def _shuffle_kernel(members, v1, seed, code, t, jbuf, work, work_idx, vbuf, wtmp, wtmp_bits, out_idx,
+                    out_w_bits):
     """Consecutive independent permutations of ``members`` (one permutation when n == len(members)).
 
     Fisher-Yates drawn incrementally (position ``p`` of a cycle is fixed when it is reached), the swap
-    targets computed in vectorised blocks of ``len(jbuf)``. A full cycle is permuted in place in
-    ``out_idx``; a final partial cycle (``n`` not a multiple of ``m``) needs the whole cycle as swap
-    sources and uses ``work`` (length ``m``, or empty when ``n % m == 0``).
+    targets computed in vectorised blocks of ``len(jbuf)``. Without weights, a full cycle is permuted
+    in place in ``out_idx``; a final partial cycle (``n`` not a multiple of ``m``) needs the whole cycle
+    as swap sources and uses ``work_idx`` (length ``m``, or empty when ``n % m == 0``).
+
+    With weights (``out_w_bits``, the uint32 view of the float32 weights, non-empty), each cycle
+    permutes packed uint64 words ``member << 32 | float32 bits of f(v1[member], t)`` in ``work``
+    (length ``m``; ``work_idx`` is its int64 view), built by one near-sequential pass over
+    ``v1[members]`` (members are ascending) with the schedule vectorised (:func:`_schedule_block`, in
+    blocks through ``vbuf`` / ``wtmp``), and splits them into the outputs. The same swaps, so the same
+    order, as without weights, and no random gather ``v1[out_idx[i]]`` over the whole dataset.
     """
     key = _stream_key(seed, _SALT_MEMBERS)
     n = out_idx.shape[0]
     m = members.shape[0]
-    want_w = out_w.shape[0] > 0
-    block = jbuf.shape[0]
+    want_w = out_w_bits.shape[0] > 0
+    wblock = vbuf.shape[0]
     start = 0
     while start < n:  # one cycle (permutation) per pass
         take = min(n - start, m)
-        arr = out_idx[start:start + m] if take == m else work
-        arr[:] = members
-        p = 0
-        while p < take:
-            cnt = min(block, take - p)
-            _fy_block(key, start + p, p, m, cnt, jbuf)
-            for s in range(cnt):
-                j = jbuf[s]
-                idx = arr[j]
-                arr[j] = arr[p + s]
-                arr[p + s] = idx
-            p += cnt
-        if take < m:
-            out_idx[start:start + take] = work[:take]
+        if want_w:
+            for b0 in range(0, m, wblock):
+                cnt = min(wblock, m - b0)
+                mem = members[b0:b0 + cnt]
+                for s in range(cnt):
+                    vbuf[s] = v1[mem[s]]
+                _schedule_block(vbuf[:cnt], code, t, wtmp)
+                dst = work[b0:b0 + cnt]
+                for s in range(cnt):
+                    dst[s] = (np.uint64(mem[s]) << _U32) | np.uint64(wtmp_bits[s])
+            _fy_cycle(work, key, start, take, jbuf)
+            oi = out_idx[start:start + take]
+            ow = out_w_bits[start:start + take]
+            for s in range(take):
+                x = work[s]
+                oi[s] = np.int64(x >> _U32)
+                ow[s] = np.uint32(x & _LOW32)
+        else:
+            arr = out_idx[start:start + m] if take == m else work_idx
+            arr[:] = members
+            _fy_cycle(arr, key, start, take, jbuf)
+            if take < m:
+                out_idx[start:start + take] = work_idx[:take]
         start += take
-    if want_w:
-        for i in range(n):
-            out_w[i] = instance_weight_nb(v1[out_idx[i]], t, code)
 
 
 # ==================================================================================================
@@ -441,8 +536,9 @@ def _progress_and_code(schedule: str, epoch: int, total_epochs: int) -> tuple[fl
 
 _EMPTY_F64 = np.zeros(0, dtype=np.float64)
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
-_EMPTY_I64 = np.zeros(0, dtype=np.int64)
-_SHUFFLE_BLOCK = 4096  # swap targets computed per vectorised block in _shuffle_kernel
+_EMPTY_U32 = np.zeros(0, dtype=np.uint32)
+_EMPTY_U64 = np.zeros(0, dtype=np.uint64)
+_SHUFFLE_BLOCK = 4096  # swap targets (and scheduled weights) computed per vectorised block in _shuffle_kernel
 
 
 class _ArraySampler(Sampler):
@@ -530,23 +626,26 @@ class _ArraySampler(Sampler):
         """Run :func:`_fill_from_class_cycles` for a class sequence, with this sampler's scratch."""
         n = out_idx.size
         max_m = int(self.class_counts.max())
+        wtmp = self._scratch("wtmp", max_m, np.float32) if with_w else _EMPTY_F32
         _fill_from_class_cycles(
             group_class, group_size, self.class_offsets, self.class_members,
             self._v1_sorted if with_w else _EMPTY_F64, code, t, seed,
-            self._scratch("buf_idx", n, np.int64),
-            self._scratch("buf_w", n, np.float32) if with_w else _EMPTY_F32,
-            self._scratch("scratch_idx", max_m, np.int64),
-            self._scratch("scratch_w", max_m, np.float64) if with_w else _EMPTY_F64,
-            self._scratch("jbuf", max_m, np.int64), out_idx, out_w)
+            self._scratch("buf", n, np.uint64), self._scratch("scratch", max_m, np.uint64),
+            wtmp, wtmp.view(np.uint32), self._scratch("jbuf", max_m, np.int64), out_idx,
+            out_w.view(np.uint32) if with_w else _EMPTY_U32)
 
     def _shuffle(self, members: np.ndarray, seed: int, with_w: bool, code: int, t: float,
                  out_idx: np.ndarray, out_w: np.ndarray) -> None:
         """Run :func:`_shuffle_kernel` over ``members`` with this sampler's scratch."""
-        partial = out_idx.size % members.size != 0
+        # weights: packed words permuted in ``work`` (m); indices only: ``work`` for a partial cycle
+        need_work = with_w or out_idx.size % members.size != 0
+        work = self._scratch("work", members.size, np.uint64) if need_work else _EMPTY_U64
+        wtmp = self._scratch("wtmp", _SHUFFLE_BLOCK, np.float32) if with_w else _EMPTY_F32
         _shuffle_kernel(members, self.initial_weights if with_w else _EMPTY_F64, seed, code, t,
-                        self._scratch("jbuf", _SHUFFLE_BLOCK, np.int64),
-                        self._scratch("work", members.size, np.int64) if partial else _EMPTY_I64,
-                        out_idx, out_w)
+                        self._scratch("jbuf", _SHUFFLE_BLOCK, np.int64), work, work.view(np.int64),
+                        self._scratch("vbuf", _SHUFFLE_BLOCK, np.float64) if with_w else _EMPTY_F64,
+                        wtmp, wtmp.view(np.uint32), out_idx,
+                        out_w.view(np.uint32) if with_w else _EMPTY_U32)
 
     def _epoch_seed(self, epoch: int) -> int:
         epoch = _as_int(epoch, "epoch", 0)

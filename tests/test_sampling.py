@@ -215,6 +215,59 @@ def test_generic_base_class_weights():
     np.testing.assert_allclose(w, instance_weight(V1[idx], 0.5, "convex"), atol=1e-7)
 
 
+def _numpy_schedule(v1, epoch, total, kind):
+    """The schedule computed directly in numpy (float64), rounded to float32 once: the reference."""
+    if kind == "official":
+        return official_instance_weight(v1, epoch, total).astype(np.float32)
+    return instance_weight(v1, curriculum_progress(epoch, total), kind).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_KINDS + ("official",))
+@pytest.mark.parametrize("make", [
+    lambda **kw: ClassBalancedSampler(LABELS, samples_per_class=4, seed=5, **kw),
+    lambda **kw: ClassBalancedSampler(LABELS, samples_per_class=7, seed=5, num_samples=3 * N + 5, **kw),
+    lambda **kw: SquareRootSampler(LABELS, seed=5, **kw),
+    lambda **kw: InstanceSampler(LABELS, seed=5, num_samples=N + 4097, **kw),
+    lambda **kw: SubsetSampler(LABELS, classes=[0, 5, 39], seed=5, num_replicas=2, rank=1, **kw),
+], ids=["class_balanced", "class_balanced_wrapping", "sqrt", "instance_chained", "subset_shard"])
+def test_weights_bitwise_equal_numpy_schedule(make, kind):
+    # the kernels precompute a class's scheduled weights in one hoisted pass and carry them packed with
+    # the indices: the result must be bit for bit the float64 schedule rounded once to float32
+    s = make(initial_weights=V1, schedule=kind)
+    total = 7
+    for epoch in (0, 1, 3, total - 1):  # both endpoints (t = 0, t = 1) and interior epochs
+        idx, w = s.indices_and_weights(epoch, total)
+        np.testing.assert_array_equal(idx, s.indices(epoch))
+        assert w.dtype == np.float32
+        expect = _numpy_schedule(V1[idx], epoch, total, kind)
+        np.testing.assert_array_equal(w.view(np.uint32), expect.view(np.uint32))
+
+
+def test_packed_kernel_keeps_indices_above_2_31():
+    # pass (a) packs (index << 32 | weight bits) into one uint64: indices up to 2**32 - 2 must survive
+    members = np.array([2**32 - 2, 2**32 - 3, 2**31 + 1, 2**31, 5, 2**32 - 10], dtype=np.int64)
+    offsets = np.array([0, 4, 6], dtype=np.int64)
+    v1_sorted = np.array([0.1, 0.9, 0.25, 0.5, 1.0, 0.0])
+    group_class = np.array([0, 1, 0, 1, 1], dtype=np.int64)
+    n = 9
+    out_idx = np.empty(n, np.int64)
+    out_w = np.empty(n, np.float32)
+    wtmp = np.empty(4, np.float32)
+    S._fill_from_class_cycles(group_class, 2, offsets, members, v1_sorted, 1, 0.3, 17,
+                              np.empty(n, np.uint64), np.empty(4, np.uint64), wtmp, wtmp.view(np.uint32),
+                              np.empty(4, np.int64), out_idx, out_w.view(np.uint32))
+    pos = {int(m): k for k, m in enumerate(members)}
+    assert set(out_idx[:2].tolist()) <= set(members[:4].tolist()) and out_idx.max() >= 2**32 - 3
+    expect = instance_weight(v1_sorted[[pos[int(i)] for i in out_idx]], 0.3, "convex").astype(np.float32)
+    np.testing.assert_array_equal(out_w, expect)
+    # the same order without weights
+    out_idx2 = np.empty(n, np.int64)
+    S._fill_from_class_cycles(group_class, 2, offsets, members, v1_sorted[:0], 1, 0.3, 17,
+                              np.empty(n, np.uint64), np.empty(4, np.uint64), wtmp[:0],
+                              wtmp[:0].view(np.uint32), np.empty(4, np.int64), out_idx2, np.zeros(0, np.uint32))
+    np.testing.assert_array_equal(out_idx2, out_idx)
+
+
 # ---- other samplers --------------------------------------------------------------------------------
 
 
