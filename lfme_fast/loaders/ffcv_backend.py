@@ -152,13 +152,23 @@ class PlanDecoder(SimpleRGBImageDecoder):
         return ((h, w, 3) if self.channels_last else (3, h, w)), np.dtype("<f4")
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
-        max_width, max_height = np.uint64(self.metadata["width"].max()), np.uint64(self.metadata["height"].max())
+        max_width, max_height = int(self.metadata["width"].max()), int(self.metadata["height"].max())
+        decoded = max_height * max_width * 3
         shape, dtype = self._output()
         u8 = np.dtype("<u1")
+        # Scratch for the decoded JPEG and the resized crop, one per *thread*: reused image after image,
+        # it stays in the core's cache (per-sample scratch, as ffcv's own decoders have, is cold memory
+        # for every image: measured ~15% more CPU time per image). The per-sample buffers below are a
+        # fallback only (untouched, so never paged in), should a thread id exceed numba's thread count.
+        # Allocated once: ffcv calls this method more than once, and compiled code holds the addresses.
+        if getattr(self, "scratch_decoded", None) is None or self.scratch_decoded.shape[1] < decoded:
+            threads = numba.config.NUMBA_NUM_THREADS
+            self.scratch_decoded = np.empty((threads, decoded), dtype=u8)
+            self.scratch_crop = np.empty((threads,) + self.output_size + (3,), dtype=u8)
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
                 (AllocationQuery(shape, dtype),  # the batch
-                 AllocationQuery((max_height * max_width * np.uint64(3),), u8),  # the decoded JPEG
-                 AllocationQuery(self.output_size + (3,), u8)))  # the resized crop, before normalising
+                 AllocationQuery((np.uint64(decoded),), u8),  # fallback: the decoded JPEG
+                 AllocationQuery(self.output_size + (3,), u8)))  # fallback: the resized crop
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -172,10 +182,15 @@ class PlanDecoder(SimpleRGBImageDecoder):
         coef = self.coef if to_float else np.zeros((2, 3), dtype=np.float32)  # 24 bytes, frozen: wanted
         channels_last = self.channels_last
         normalize, copy, window_copy = normalize_image, copy_image, window_into
+        threads = self.scratch_decoded.shape[0]
+        dec_shape, dec_addr = self.scratch_decoded.shape, self.scratch_decoded.ctypes.data
+        crop_shape, crop_addr = self.scratch_crop.shape, self.scratch_crop.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, crop_storage = my_storage
             state = numba.carray(_address_as_pointer(state_addr), (5,), np.int64)
+            scratch_decoded = numba.carray(_address_as_pointer(dec_addr), dec_shape, np.uint8)
+            scratch_crop = numba.carray(_address_as_pointer(crop_addr), crop_shape, np.uint8)
             n = len(batch_indices)
             length = state[1]
             pos0 = (batch_indices.ctypes.data - state[0]) // 8
@@ -192,18 +207,21 @@ class PlanDecoder(SimpleRGBImageDecoder):
             flips = numba.carray(_address_as_pointer(state[3]), (length,), np.uint8)
             for j in my_range(n):
                 p = pos0 + j
+                tid = numba.get_thread_id()
+                if tid < threads:
+                    temp_buffer, crop = scratch_decoded[tid], scratch_crop[tid]
+                else:
+                    temp_buffer, crop = temp_storage[j], crop_storage[j]
                 field = metadata[batch_indices[j]]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
                 if field["mode"] == jpg:
-                    temp_buffer = temp_storage[j]
                     imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
                     image = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
                 y, x, h, w = boxes[p, 0], boxes[p, 1], boxes[p, 2], boxes[p, 3]
-                crop = crop_storage[j]
                 if window:
                     window_copy(image, y, x, crop)
                 else:
