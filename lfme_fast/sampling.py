@@ -163,6 +163,18 @@ def _fy_block(key, ctr0, p0, m, count, jbuf):
         jbuf[s] = p + _rand_below(key, ctr0 + s, m - p)
 
 
+@njit(cache=True, inline="always")
+def _fy_swap_out(arr, jbuf, count, dst):
+    """Carry out the first ``count`` Fisher-Yates steps of ``arr`` with the swap targets of
+    :func:`_fy_block` (drawn with ``p0 = 0``), copying each fixed item to ``dst[p]`` as well."""
+    for p in range(count):
+        j = np.uint64(jbuf[p])
+        x = arr[j]
+        arr[j] = arr[p]
+        arr[p] = x
+        dst[p] = x
+
+
 @njit(cache=True)
 def _schedule_block(src, code, t, dst):
     """``dst[q] = f(src[q], t)`` for every ``q`` of ``src`` (float32 ``dst``, at least as long).
@@ -262,13 +274,7 @@ def _fill_from_class_cycles(group_class, group_size, class_offsets, class_member
         while r < end:  # one pass of this loop per (partial) cycle of the class
             take = min(end - r, m)
             _fy_block(key, r, 0, m, take, jbuf)  # draw counter = buffer position: unique per draw
-            dst = buf[r:r + take]
-            for p in range(take):
-                j = np.uint64(jbuf[p])
-                x = scratch[j]
-                scratch[j] = scratch[p]
-                scratch[p] = x
-                dst[p] = x
+            _fy_swap_out(scratch, jbuf, take, buf[r:r + take])
             r += take
     # (b) lay out the groups; buf_off[c] becomes class c's read pointer. Unsigned positions: a signed
     # computed index costs a negative-index wraparound check on every access (see the note above).
@@ -304,13 +310,7 @@ def _class_cycle_groups(num_classes, seed, group_class):
     while g < num_groups:  # one pass per (partial) cycle
         take = min(num_groups - g, num_classes)
         _fy_block(key, g, 0, num_classes, take, jbuf)  # draw counter = group index
-        dst = group_class[g:g + take]
-        for ci in range(take):
-            j = np.uint64(jbuf[ci])
-            c = cycle[j]
-            cycle[j] = cycle[ci]
-            cycle[ci] = c
-            dst[ci] = c
+        _fy_swap_out(cycle, jbuf, take, group_class[g:g + take])
         g += take
 
 

@@ -192,19 +192,19 @@ class PlanDecoder(SimpleRGBImageDecoder):
             scratch_decoded = numba.carray(_address_as_pointer(dec_addr), dec_shape, np.uint8)
             scratch_crop = numba.carray(_address_as_pointer(crop_addr), crop_shape, np.uint8)
             n = len(batch_indices)
-            length = state[1]
-            pos0 = (batch_indices.ctypes.data - state[0]) // 8
+            length = state[_ST_LENGTH]
+            pos0 = (batch_indices.ctypes.data - state[_ST_INDICES]) // 8
             ok = length > 0 and 0 <= pos0 and pos0 + n <= length
             if ok:
-                plan_indices = numba.carray(_address_as_pointer(state[0]), (length,), np.int64)
+                plan_indices = numba.carray(_address_as_pointer(state[_ST_INDICES]), (length,), np.int64)
                 for j in range(n):
                     if plan_indices[pos0 + j] != batch_indices[j]:
                         ok = False
             if not ok:
-                state[4] = 1  # the loader raises when it receives this batch
+                state[_ST_ERROR] = 1  # the loader raises when it receives this batch
                 return destination[:n]
-            boxes = numba.carray(_address_as_pointer(state[2]), (length, 4), np.int32)
-            flips = numba.carray(_address_as_pointer(state[3]), (length,), np.uint8)
+            boxes = numba.carray(_address_as_pointer(state[_ST_BOXES]), (length, 4), np.int32)
+            flips = numba.carray(_address_as_pointer(state[_ST_FLIPS]), (length,), np.uint8)
             for j in my_range(n):
                 p = pos0 + j
                 tid = numba.get_thread_id()
@@ -247,7 +247,11 @@ def point_decoder_at(state: np.ndarray, plan: EpochPlan) -> None:
     plan.flips = np.ascontiguousarray(plan.flips, dtype=np.bool_)
     if plan.indices.dtype != np.int64 or not plan.indices.flags.c_contiguous:
         raise RuntimeError("epoch plan indices must be contiguous int64")
-    state[:] = (plan.indices.ctypes.data, len(plan.indices), plan.boxes.ctypes.data, plan.flips.ctypes.data, 0)
+    state[_ST_INDICES] = plan.indices.ctypes.data
+    state[_ST_LENGTH] = len(plan.indices)
+    state[_ST_BOXES] = plan.boxes.ctypes.data
+    state[_ST_FLIPS] = plan.flips.ctypes.data
+    state[_ST_ERROR] = 0
 
 
 def allocate_buffers_once(loader: Loader) -> None:
