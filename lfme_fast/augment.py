@@ -534,7 +534,8 @@ def resolve_augment(augment: str, stored_max_side: int) -> str:
 
 
 # ==================================================================================================
-# Reference per-sample geometry in plain Python (the torch baseline back end uses these)
+# Reference geometry in plain Python: the raw-limit benchmark draws its crops with these, and the
+# tests check the compiled draws and the pad-crop kernel against them
 # ==================================================================================================
 
 def py_rrc_box(height: int, width: int, rng: random.Random, scale=(0.08, 1.0),
