@@ -13,6 +13,10 @@ Three families:
   classifier). Parameter names follow the LDAM code (classifier is ``linear``) so its checkpoints load.
 * ``resnet_small28``: a small, CPU-fast ResNet for 28x28 inputs (Fashion-MNIST-LT).
 
+``MultiExpert`` (end of the module) wraps any of them into M experts for ECL (shared early stages
+optional, two classifiers and a contrastive head per expert); its interface differs (structured
+output, ``inference_logits``), the paragraph below is about the single backbones.
+
 Every model maps ``(N, 3, H, W)`` to logits with ``forward``, exposes ``forward_features`` (the pooled
 feature vector, ``(N, feature_dim)``), the attribute ``feature_dim``, and ``classifier`` (the final
 head module, whatever its attribute name).
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,6 +50,8 @@ __all__ = [
     "LoadReport",
     "load_pretrained",
     "count_parameters",
+    "MultiExpert",
+    "MultiExpertOutput",
 ]
 
 
@@ -579,3 +585,213 @@ def load_pretrained(
         raise ValueError(f"checkpoint {path!r} lacks key {missing_body[0]!r} ({len(missing_body)} missing in all)")
     model.load_state_dict(ckpt, strict=False)
     return LoadReport(loaded=list(ckpt), missing=missing, unexpected=unexpected, skipped_classifier=skipped)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ECL multi-expert model
+# ---------------------------------------------------------------------------------------------------
+#
+# The architecture is OUR READING of the ECL abstract (REFERENCE.md Sec. 1 "ECL"): the paper's own
+# architecture is not public. NCL (CVPR 2022) supplies the defaults (3 experts, separate backbones);
+# ``shared_stages`` adds RIDE-style sharing of the early stages.
+
+
+@dataclass
+class MultiExpertOutput:
+    """What ``MultiExpert.forward`` returns; every tensor is stacked expert-first.
+
+    ``label_logits``: ``(M, B, C)`` label classifiers g_i (raw: the balanced-softmax prior is added by
+    the loss). ``kd_logits``: ``(M, B, C)`` distillation classifiers h_i, or ``None`` when the model has no
+    distillation heads. ``features``: ``(M, B, D)`` the features f_i both classifiers read.
+    ``proj``: ``(M, B, P)`` L2-normalised contrastive projections, or ``None`` unless asked for.
+    """
+
+    label_logits: torch.Tensor
+    kd_logits: torch.Tensor | None
+    features: torch.Tensor
+    proj: torch.Tensor | None = None
+
+
+def _split_stages(backbone: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """Cut a registered backbone into its stem and its list of residual stages (its classifier is dropped).
+
+    The pieces are the backbone's own modules (not copies), so a checkpoint loaded into the backbone
+    carries over.
+    """
+    if isinstance(backbone, ResNet):
+        return (nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool),
+                [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4])
+    if isinstance(backbone, ResNetCifar):
+        # ResNetCifar applies F.relu in forward_features; an nn.ReLU module is the same function.
+        return (nn.Sequential(backbone.conv1, backbone.bn1, nn.ReLU(inplace=True)),
+                [backbone.layer1, backbone.layer2, backbone.layer3])
+    if isinstance(backbone, SmallResNet28):
+        return (nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu),
+                [backbone.layer1, backbone.layer2, backbone.layer3])
+    raise ValueError(f"MultiExpert cannot split a {type(backbone).__name__} into stages; supported: the "
+                     "ImageNet ResNets, resnet32 (ResNetCifar) and resnet_small28")
+
+
+class _Expert(nn.Module):
+    """One expert: its own backbone stages (``body``), feature projection (``neck``), label classifier
+    ``label_head`` (g), optional distillation classifier ``kd_head`` (h) and contrastive ``proj_head``."""
+
+    def __init__(self, body: nn.Module, in_dim: int, feature_dim: int, projection: bool, num_classes: int,
+                 kd_head: bool, proj_head: bool, proj_hidden: int, proj_dim: int):
+        super().__init__()
+        self.body = body
+        # Linear + BN + ReLU: a linear map alone in front of linear classifiers adds no capacity.
+        self.neck: nn.Module = (
+            nn.Sequential(nn.Linear(in_dim, feature_dim, bias=False), nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True))
+            if projection else nn.Identity()
+        )
+        self.label_head = nn.Linear(feature_dim, num_classes)
+        self.kd_head = nn.Linear(feature_dim, num_classes) if kd_head else None
+        # BCL's projection head layout: Linear-BN-ReLU-Linear.
+        self.proj_head = (
+            nn.Sequential(nn.Linear(feature_dim, proj_hidden), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
+                          nn.Linear(proj_hidden, proj_dim))
+            if proj_head else None
+        )
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """f_i from the shared trunk's output: own stages, global average pool, projection."""
+        return self.neck(self.body(h).mean(dim=(2, 3)))
+
+
+class MultiExpert(nn.Module):
+    """M experts on a registered backbone, for ECL (our reading of the ECL abstract, REFERENCE.md; NCL defaults).
+
+    Layout: a shared trunk (the backbone's stem and first ``shared_stages`` residual stages, one copy)
+    feeds M experts, each with its own remaining stages, global average pooling, a projection to the
+    feature f_i, and on f_i a label classifier g_i, a distillation classifier h_i and a contrastive
+    projection head (MLP -> ``proj_dim``, L2-normalised). ``shared_stages = 0`` (default, NCL's choice)
+    means M fully separate backbones (the stem is shared only when at least one stage is);
+    ``shared_stages = S`` (all S stages) leaves only the projections and heads per expert.
+    Stages: ImageNet ResNets 4 (``layer1..4``), ``resnet32`` and ``resnet_small28`` 3 (``layer1..3``).
+
+    Dimensions (d = the backbone's ``feature_dim``: resnet10 512, resnet50/152 2048, resnet32 64,
+    resnet_small28 128): pooled ``d`` -> ``neck`` (Linear d->D without bias, BatchNorm1d, ReLU; D =
+    ``feature_dim``, default d) -> f_i ``(D)``; g_i, h_i: Linear D->C; projection head: Linear D->H,
+    BatchNorm1d, ReLU, Linear H->P (H = ``proj_hidden``, default D; P = ``proj_dim``, default 128).
+    With ``projection=False`` the neck is the identity and D = d.
+
+    Every expert is built from its own backbone instance, so experts differ at initialisation (a
+    ``pretrained_path`` gives all of them the same backbone weights; their heads still differ).
+    Works in eager mode and with ``channels_last`` models and inputs.
+
+    Args:
+        backbone: a name in ``MODELS``.
+        num_classes: C.
+        num_experts: M >= 1 (ECL's distillation terms need M >= 2; that is checked by the loss/recipe).
+        shared_stages: 0..S, see above.
+        feature_dim, projection, proj_dim, proj_hidden: see "Dimensions".
+        kd_head: build the distillation classifiers h_i (off when distillation is switched off, so that
+            DDP sees no unused parameters). proj_head: likewise for the contrastive heads.
+        pretrained_path: forwarded to ``build_model`` for every expert's backbone.
+        **backbone_kw: forwarded to the backbone constructor (its classifier is discarded).
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        num_experts: int = 3,
+        shared_stages: int = 0,
+        *,
+        feature_dim: int | None = None,
+        projection: bool = True,
+        proj_dim: int = 128,
+        proj_hidden: int | None = None,
+        kd_head: bool = True,
+        proj_head: bool = True,
+        pretrained_path: str | os.PathLike | None = None,
+        **backbone_kw: Any,
+    ):
+        super().__init__()
+        _check_num_classes(num_classes)
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"ecl.num_experts must be a positive int, got {num_experts!r}")
+        for name, v in (("feature_dim", feature_dim), ("proj_hidden", proj_hidden), ("proj_dim", proj_dim)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        backbones = [build_model(backbone, num_classes, pretrained_path, **backbone_kw) for _ in range(num_experts)]
+        in_dim = backbones[0].feature_dim
+        if not projection and feature_dim not in (None, in_dim):
+            raise ValueError(f"projection=False keeps the backbone's {in_dim}-d features; got feature_dim={feature_dim}")
+        feature_dim = feature_dim or in_dim
+        splits = [_split_stages(b) for b in backbones]
+        num_stages = len(splits[0][1])
+        if not isinstance(shared_stages, int) or isinstance(shared_stages, bool) or not 0 <= shared_stages <= num_stages:
+            raise ValueError(f"ecl.shared_stages must be an int in [0, {num_stages}] for {backbone} ({num_stages} "
+                             f"residual stages after the stem), got {shared_stages!r}")
+
+        stem0, stages0 = splits[0]
+        # Shared trunk: expert 0's stem and first stages; an empty Sequential is the identity.
+        self.shared = nn.Sequential(stem0, *stages0[:shared_stages]) if shared_stages else nn.Sequential()
+        self.experts = nn.ModuleList()
+        for stem, stages in splits:
+            own = ([stem] if shared_stages == 0 else []) + list(stages[shared_stages:])
+            self.experts.append(_Expert(nn.Sequential(*own), in_dim, feature_dim, projection, num_classes,
+                                        kd_head, proj_head, proj_hidden or feature_dim, proj_dim))
+        self.backbone_name, self.num_classes, self.num_experts = backbone, num_classes, num_experts
+        self.shared_stages, self.num_stages = shared_stages, num_stages
+        self.feature_dim, self.proj_dim = feature_dim, proj_dim
+        self.has_kd_head, self.has_proj_head = kd_head, proj_head
+
+    def _expert_ids(self, experts: Sequence[int] | None) -> list[int]:
+        if experts is None:
+            return list(range(self.num_experts))
+        ids = [int(i) for i in experts]
+        if not ids or any(not 0 <= i < self.num_experts for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"experts must be distinct ids in [0, {self.num_experts}), got {list(experts)}")
+        return ids
+
+    def forward(self, x: torch.Tensor, *, with_proj: bool = False,
+                experts: Sequence[int] | None = None) -> MultiExpertOutput:
+        """Run the shared trunk once, then each selected expert.
+
+        Args:
+            x: ``(B, 3, H, W)`` images (contiguous or channels_last).
+            with_proj: also compute the contrastive projections (needs ``proj_head``).
+            experts: optional subset of expert ids (default all); the output's M is its length.
+        """
+        if with_proj and not self.has_proj_head:
+            raise ValueError("with_proj=True but the model was built with proj_head=False")
+        ids = self._expert_ids(experts)
+        trunk = self.shared(x)
+        label, kd, feats, proj = [], [], [], []
+        for i in ids:
+            e = self.experts[i]
+            f = e.features(trunk)
+            feats.append(f)
+            label.append(e.label_head(f))
+            if e.kd_head is not None:
+                kd.append(e.kd_head(f))
+            if with_proj:
+                proj.append(F.normalize(e.proj_head(f), dim=1))
+        return MultiExpertOutput(
+            label_logits=torch.stack(label),
+            kd_logits=torch.stack(kd) if kd else None,
+            features=torch.stack(feats),
+            proj=torch.stack(proj) if with_proj else None,
+        )
+
+    def inference_logits(self, x: torch.Tensor, experts: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, C)`` mean of the selected experts' label-classifier logits (no prior): ECL's prediction."""
+        trunk = self.shared(x)
+        ids = self._expert_ids(experts)
+        return torch.stack([self.experts[i].label_head(self.experts[i].features(trunk)) for i in ids]).mean(dim=0)
+
+    def class_prototypes(self) -> torch.Tensor:
+        """``(M, C, P)`` BCL class-complement prototypes: each expert's label-classifier rows through its
+        projection head, L2-normalised (BCL feeds its classifier weights through its head the same way,
+        in the head's current train/eval mode). Optional; ECL's default contrastive term does not use them."""
+        if not self.has_proj_head:
+            raise ValueError("class_prototypes needs the projection heads (proj_head=True)")
+        return torch.stack([F.normalize(e.proj_head(e.label_head.weight), dim=1) for e in self.experts])
+
+    def expert_parameters(self, i: int) -> list[nn.Parameter]:
+        """Every parameter on expert i's path: the shared trunk's followed by its own."""
+        self._expert_ids([i])
+        return list(self.shared.parameters()) + list(self.experts[i].parameters())
