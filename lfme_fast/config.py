@@ -15,9 +15,9 @@ key            meaning
 =============  =========================================================================================
 ``name``       run name; ``output_dir`` defaults to ``runs/<name>``
 ``seed``       seeds model init, samplers (order depends on ``(seed, epoch)`` only) and augmentation
-``recipe``     ``baseline`` (stages ``train``, ``eval``), ``experts`` (``experts``: LFME's experts
-               alone) or ``lfme`` (``experts``, ``offline``, ``student``, ``eval``); see
-               ``RECIPE_STAGES``
+``recipe``     a registered recipe name (``lfme_fast.recipes.RECIPES``: ``baseline``, ``experts``,
+               ``lfme``, ...) or an import path ``package.module:Class``; it fixes the stages and
+               which recipe sections the file may (and must) carry
 ``stages``     which of the recipe's stages to run, in the recipe's order (null: all)
 ``output_dir`` run folder (``--output-dir`` on the command line sets it)
 ``data``       ``root`` (prepared dataset, ``python -m data_prep``), ``backend`` (ffcv | dali | torch),
@@ -36,19 +36,20 @@ key            meaning
                ``loss`` (ce | balanced_softmax | logit_adjusted), ``tau`` (logit_adjusted),
                ``grad_accum``, ``max_steps_per_epoch`` (null: whole epochs; for smoke tests),
                ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off)
-``experts``    LFME experts: ``convention`` (lfme | strict), ``thresholds`` (null: the convention's;
-               else strictly descending inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size``
-               (one int, or one per subset, many -> few), ``lr``, ``arch`` (null: each inherits the
-               ``optim``/``data``/``model`` value), ``sampler`` (instance), ``eval_test`` (also score each
-               expert on the test split)
-``lfme``       LFME student: ``temperature``, ``t_squared``, ``alpha`` (SpES), ``spes`` (matched |
-               official | off), ``spis`` (paper | official | off), ``schedule`` (linear | convex |
-               concave), ``kd``, ``views``, ``view_kind`` (center | random), ``topk`` (null: dense
-               expert logits), ``samples_per_class``
 ``precision``  ``mixed_precision`` (no | bf16 | fp16), ``channels_last`` (true | false | auto = on GPU)
 ``eval``       ``convention`` (lfme | strict) and ``thresholds`` for the many/medium/few report
 ``log``        ``tensorboard``, ``progress`` (tqdm bar on the main process)
 =============  =========================================================================================
+
+Recipe sections
+---------------
+Every section above is common to all recipes. A recipe adds its own sections (``Recipe.SECTIONS``:
+section name -> frozen dataclass, defined next to the recipe), e.g. ``experts`` and ``lfme`` for the
+``lfme`` recipe. A file carries the common sections plus its recipe's sections and nothing else; a
+section of another recipe is an unknown key. On the loaded config a recipe section reads like a common
+one (``cfg.lfme.temperature``). A section dataclass may define ``resolve(self, cfg, check)`` to check
+values and fill derived defaults (``check(cond, "lfme.alpha", "must be ...")`` raises a
+:class:`ConfigError` naming the key and its source) and return the resolved section.
 """
 
 from __future__ import annotations
@@ -74,12 +75,11 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
-    "ExpertsConfig",
-    "LFMEConfig",
     "PrecisionConfig",
     "EvalConfig",
     "LogConfig",
-    "RECIPE_STAGES",
+    "Check",
+    "recipe_sections",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -88,15 +88,6 @@ __all__ = [
     "missing_keys",
     "parse_override",
 ]
-
-#: Stages of each recipe, in execution order. The recipe classes (``lfme_fast.train.RECIPES``) run
-#: these; the schema lives here so a config can be validated without importing any training code.
-RECIPE_STAGES: dict[str, tuple[str, ...]] = {
-    "baseline": ("train", "eval"),
-    "experts": ("experts",),
-    "lfme": ("experts", "offline", "student", "eval"),
-}
-
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the dotted key and its source."""
@@ -157,33 +148,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ExpertsConfig:
-    convention: Literal["lfme", "strict"] = "lfme"
-    thresholds: tuple[int, ...] | None = None
-    epochs: int | None = None
-    batch_size: int | tuple[int, ...] | None = None
-    lr: float | None = None
-    arch: str | None = None
-    sampler: Literal["instance"] = "instance"
-    eval_test: bool = True
-
-
-@dataclass(frozen=True)
-class LFMEConfig:
-    temperature: float = 2.0
-    t_squared: bool = False
-    alpha: float = 0.6
-    spes: Literal["matched", "official", "off"] = "matched"
-    spis: Literal["paper", "official", "off"] = "paper"
-    schedule: Literal["linear", "convex", "concave"] = "linear"
-    kd: bool = True
-    views: int = 1
-    view_kind: Literal["center", "random"] = "center"
-    topk: int | None = None
-    samples_per_class: int = 4
-
-
-@dataclass(frozen=True)
 class PrecisionConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool | Literal["auto"] = "auto"
@@ -214,11 +178,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    lfme: LFMEConfig = field(default_factory=LFMEConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    #: The recipe's own sections (name -> dataclass), filled by ``load_config``; read them as
+    #: attributes (``cfg.lfme``). Not a key of the YAML file.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: recipe sections read like common ones.
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"config has no section {name!r} (recipe {self.__dict__.get('recipe')!r} has "
+                             f"sections: {sorted(sections) or 'none of its own'})")
 
     @property
     def run_dir(self) -> Path:
@@ -316,27 +291,49 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported schema type {tp!r}")  # a bug in the schema, not in the user's file
 
 
-def _build(cls: type, data: Any, prefix: str, sources: Mapping[str, str]) -> Any:
-    """Construct dataclass ``cls`` from a mapping, checking keys and types recursively."""
+def _fields_of(cls: type, sections: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """Key -> type of what a mapping for ``cls`` may hold: its fields, and for :class:`Config` the common
+    sections plus the recipe's ``sections`` (``Config.sections`` itself is not a file key)."""
+    hints = _hints(cls)
+    out = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if cls is Config:
+        out.pop("sections")
+        out.update(sections or {})
+    return out
+
+
+def _unknown_key(dotted: str, where: str, names: Iterable[str], source: str) -> ConfigError:
+    msg = f"unknown key {dotted!r} ({source}); {where} accepts: {', '.join(sorted(names))}"
+    if "." not in dotted:
+        owners = _recipes_with_section(dotted)
+        if owners:
+            msg += f" (section {dotted!r} belongs to recipe(s) {', '.join(owners)}; set recipe: to use it)"
+    return ConfigError(msg)
+
+
+def _build(cls: type, data: Any, prefix: str, sources: Mapping[str, str],
+           sections: Mapping[str, type] | None = None) -> Any:
+    """Construct dataclass ``cls`` from a mapping, checking keys and types recursively (for
+    :class:`Config`, ``sections`` are the recipe's own section classes)."""
     where = prefix.rstrip(".") or "<top level>"
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} ({_source(where, sources)})")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = _fields_of(cls, sections)
     for key in data:
-        if key not in names:
+        if key not in fields:
             dotted = f"{prefix}{key}"
-            raise ConfigError(
-                f"unknown key {dotted!r} ({_source(dotted, sources)}); {where} accepts: {', '.join(sorted(names))}"
-            )
-    kwargs = {}
-    for name in names:
+            raise _unknown_key(dotted, where, fields, _source(dotted, sources))
+    kwargs: dict[str, Any] = {}
+    built_sections: dict[str, Any] = {}
+    for name, tp in fields.items():
+        if sections and name in sections:
+            built_sections[name] = _build(tp, data.get(name), name + ".", sources)
+            continue
         if name not in data:
             continue
         dotted = f"{prefix}{name}"
-        tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], dotted + ".", sources)
             continue
@@ -346,6 +343,8 @@ def _build(cls: type, data: Any, prefix: str, sources: Mapping[str, str]) -> Any
             raise ConfigError(
                 f"{dotted}: expected {_type_name(tp)}, got {data[name]!r} ({_source(dotted, sources)})"
             ) from None
+    if cls is Config:
+        kwargs["sections"] = built_sections
     return cls(**kwargs)
 
 
@@ -379,7 +378,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
+def _apply_override(raw: dict, text: str, sources: dict[str, str], sections: Mapping[str, type]) -> None:
     path, value = parse_override(text)
     node: Any = raw
     cls: Any = Config
@@ -389,13 +388,11 @@ def _apply_override(raw: dict, text: str, sources: dict[str, str]) -> None:
         if cls is dict:  # inside a free-form mapping (model.kwargs): any key
             pass
         else:
-            names = {f.name: f for f in dataclasses.fields(cls)}
-            if part not in names:
+            fields = _fields_of(cls, sections)
+            if part not in fields:
                 parent = ".".join(path[:i]) or "<top level>"
-                raise ConfigError(
-                    f"unknown key {dotted!r} (override {text!r}); {parent} accepts: {', '.join(sorted(names))}"
-                )
-            tp = _hints(cls)[part]
+                raise _unknown_key(dotted, parent, fields, f"override {text!r}")
+            tp = fields[part]
             if dataclasses.is_dataclass(tp):
                 if is_last:
                     raise ConfigError(f"{dotted!r} is a section, set its keys instead (override {text!r})")
@@ -426,6 +423,51 @@ def _check(cond: bool, key: str, msg: str, sources: Mapping[str, str]) -> None:
         raise ConfigError(f"{key}: {msg} ({_source(key, sources)})")
 
 
+class Check:
+    """``check(cond, "section.key", "must be ...")`` raises a :class:`ConfigError` naming the key and the
+    file or override it came from; handed to a recipe section's ``resolve(cfg, check)``."""
+
+    def __init__(self, sources: Mapping[str, str]):
+        self.sources = sources
+
+    def __call__(self, cond: bool, key: str, msg: str) -> None:
+        _check(cond, key, msg, self.sources)
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        """The error for ``key`` (to ``raise ... from`` a caught exception)."""
+        return ConfigError(f"{key}: {msg} ({_source(key, self.sources)})")
+
+
+def recipe_sections(recipe: str) -> dict[str, type]:
+    """The recipe's own sections (name -> dataclass) and, through ``Recipe.STAGES``, its stages.
+
+    Raises:
+        ConfigError: the recipe is not registered and is not an importable ``module:Class``.
+    """
+    return dict(_recipe_class(recipe, {}).SECTIONS)
+
+
+def _recipe_class(recipe: Any, sources: Mapping[str, str]) -> Any:
+    from lfme_fast.recipes import RecipeNotFound, get_recipe
+
+    if not isinstance(recipe, str) or not recipe:
+        raise ConfigError(f"recipe: expected a recipe name, got {recipe!r} ({_source('recipe', sources)})")
+    try:
+        return get_recipe(recipe)
+    except RecipeNotFound as exc:
+        raise ConfigError(f"recipe: {exc} ({_source('recipe', sources)})") from None
+
+
+def _recipes_with_section(name: str) -> list[str]:
+    """Registered recipes that own a section called ``name`` (for error hints; never raises)."""
+    try:
+        from lfme_fast.recipes import RECIPES, get_recipe
+
+        return [r for r in sorted(RECIPES) if name in get_recipe(r).SECTIONS]
+    except Exception:  # a hint only: a recipe that fails to import must not mask the real error
+        return []
+
+
 def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     """Check values (ranges, cross-field rules) and fill derived defaults; return the resolved config."""
     from lfme_fast.subsets import resolve_thresholds
@@ -433,9 +475,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     _check(bool(cfg.name) and "/" not in cfg.name, "name", f"must be a non-empty name without '/', got {cfg.name!r}",
            sources)
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}", sources)
-    _check(cfg.recipe in RECIPE_STAGES, "recipe", f"unknown recipe {cfg.recipe!r}; known: {sorted(RECIPE_STAGES)}",
-           sources)
-    allowed = RECIPE_STAGES[cfg.recipe]
+    allowed = tuple(_recipe_class(cfg.recipe, sources).STAGES)
     stages = cfg.stages if cfg.stages is not None else allowed
     for s in stages:
         _check(s in allowed, "stages", f"{s!r} is not a stage of recipe {cfg.recipe!r} (stages: {list(allowed)})",
@@ -455,8 +495,6 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
 
     _check(cfg.model.arch in MODELS, "model.arch", f"unknown architecture {cfg.model.arch!r}; known: {sorted(MODELS)}",
            sources)
-    _check(cfg.experts.arch is None or cfg.experts.arch in MODELS, "experts.arch",
-           f"unknown architecture {cfg.experts.arch!r}; known: {sorted(MODELS)}", sources)
 
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}", sources)
@@ -480,41 +518,24 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     _check(t.checkpoint_every_steps is None or t.checkpoint_every_steps >= 1, "train.checkpoint_every_steps",
            "must be >= 1 or null", sources)
 
-    e = cfg.experts
-    for key, value in (("experts.thresholds", e.thresholds), ("eval.thresholds", cfg.eval.thresholds)):
-        try:
-            resolve_thresholds(e.convention if key.startswith("experts") else cfg.eval.convention, value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc} ({_source(key, sources)})") from None
-    _check(e.epochs is None or e.epochs >= 1, "experts.epochs", "must be >= 1 or null", sources)
-    _check(e.lr is None or e.lr > 0, "experts.lr", "must be > 0 or null", sources)
-    bs = e.batch_size if isinstance(e.batch_size, tuple) else (e.batch_size,) if e.batch_size is not None else ()
-    _check(all(b >= 1 for b in bs), "experts.batch_size", "must be >= 1", sources)
-    if isinstance(e.batch_size, tuple):
-        n_subsets = len(resolve_thresholds(e.convention, e.thresholds)) + 1
-        _check(len(e.batch_size) == n_subsets, "experts.batch_size",
-               f"a list needs one entry per subset ({n_subsets}), got {len(e.batch_size)}", sources)
+    try:
+        resolve_thresholds(cfg.eval.convention, cfg.eval.thresholds)
+    except ValueError as exc:
+        raise ConfigError(f"eval.thresholds: {exc} ({_source('eval.thresholds', sources)})") from None
 
-    f = cfg.lfme
-    _check(f.temperature > 0, "lfme.temperature", "must be > 0", sources)
-    _check(0 <= f.alpha < 1, "lfme.alpha", f"must be in [0, 1), got {f.alpha}", sources)
-    _check(f.views >= 1, "lfme.views", "must be >= 1", sources)
-    _check(f.topk is None or f.topk >= 1, "lfme.topk", "must be >= 1 or null", sources)
-    _check(f.samples_per_class >= 1, "lfme.samples_per_class", "must be >= 1", sources)
-
-    return dataclasses.replace(
+    cfg = dataclasses.replace(
         cfg,
         stages=stages,
         output_dir=cfg.output_dir if cfg.output_dir is not None else f"runs/{cfg.name}",
         data=dataclasses.replace(d, eval_batch_size=d.eval_batch_size or d.batch_size),
-        experts=dataclasses.replace(
-            e,
-            epochs=e.epochs if e.epochs is not None else o.epochs,
-            batch_size=e.batch_size if e.batch_size is not None else d.batch_size,
-            lr=e.lr if e.lr is not None else o.lr,
-            arch=e.arch if e.arch is not None else cfg.model.arch,
-        ),
     )
+    # Recipe sections last: their derived defaults may read the resolved common sections.
+    check = Check(sources)
+    resolved = {}
+    for name, section in cfg.sections.items():
+        resolve = getattr(section, "resolve", None)
+        resolved[name] = resolve(cfg, check) if resolve is not None else section
+    return dataclasses.replace(cfg, sections=resolved)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -526,9 +547,18 @@ def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), *, s
     """Build and validate a :class:`Config` from a plain mapping plus ``overrides``."""
     raw = json.loads(json.dumps(raw)) if raw else {}  # deep copy; the caller's dict is left alone
     sources: dict[str, str] = {"": source}
+    # The recipe decides which sections exist, so ``recipe=`` overrides go first.
+    rest = []
     for text in overrides:
-        _apply_override(raw, text, sources)
-    cfg = _build(Config, raw, "", sources)
+        if parse_override(text)[0] == ["recipe"]:
+            _apply_override(raw, text, sources, {})
+        else:
+            rest.append(text)
+    recipe = raw.get("recipe", Config.recipe)
+    sections = dict(_recipe_class(recipe, sources).SECTIONS)
+    for text in rest:
+        _apply_override(raw, text, sources, sections)
+    cfg = _build(Config, raw, "", sources, sections)
     return _validate(cfg, sources)
 
 
@@ -556,6 +586,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) of a config or one of its sections; YAML/JSON safe."""
 
     def conv(v: Any) -> Any:
+        if isinstance(v, Config):  # recipe sections sit at the top level, as in the file
+            out = {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "sections"}
+            out.update({name: conv(sec) for name, sec in v.sections.items()})
+            return out
         if dataclasses.is_dataclass(v):
             return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
@@ -602,16 +636,16 @@ def missing_keys(path: str | os.PathLike) -> list[str]:
     ``model.kwargs`` count as set when present). Used to keep every file in ``configs/`` a complete
     record of its experiment."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
+    sections = recipe_sections(raw.get("recipe", Config.recipe))
 
     def walk(cls: type, node: Mapping, prefix: str) -> list[str]:
         out = []
-        hints = _hints(cls)
-        for f in dataclasses.fields(cls):
-            dotted = prefix + f.name
-            if f.name not in node:
+        for name, tp in _fields_of(cls, sections if cls is Config else None).items():
+            dotted = prefix + name
+            if name not in node:
                 out.append(dotted)
-            elif dataclasses.is_dataclass(hints[f.name]) and isinstance(node[f.name], Mapping):
-                out.extend(walk(hints[f.name], node[f.name], dotted + "."))
+            elif dataclasses.is_dataclass(tp) and isinstance(node[name], Mapping):
+                out.extend(walk(tp, node[name], dotted + "."))
         return out
 
     return walk(Config, raw, "")

@@ -51,6 +51,7 @@ __all__ = [
     "TrainHooks",
     "TrainResult",
     "TrainingInterrupted",
+    "InterruptAfter",
     "LRSchedule",
     "build_optimizer",
     "build_scheduler",
@@ -60,8 +61,22 @@ __all__ = [
 
 
 class TrainingInterrupted(RuntimeError):
-    """Raised by :func:`train_model` when ``interrupt_after_steps`` is reached (simulates a killed job
-    in tests: whatever was checkpointed before stays, nothing after it is written)."""
+    """Raised by :class:`InterruptAfter` (simulates a killed job in tests: whatever was checkpointed
+    before stays, nothing after it is written)."""
+
+
+class InterruptAfter:
+    """A step hook (``on_step(global_step)``) that raises :class:`TrainingInterrupted` once
+    ``steps`` optimizer steps of a training are done (counted from the start of that training, so a
+    resumed run continues past it only when the hook is gone). Recipes take one ``on_step`` hook and
+    pass it to every training they run (``Recipe(cfg, on_step=InterruptAfter(3))``)."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def __call__(self, global_step: int, desc: str = "train") -> None:
+        if global_step >= self.steps:
+            raise TrainingInterrupted(f"{desc}: stopped after {global_step} steps as asked")
 
 
 @dataclass(frozen=True)
@@ -204,7 +219,7 @@ class _Loop:
     """State of one :func:`train_model` call (kept in an object so each piece stays short)."""
 
     def __init__(self, model, loader, loss_fn, *, accelerator, optim, loop, stage_dir, lr, forward_fn, hooks,
-                 fingerprint, channels_last, interrupt_after_steps):
+                 fingerprint, channels_last, on_step):
         self.acc = accelerator
         self.loader = loader
         self.loss_fn = loss_fn
@@ -214,7 +229,7 @@ class _Loop:
         self.stage_dir = Path(stage_dir)
         self.ckpt_dir = self.stage_dir / "checkpoints"
         self.fingerprint = fingerprint
-        self.interrupt_after_steps = interrupt_after_steps
+        self.on_step = on_step
         self.main = accelerator.is_main_process
         self.console = Console(self.main, loop.desc)
         self.log = JsonlLog(self.stage_dir / "log.jsonl", enabled=self.main)
@@ -345,8 +360,8 @@ class _Loop:
             if b + 1 < self.n_batches and loop.checkpoint_every_steps \
                     and self.pos.global_step % loop.checkpoint_every_steps == 0:
                 self._checkpoint(epoch, b + 1, epoch_rng)
-            if self.interrupt_after_steps is not None and self.pos.global_step >= self.interrupt_after_steps:
-                raise TrainingInterrupted(f"{loop.desc}: stopped after {self.pos.global_step} steps as asked")
+            if self.on_step is not None:
+                self.on_step(self.pos.global_step, loop.desc)
         elapsed = time.perf_counter() - t0
         totals = acc.reduce(torch.tensor([float(loss_sum), float(samples)], dtype=torch.float64,
                                          device=acc.device), reduction="sum")
@@ -439,7 +454,7 @@ def train_model(
     hooks: TrainHooks | None = None,
     fingerprint: str | None = None,
     channels_last: bool = False,
-    interrupt_after_steps: int | None = None,
+    on_step: Callable[[int, str], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``loop.epochs`` epochs over ``loader``, resuming from ``stage_dir/checkpoints``.
 
@@ -456,15 +471,15 @@ def train_model(
         hooks: epoch callbacks (:class:`TrainHooks`).
         fingerprint: the stage's config fingerprint; a checkpoint written under another one is ignored.
         channels_last: convert the model to channels_last (the loader must deliver channels_last too).
-        interrupt_after_steps: raise :class:`TrainingInterrupted` after this many optimizer steps
-            (counted from the start of training, not of this call); for tests.
+        on_step: called as ``on_step(global_step, desc)`` after every optimizer step (after any
+            mid-epoch checkpoint); :class:`InterruptAfter` uses it to simulate a killed job in tests.
 
     Returns:
         :class:`TrainResult`; the model is left in train mode on the accelerator's device.
     """
     state = _Loop(model, loader, loss_fn, accelerator=accelerator, optim=optim, loop=loop, stage_dir=stage_dir,
                   lr=lr, forward_fn=forward_fn, hooks=hooks, fingerprint=fingerprint, channels_last=channels_last,
-                  interrupt_after_steps=interrupt_after_steps)
+                  on_step=on_step)
     try:
         return state.run()
     finally:

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from lfme_fast.config import (
-    RECIPE_STAGES,
     Config,
     ConfigError,
     config_from_dict,
@@ -19,6 +18,7 @@ from lfme_fast.config import (
     missing_keys,
     save_config,
 )
+from lfme_fast.recipes import get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -37,14 +37,20 @@ def test_shipped_config_loads_and_is_complete(path):
     assert isinstance(cfg, Config)
     # a complete record: every schema key is written in the file, nothing is left to defaults
     assert missing_keys(path) == []
-    assert cfg.recipe in RECIPE_STAGES
-    from lfme_fast.train import get_recipe  # resolves lazily registered recipes (lfme -> lfme_fast.student)
-
-    assert get_recipe(cfg.recipe).STAGES == RECIPE_STAGES[cfg.recipe]
+    # the file carries exactly the common sections plus its recipe's own
+    recipe = get_recipe(cfg.recipe)  # resolves lazily registered recipes (lfme -> lfme_fast.recipes.lfme)
+    assert set(cfg.sections) == set(recipe.SECTIONS)
+    raw = yaml.safe_load(path.read_text())
+    common = {"name", "seed", "recipe", "stages", "output_dir", "data", "model", "optim", "train", "precision",
+              "eval", "log"}
+    assert set(raw) == common | set(recipe.SECTIONS)
+    assert set(cfg.stages) <= set(recipe.STAGES)
 
 
 def test_roundtrip_through_saved_yaml(tmp_path):
-    cfg = load_config(REPO / "configs" / "smoke.yaml", ["optim.lr=0.05", "experts.thresholds=[500, 50]"])
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["optim.lr=0.05", "recipe=lfme", "stages=null",
+                                                        "experts.thresholds=[500, 50]"])
+    assert cfg.experts.thresholds == (500, 50) and cfg.lfme.temperature == 2.0
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
@@ -52,7 +58,7 @@ def test_roundtrip_through_saved_yaml(tmp_path):
 
 
 def test_overrides_are_parsed_and_typed():
-    cfg = config_from_dict({"name": "x"}, [
+    cfg = config_from_dict({"name": "x", "recipe": "lfme"}, [
         "optim.lr=1e-3",  # YAML 1.1 reads this as a string; float fields accept it
         "optim.epochs=3",
         "optim.warmup_epochs=1",  # int into a float field
@@ -80,8 +86,11 @@ def test_derived_defaults_are_resolved():
     cfg = config_from_dict({"name": "abc", "data": {"batch_size": 32}, "optim": {"epochs": 7, "lr": 0.2}})
     assert cfg.output_dir == "runs/abc"
     assert cfg.data.eval_batch_size == 32
+    assert cfg.stages == get_recipe("baseline").STAGES == ("train", "eval")
+    cfg = config_from_dict({"name": "abc", "recipe": "lfme", "data": {"batch_size": 32},
+                            "optim": {"epochs": 7, "lr": 0.2}})
     assert (cfg.experts.epochs, cfg.experts.batch_size, cfg.experts.lr, cfg.experts.arch) == (7, 32, 0.2, "resnet10")
-    assert cfg.stages == RECIPE_STAGES["baseline"]
+    assert cfg.stages == ("experts", "offline", "student", "eval")
     # stages come back in the recipe's order whatever order the file used
     assert config_from_dict({"name": "a", "stages": ["eval", "train"]}).stages == ("train", "eval")
 
@@ -94,7 +103,7 @@ def test_derived_defaults_are_resolved():
     ("data.backend=tf", "data.backend: expected 'ffcv' | 'dali' | 'torch'"),
     ("data=1", "'data' is a section"),
     ("optim.lr.x=1", "'optim.lr' is not a section"),
-    ("stages=[student]", "not a stage of recipe 'baseline'"),
+    ("stages=[train]", "not a stage of recipe 'lfme'"),
     ("recipe=nope", "unknown recipe 'nope'"),
     ("optim.milestones=[5, 3]", "optim.milestones"),
     ("experts.thresholds=[20, 100]", "experts.thresholds"),
@@ -108,7 +117,7 @@ def test_derived_defaults_are_resolved():
 ])
 def test_bad_overrides_name_key_and_source(override, fragment):
     with pytest.raises(ConfigError) as err:
-        config_from_dict({"name": "x"}, [override])
+        config_from_dict({"name": "x", "recipe": "lfme"}, [override])
     msg = str(err.value)
     assert fragment in msg
     assert f"override {override!r}" in msg
@@ -145,6 +154,26 @@ def test_fingerprint_tracks_only_named_keys():
 
 
 def test_config_to_dict_is_plain():
-    d = config_to_dict(config_from_dict({"name": "x"}, ["experts.thresholds=[9, 3]"]))
+    d = config_to_dict(config_from_dict({"name": "x", "recipe": "experts"}, ["experts.thresholds=[9, 3]"]))
     assert d["experts"]["thresholds"] == [9, 3]
+    assert "sections" not in d and "lfme" not in d
     assert yaml.safe_load(yaml.safe_dump(d)) == d
+
+
+def test_sections_belong_to_their_recipe(tmp_path):
+    # a baseline config may not carry another recipe's section: an unknown key naming the owner
+    with pytest.raises(ConfigError, match=r"unknown key 'lfme' \(file .*\).*belongs to recipe\(s\) lfme"):
+        path = tmp_path / "b.yaml"
+        path.write_text(yaml.safe_dump({"name": "x", "lfme": {"kd": True}}))
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown key 'experts' \(override 'experts.epochs=3'\).*belongs to recipe\(s\) experts, lfme"):
+        config_from_dict({"name": "x"}, ["experts.epochs=3"])
+    # a recipe override switches the schema, whatever its position among the overrides
+    cfg = config_from_dict({"name": "x"}, ["experts.epochs=3", "recipe=experts"])
+    assert cfg.experts.epochs == 3 and cfg.stages == ("experts",)
+    with pytest.raises(AttributeError, match="no section 'lfme'"):
+        cfg.lfme
+    # the smoke config carries the common sections only and loads
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    assert "experts" not in raw and "lfme" not in raw
+    assert load_config(REPO / "configs" / "smoke.yaml").sections == {}

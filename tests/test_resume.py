@@ -12,7 +12,7 @@ from lfme_fast.checkpoint import find_latest
 from lfme_fast.config import load_config
 from lfme_fast.logging_utils import read_jsonl
 from lfme_fast.train import run
-from lfme_fast.trainer import TrainingInterrupted
+from lfme_fast.trainer import InterruptAfter, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def step_losses(out: Path) -> dict[int, float]:
 
 def kill_and_resume(root: Path, out: Path, kill_after: int, *extra: str) -> None:
     with pytest.raises(TrainingInterrupted):
-        run(cfg_for(root, out, *extra), interrupt_after_steps=kill_after)
+        run(cfg_for(root, out, *extra), on_step=InterruptAfter(kill_after))
     assert not (out / "train" / "model.pt").exists()
     run(cfg_for(root, out, *extra))
 
@@ -52,7 +52,7 @@ def test_resume_matches_uninterrupted(fmnist_dir, tmp_path, extra, kill_after, r
     assert sorted(reference) == list(range(1, 11))
 
     with pytest.raises(TrainingInterrupted):
-        run(cfg_for(fmnist_dir, killed, *extra), interrupt_after_steps=kill_after)
+        run(cfg_for(fmnist_dir, killed, *extra), on_step=InterruptAfter(kill_after))
     assert find_latest(killed / "train" / "checkpoints").tag == resume_tag
     run(cfg_for(fmnist_dir, killed, *extra))
     resumed = step_losses(killed)
@@ -68,7 +68,7 @@ def test_resume_matches_uninterrupted(fmnist_dir, tmp_path, extra, kill_after, r
 def test_checkpoint_of_other_config_is_ignored(fmnist_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(TrainingInterrupted):
-        run(cfg_for(fmnist_dir, out, "data.augment=none"), interrupt_after_steps=4)
+        run(cfg_for(fmnist_dir, out, "data.augment=none"), on_step=InterruptAfter(4))
     run(cfg_for(fmnist_dir, out, "data.augment=none", "optim.lr=0.05"))  # another fingerprint: start over
     log = read_jsonl(out / "train" / "log.jsonl")
     assert not any(r["event"] == "resume" for r in log)

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lfme_fast.config import load_config
-from lfme_fast.loaders import build_loader
+from lfme_fast.loaders import LoaderOptions, build_loader
 from lfme_fast.losses import lfme_loss
 from lfme_fast.models import build_model
 from lfme_fast.sampling import ClassBalancedSampler
 from lfme_fast.schedules import expert_weight, initial_instance_weights, mean_shots_per_subset
 from lfme_fast.shards import ShardReader
-from lfme_fast.student import SpESHook, StudentLoss, mean_weight_per_subset, spis_initial_weights
+from lfme_fast.recipes.lfme import SpESHook, StudentLoss, mean_weight_per_subset, spis_initial_weights
 from lfme_fast.subsets import Subset
 
 from test_offline import SUBSETS, build_store, make_experts
@@ -40,8 +40,8 @@ def store3(fmnist_dir, tmp_path_factory):
 def train_batch(root, store, epoch=1, batch_size=96, weights=None):
     labels = ShardReader(root, "train").labels
     sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=3, initial_weights=weights)
-    loader = build_loader(root, "train", backend="torch", train=True, batch_size=batch_size, sampler=sampler,
-                          total_epochs=3, views=store.views, num_workers=0)
+    loader = build_loader(LoaderOptions(root, "train", backend="torch", train=True, batch_size=batch_size,
+                                        sampler=sampler, total_epochs=3, views=store.views, num_workers=0))
     loader.set_epoch(epoch)
     return next(iter(loader))
 
@@ -52,8 +52,8 @@ def test_views_replay_exactly(fmnist_dir, store3):
     assert len(set(batch.views.tolist())) == 3  # the batch mixes all stored views
     n = store.num_samples
     for k in range(3):
-        fixed = build_loader(fmnist_dir, "train", backend="torch", train=False, batch_size=n, views=store.views,
-                             fixed_view=k, num_workers=0)
+        fixed = build_loader(LoaderOptions(fmnist_dir, "train", backend="torch", train=False, batch_size=n,
+                                           views=store.views, fixed_view=k, num_workers=0))
         fixed.set_epoch(0)
         images = next(iter(fixed)).images
         sel = batch.views == k
@@ -194,7 +194,7 @@ def test_lfme_recipe_end_to_end(fmnist_dir, tmp_path):
 @pytest.mark.parametrize("path", sorted(p for p in REPO_CONFIG.rglob("*.yaml") if "recipe: lfme" in p.read_text()),
                          ids=lambda p: p.relative_to(REPO_CONFIG).as_posix())
 def test_lfme_configs_resolve(path):
-    from lfme_fast.train import get_recipe
+    from lfme_fast.recipes import get_recipe
 
     cfg = load_config(path)
     assert get_recipe(cfg.recipe).STAGES == ("experts", "offline", "student", "eval")

@@ -112,14 +112,14 @@ def test_pretrained_checkpoint_is_loaded(fmnist_dir, tmp_path):
 
 
 def test_experts_train_save_load(fmnist_dir, tmp_path):
-    from lfme_fast.experts import label_map, load_experts, train_experts
-    from lfme_fast.trainer import build_accelerator
+    from lfme_fast.recipes.experts import ExpertsRecipe, label_map, load_experts, train_experts
 
     out = tmp_path / "run"
     cfg = smoke_cfg(fmnist_dir, out, "recipe=experts", "stages=[experts]", "experts.thresholds=[100, 30]",
                     "experts.epochs=1", "experts.batch_size=[32, 16, 8]", "train.max_steps_per_epoch=2")
-    acc = build_accelerator(cfg)
-    infos = train_experts(cfg, acc, out)
+    recipe = ExpertsRecipe(cfg)
+    recipe.setup()
+    infos = train_experts(recipe)
     counts = np.asarray(json.loads((fmnist_dir / "manifest.json").read_text())["splits"]["train"]["class_counts"])
     assert [i.subset.name for i in infos] == ["many", "medium", "few"]
     assert np.array_equal(np.concatenate([i.subset.classes for i in infos]), np.arange(10))
@@ -140,7 +140,7 @@ def test_experts_train_save_load(fmnist_dir, tmp_path):
         assert model(torch.zeros(2, 3, 28, 28)).shape == (2, len(subset))
 
     # a second call reuses every finished expert
-    again = train_experts(cfg, acc, out)
+    again = train_experts(recipe)
     assert not any(i.trained for i in again)
 
     lm = label_map(np.array([2, 5, 7]), 10)
@@ -150,7 +150,7 @@ def test_experts_train_save_load(fmnist_dir, tmp_path):
 def test_experts_reject_empty_subset(fmnist_dir, tmp_path):
     from lfme_fast.experts import expert_subsets
 
-    cfg = smoke_cfg(fmnist_dir, tmp_path, "experts.thresholds=[100000, 50000]")
+    cfg = smoke_cfg(fmnist_dir, tmp_path, "recipe=experts", "stages=null", "experts.thresholds=[100000, 50000]")
     with pytest.raises(ValueError, match=r"subset 'many' \(>= 100000.*has no classes"):
         expert_subsets(cfg, [374, 10, 4])
 
@@ -165,7 +165,7 @@ def test_experts_recipe_and_load_mismatch(fmnist_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["experts"]) == {"many", "few"}  # L = 2 subsets
     assert "val_top1" not in metrics["experts"]["many"] and "test_top1" in metrics["experts"]["many"]
-    other = smoke_cfg(fmnist_dir, out, "experts.thresholds=[50]")
+    other = smoke_cfg(fmnist_dir, out, "recipe=experts", "stages=null", "experts.thresholds=[50]")
     with pytest.raises(ValueError, match="trained on classes"):
         load_experts(out, other)
 

@@ -1,4 +1,4 @@
-"""LFME experts: one model per cardinality-adjacent class subset (paper Sec. 4.1).
+"""The ``experts`` recipe and LFME's experts: one model per cardinality-adjacent class subset (paper Sec. 4.1).
 
 Expert ``l`` sees only the training images of its subset ``S_l`` (instance sampling within the subset,
 :class:`lfme_fast.sampling.SubsetSampler`), and its label space is ``S_l``'s classes: global class
@@ -17,6 +17,12 @@ Layout::
 Each expert is its own stage with its own fingerprint (config keys + its subset's classes + the
 data), so a re-run skips finished experts and resumes an interrupted one.
 
+Config section ``experts`` (:class:`ExpertsConfig`; used by the ``experts`` and ``lfme`` recipes):
+``convention`` (lfme | strict), ``thresholds`` (null: the convention's; else strictly descending
+inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size`` (one int, or one per subset, many ->
+few), ``lr``, ``arch`` (null: each inherits the ``optim``/``data``/``model`` value), ``sampler``
+(instance), ``eval_test`` (also score each expert on the test split).
+
 ``python -m lfme_fast.experts compare --experts RUN_E --model RUN_B --out FILE`` compares experts with
 a single model on each subset (LFME Fig. 2).
 """
@@ -28,22 +34,63 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
-from lfme_fast.config import Config, OptimConfig, fingerprint
+from lfme_fast.checkpoint import load_model_file
+from lfme_fast.config import Check, Config, OptimConfig, fingerprint
 from lfme_fast.evaluate import predict, subset_accuracy
 from lfme_fast.bench.common import write_result
 from lfme_fast.io import atomic_write_json
 from lfme_fast.losses import weighted_cross_entropy
-from lfme_fast.subsets import Subset, describe_convention, split_classes
-from lfme_fast.trainer import MODEL_KEYS, LoopSettings, RunContext, train_model
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.subsets import Subset, describe_convention, resolve_thresholds, split_classes
+from lfme_fast.trainer import MODEL_KEYS, RunContext
 
-__all__ = ["ExpertInfo", "expert_subsets", "label_map", "train_experts", "load_experts", "compare_with_model",
-           "EXPERT_KEYS"]
+__all__ = ["ExpertsConfig", "ExpertsRecipe", "ExpertInfo", "expert_subsets", "label_map", "train_experts",
+           "load_experts", "compare_with_model", "EXPERT_KEYS"]
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Config section ``experts`` (see the module docstring)."""
+
+    convention: Literal["lfme", "strict"] = "lfme"
+    thresholds: tuple[int, ...] | None = None
+    epochs: int | None = None
+    batch_size: int | tuple[int, ...] | None = None
+    lr: float | None = None
+    arch: str | None = None
+    sampler: Literal["instance"] = "instance"
+    eval_test: bool = True
+
+    def resolve(self, cfg: Config, check: Check) -> "ExpertsConfig":
+        """Check values; unset ``epochs``/``batch_size``/``lr``/``arch`` inherit ``optim``/``data``/``model``."""
+        from lfme_fast.models import MODELS
+
+        try:
+            n_subsets = len(resolve_thresholds(self.convention, self.thresholds)) + 1
+        except ValueError as exc:
+            raise check.fail("experts.thresholds", str(exc)) from None
+        check(self.arch is None or self.arch in MODELS, "experts.arch",
+              f"unknown architecture {self.arch!r}; known: {sorted(MODELS)}")
+        check(self.epochs is None or self.epochs >= 1, "experts.epochs", "must be >= 1 or null")
+        check(self.lr is None or self.lr > 0, "experts.lr", "must be > 0 or null")
+        bs = self.batch_size if isinstance(self.batch_size, tuple) else \
+            (self.batch_size,) if self.batch_size is not None else ()
+        check(all(b >= 1 for b in bs), "experts.batch_size", "must be >= 1")
+        if isinstance(self.batch_size, tuple):
+            check(len(self.batch_size) == n_subsets, "experts.batch_size",
+                  f"a list needs one entry per subset ({n_subsets}), got {len(self.batch_size)}")
+        return dataclasses.replace(
+            self,
+            epochs=self.epochs if self.epochs is not None else cfg.optim.epochs,
+            batch_size=self.batch_size if self.batch_size is not None else cfg.data.batch_size,
+            lr=self.lr if self.lr is not None else cfg.optim.lr,
+            arch=self.arch if self.arch is not None else cfg.model.arch,
+        )
 
 #: Config keys an expert depends on: the model keys minus the student's sampler/loss settings and
 #: the student's epoch count (``experts.epochs``, resolved from ``optim.epochs`` when unset, counts
@@ -116,24 +163,44 @@ def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Su
     return {"top1": acc, "num_samples": int(mask.sum())}
 
 
-def _train_one(ctx: RunContext, k: int, subset: Subset, stage_dir: Path, fp: str,
-               interrupt_after_steps: int | None) -> dict[str, Any]:
-    cfg, acc = ctx.cfg, ctx.accelerator
+def expert_fingerprint(ctx: RunContext, subset: Subset) -> str:
+    """Fingerprint of one expert: config keys, its classes, the training data and process count."""
+    return fingerprint(ctx.cfg, EXPERT_KEYS, {**ctx.model_fingerprint_extra(), "classes": subset.classes.tolist()})
+
+
+def _expert_job(recipe: Recipe, k: int, subset: Subset) -> TrainJob:
+    """The training stage of expert ``k`` (instance sampling within its subset, its own label space)."""
+    ctx, cfg = recipe.ctx, recipe.cfg
     e = cfg.experts
-    model = ctx.build_model(len(subset), e.arch, seed_offset=1000 * (k + 1))
-    sampler = ctx.build_sampler("subset", ctx.labels(cfg.data.train_split), e.epochs, classes=subset.classes,
-                                seed_offset=1000 * (k + 1))
-    loader = ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k))
-    lmap = torch.as_tensor(label_map(subset.classes, ctx.num_classes), device=ctx.device)
+    stage_dir = recipe.run_dir / "experts" / subset.name
 
-    def loss_fn(batch: Any, logits: torch.Tensor):
-        return weighted_cross_entropy(logits, lmap[batch.labels])
+    def build() -> TrainParts:
+        sampler = ctx.build_sampler("subset", ctx.labels(cfg.data.train_split), e.epochs, classes=subset.classes,
+                                    seed_offset=1000 * (k + 1))
+        lmap = torch.as_tensor(label_map(subset.classes, ctx.num_classes), device=ctx.device)
+        return TrainParts(model=ctx.build_model(len(subset), e.arch, seed_offset=1000 * (k + 1)),
+                          loader=ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k)),
+                          loss_fn=lambda batch, logits: weighted_cross_entropy(logits, lmap[batch.labels]),
+                          epochs=e.epochs, lr=e.lr)
 
-    result = train_model(model, loader, loss_fn, accelerator=acc, optim=cfg.optim, lr=e.lr,
-                         loop=LoopSettings.from_config(cfg, epochs=e.epochs, desc=f"expert-{subset.name}"),
-                         stage_dir=stage_dir, fingerprint=fp, channels_last=ctx.channels_last,
-                         interrupt_after_steps=interrupt_after_steps)
-    del loader
+    def finish(result) -> list[str]:
+        metrics = _expert_metrics(ctx, subset, result)
+        if recipe.accelerator.is_main_process:
+            atomic_write_json(stage_dir / "metrics.json", metrics)
+            recipe.console(f"expert {subset.name} ({len(subset)} classes): val top-1 {metrics.get('val_top1')}, "
+                           f"test top-1 {metrics.get('test_top1')} (within the subset)")
+        return ["metrics.json"]
+
+    meta = {"subset": subset.to_json(), "arch": e.arch, "num_classes": len(subset),
+            "model_kwargs": dict(cfg.model.kwargs)}
+    return TrainJob(f"expert-{subset.name}", stage_dir, expert_fingerprint(ctx, subset), build, meta=meta,
+                    finish=finish)
+
+
+def _expert_metrics(ctx: RunContext, subset: Subset, result: Any) -> dict[str, Any]:
+    """Val (and test) top-1 of a freshly trained expert on its subset's images (collective)."""
+    cfg = ctx.cfg
+    e = cfg.experts
     metrics: dict[str, Any] = {"subset": subset.to_json(), "arch": e.arch, "epochs": e.epochs,
                                "train_images": int(np.isin(ctx.labels(cfg.data.train_split), subset.classes).sum()),
                                "global_step": result.global_step,
@@ -144,51 +211,26 @@ def _train_one(ctx: RunContext, k: int, subset: Subset, stage_dir: Path, fp: str
             metrics[f"{key}_top1"] = r["top1"]
             metrics[f"{key}_samples"] = r["num_samples"]
             metrics[f"{key}_split"] = split
-    if acc.is_main_process:
-        meta = {"subset": subset.to_json(), "arch": e.arch, "num_classes": len(subset),
-                "model_kwargs": dict(cfg.model.kwargs), "fingerprint": fp}
-        save_model_file(stage_dir / "model.pt", result.model, meta)
-        atomic_write_json(stage_dir / "metrics.json", metrics)
-        write_done(stage_dir, fp, ["model.pt", "metrics.json"])
-        remove_checkpoints(stage_dir)
-    acc.wait_for_everyone()
     return metrics
 
 
-def expert_fingerprint(ctx: RunContext, subset: Subset) -> str:
-    """Fingerprint of one expert: config keys, its classes, the training data and process count."""
-    return fingerprint(ctx.cfg, EXPERT_KEYS, {**ctx.model_fingerprint_extra(), "classes": subset.classes.tolist()})
-
-
-def train_experts(cfg: Config, accelerator: Any, run_dir: str | Path, *,
-                  interrupt_after_steps: int | None = None) -> list[ExpertInfo]:
-    """Train (or reuse) one expert per subset; every process must call it.
+def train_experts(recipe: Recipe) -> list[ExpertInfo]:
+    """Train (or reuse) one expert per subset for ``recipe``'s run; every process must call it.
 
     Returns one :class:`ExpertInfo` per subset, many -> few. Writes the layout in the module docstring.
     """
-    ctx = RunContext(cfg, accelerator)
-    run_dir = Path(run_dir)
-    subsets = expert_subsets(cfg, ctx.train_counts)
+    ctx, run_dir = recipe.ctx, recipe.run_dir
     infos = []
-    for k, subset in enumerate(subsets):
-        stage_dir = run_dir / "experts" / subset.name
-        fp = expert_fingerprint(ctx, subset)
-        if stage_done(stage_dir, fp):
-            metrics = json.loads((stage_dir / "metrics.json").read_text())
-            if accelerator.is_main_process:
-                print(f"[experts] {subset.name}: reusing finished expert in {stage_dir}", flush=True)
-            infos.append(ExpertInfo(subset, stage_dir / "model.pt", metrics, trained=False))
-            continue
-        metrics = _train_one(ctx, k, subset, stage_dir, fp, interrupt_after_steps)
-        if accelerator.is_main_process:
-            print(f"[experts] {subset.name} ({len(subset)} classes): val top-1 {metrics.get('val_top1')}, "
-                  f"test top-1 {metrics.get('test_top1')} (within the subset)", flush=True)
-        infos.append(ExpertInfo(subset, stage_dir / "model.pt", metrics, trained=True))
-    if accelerator.is_main_process:
-        summary = {"convention": describe_convention(cfg.experts.convention, cfg.experts.thresholds),
+    for k, subset in enumerate(expert_subsets(recipe.cfg, ctx.train_counts)):
+        job = _expert_job(recipe, k, subset)
+        trained = recipe.train_stage(job) is not None
+        metrics = json.loads((job.stage_dir / "metrics.json").read_text())
+        infos.append(ExpertInfo(subset, job.stage_dir / "model.pt", metrics, trained=trained))
+    if recipe.accelerator.is_main_process:
+        summary = {"convention": describe_convention(recipe.cfg.experts.convention, recipe.cfg.experts.thresholds),
                    "experts": {i.subset.name: i.metrics for i in infos}}
         atomic_write_json(run_dir / "experts" / "summary.json", summary)
-    accelerator.wait_for_everyone()
+    recipe.accelerator.wait_for_everyone()
     return infos
 
 
@@ -279,6 +321,20 @@ def _run_summary(run_dir: str | Path) -> dict[str, Any] | None:
             "augment": c["data"]["augment"], "backend": c["data"]["backend"],
             "experts": {k: c["experts"][k] for k in ("thresholds", "epochs", "batch_size", "lr", "arch")}
             if c["recipe"] != "baseline" else None}
+
+
+class ExpertsRecipe(Recipe):
+    """Train the LFME experts only (``RUN/experts/``); ``RUN/metrics.json`` summarises them."""
+
+    STAGES = ("experts",)
+    SECTIONS = {"experts": ExpertsConfig}
+
+    def stage_experts(self) -> None:
+        infos = train_experts(self)
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.run_dir / "metrics.json",
+                              {"experts": {i.subset.name: i.metrics for i in infos},
+                               "world_size": self.accelerator.num_processes})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

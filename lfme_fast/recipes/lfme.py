@@ -1,9 +1,10 @@
 """The LFME recipe: experts -> offline expert outputs -> student -> eval (LFME, ECCV 2020).
 
 ``python lfme_fast/train.py --config configs/fmnist_lt/lfme.yaml`` runs it (registered in
-``lfme_fast.train.RECIPES`` as ``"lfme"``). Stages:
+``lfme_fast.recipes.RECIPES`` as ``"lfme"``; config sections ``experts`` (:class:`ExpertsConfig`)
+and ``lfme`` (:class:`LFMEConfig`)). Stages:
 
-* ``experts`` — :func:`lfme_fast.experts.train_experts` (one expert per cardinality-adjacent subset).
+* ``experts`` — :func:`lfme_fast.recipes.experts.train_experts` (one expert per cardinality-adjacent subset).
 * ``offline`` — :mod:`lfme_fast.offline`: every expert's logits for every training sample and each of
   its ``lfme.views`` stored views, plus the SpIS confidences ``p_i``, into ``RUN/offline``. Skipped
   when a store with the same identity (data, views, experts' checkpoint hashes) is there.
@@ -31,22 +32,29 @@
 
 ``lfme.kd: false`` with ``spes: off`` and ``spis: off`` is the plain CE student under the same sampler
 (the ablation rows "instance / class-balanced sampling").
+
+Config section ``lfme`` (:class:`LFMEConfig`): ``temperature``, ``t_squared``, ``alpha`` (SpES),
+``spes`` (matched | official | off), ``spis`` (paper | official | off), ``schedule`` (linear | convex |
+concave), ``kd``, ``views``, ``view_kind`` (center | random), ``topk`` (null: dense expert logits),
+``samples_per_class``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, write_done
-from lfme_fast.config import RECIPE_STAGES, Config, fingerprint
+from lfme_fast.config import Check, Config, fingerprint
 from lfme_fast.evaluate import predict, subset_accuracy
-from lfme_fast.experts import expert_subsets, load_experts, train_experts
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.recipes.experts import ExpertsConfig, expert_subsets, load_experts, train_experts
 from lfme_fast.io import atomic_write_json
 from lfme_fast.logging_utils import read_jsonl
 from lfme_fast.losses import LossParts, lfme_loss, weighted_cross_entropy
@@ -68,11 +76,36 @@ from lfme_fast.schedules import (
     official_instance_weight,
 )
 from lfme_fast.subsets import Subset
-from lfme_fast.train import Recipe
-from lfme_fast.trainer import MODEL_KEYS, LoopSettings, RunContext, TrainHooks, train_model
+from lfme_fast.trainer import MODEL_KEYS, RunContext, TrainHooks
 
-__all__ = ["LFMERecipe", "SpESHook", "spis_initial_weights", "mean_weight_per_subset", "StudentLoss",
+__all__ = ["LFMEConfig", "LFMERecipe", "SpESHook", "spis_initial_weights", "mean_weight_per_subset", "StudentLoss",
            "STUDENT_KEYS", "build_views_loader"]
+
+
+@dataclass(frozen=True)
+class LFMEConfig:
+    """Config section ``lfme`` (see the module docstring)."""
+
+    temperature: float = 2.0
+    t_squared: bool = False
+    alpha: float = 0.6
+    spes: Literal["matched", "official", "off"] = "matched"
+    spis: Literal["paper", "official", "off"] = "paper"
+    schedule: Literal["linear", "convex", "concave"] = "linear"
+    kd: bool = True
+    views: int = 1
+    view_kind: Literal["center", "random"] = "center"
+    topk: int | None = None
+    samples_per_class: int = 4
+
+    def resolve(self, cfg: Config, check: Check) -> "LFMEConfig":
+        """Check ranges (no derived defaults)."""
+        check(self.temperature > 0, "lfme.temperature", "must be > 0")
+        check(0 <= self.alpha < 1, "lfme.alpha", f"must be in [0, 1), got {self.alpha}")
+        check(self.views >= 1, "lfme.views", "must be >= 1")
+        check(self.topk is None or self.topk >= 1, "lfme.topk", "must be >= 1 or null")
+        check(self.samples_per_class >= 1, "lfme.samples_per_class", "must be >= 1")
+        return self
 
 #: Config keys the student depends on (besides the store's identity and the data).
 STUDENT_KEYS = MODEL_KEYS + ("lfme",)
@@ -236,7 +269,8 @@ def build_views_loader(ctx: RunContext, split: str, *, train: bool, batch_size: 
 class LFMERecipe(Recipe):
     """LFME end to end; see the module docstring."""
 
-    STAGES = RECIPE_STAGES["lfme"]
+    STAGES = ("experts", "offline", "student", "eval")
+    SECTIONS = {"experts": ExpertsConfig, "lfme": LFMEConfig}
 
     def setup(self) -> None:
         super().setup()
@@ -292,8 +326,7 @@ class LFMERecipe(Recipe):
 
     # ---- stages ----------------------------------------------------------------------------------
     def stage_experts(self) -> None:
-        infos = train_experts(self.cfg, self.accelerator, self.run_dir,
-                              interrupt_after_steps=self.interrupt_after_steps)
+        infos = train_experts(self)
         for i in infos:
             self.console(f"expert {i.subset.name}: val top-1 within subset {i.metrics.get('val_top1')}")
 
@@ -359,79 +392,63 @@ class LFMERecipe(Recipe):
         cfg, ctx = self.cfg, self.ctx
         f = cfg.lfme
         header = self.expected_header()
-        fp = self.student_fingerprint(header)
-        if self.skip_if_done(self.student_dir, fp, "student"):
-            return
-        # Every variant (KD or not) trains on the store's views, so ablation rows differ only in the loss.
-        store = self._open_store(header)
-        epochs = cfg.optim.epochs
-        labels = ctx.labels(cfg.data.train_split)
-        v1 = spis_initial_weights(f.spis, store.confidence, labels, self.subsets, ctx.train_counts)
-        sampler = self._build_sampler(labels, v1)
-        loader = build_views_loader(ctx, cfg.data.train_split, train=True, batch_size=cfg.data.batch_size,
-                                    sampler=sampler, total_epochs=epochs, views=store.views)
+        state: dict[str, Any] = {}
 
-        def predict_val(model):
-            preds = predict(model, ctx.eval_loader(cfg.data.val_split), self.accelerator, keep_logits=True)
-            return preds.logits, preds.labels
+        def build() -> TrainParts:
+            # Every variant (KD or not) trains on the store's views, so ablation rows differ only in the loss.
+            store = self._open_store(header)
+            epochs = cfg.optim.epochs
+            labels = ctx.labels(cfg.data.train_split)
+            v1 = spis_initial_weights(f.spis, store.confidence, labels, self.subsets, ctx.train_counts)
+            loader = build_views_loader(ctx, cfg.data.train_split, train=True, batch_size=cfg.data.batch_size,
+                                        sampler=self._build_sampler(labels, v1), total_epochs=epochs,
+                                        views=store.views)
 
-        hook = SpESHook(f.spes if f.kd else "off", f.alpha, self.subsets, self._expert_val_acc(), predict_val,
-                        lambda e: mean_weight_per_subset(f.spis, f.schedule, v1, labels, self.subsets, e, epochs))
-        loss = StudentLoss(store, self.subsets, f.spis, f.kd, f.temperature, f.t_squared, lambda: hook.weights,
-                           ctx.device)
-        model = ctx.build_model(ctx.num_classes)
-        result = train_model(model, loader, loss, accelerator=self.accelerator, optim=cfg.optim,
-                             loop=LoopSettings.from_config(cfg, desc="student"), stage_dir=self.student_dir,
-                             forward_fn=loss.forward, hooks=hook, fingerprint=fp, channels_last=ctx.channels_last,
-                             interrupt_after_steps=self.interrupt_after_steps)
-        if self.accelerator.is_main_process:
-            save_model_file(self.model_path, result.model,
-                            {"arch": cfg.model.arch, "num_classes": ctx.num_classes, "fingerprint": fp,
-                             "global_step": result.global_step, "final_spes_weights": hook.weights})
-            write_done(self.student_dir, fp, ["model.pt", "log.jsonl"])
-            remove_checkpoints(self.student_dir)
-        self.accelerator.wait_for_everyone()
-        self._trained = result.model
+            def predict_val(model):
+                preds = predict(model, ctx.eval_loader(cfg.data.val_split), self.accelerator, keep_logits=True)
+                return preds.logits, preds.labels
+
+            hook = SpESHook(f.spes if f.kd else "off", f.alpha, self.subsets, self._expert_val_acc(), predict_val,
+                            lambda e: mean_weight_per_subset(f.spis, f.schedule, v1, labels, self.subsets, e, epochs))
+            state["hook"] = hook
+            loss = StudentLoss(store, self.subsets, f.spis, f.kd, f.temperature, f.t_squared, lambda: hook.weights,
+                               ctx.device)
+            return TrainParts(model=ctx.build_model(ctx.num_classes), loader=loader, loss_fn=loss,
+                              forward_fn=loss.forward, hooks=hook)
+
+        self.train_stage(TrainJob("student", self.student_dir, self.student_fingerprint(header), build,
+                                  meta={"arch": cfg.model.arch, "num_classes": ctx.num_classes},
+                                  final_meta=lambda _: {"final_spes_weights": state["hook"].weights}))
 
     def stage_eval(self) -> None:
+        cfg = self.cfg
+        f = cfg.lfme
+        parts = "+".join(p for p, on in (("KD", f.kd), (f"SpES({f.spes})", f.kd and f.spes != "off"),
+                                          (f"SpIS({f.spis},{f.schedule})", f.spis != "off")) if on) or "CE"
+        self.eval_stage(model_dir=self.student_dir, model_fp=self.student_fingerprint(self.expected_header()),
+                        model_stage="student",
+                        recipe_info={"arch": cfg.model.arch, "epochs": cfg.optim.epochs, "sampler": cfg.train.sampler,
+                                     "kd": f.kd, "spes": f.spes, "spis": f.spis, "schedule": f.schedule,
+                                     "alpha": f.alpha, "temperature": f.temperature, "t_squared": f.t_squared,
+                                     "views": f.views, "view_kind": f.view_kind, "topk": f.topk},
+                        title=f"{cfg.name}: LFME student {cfg.model.arch}, {cfg.train.sampler} sampling, {parts}",
+                        add=self._lfme_summary)
+
+    def _lfme_summary(self, metrics: dict[str, Any]) -> None:
+        """``metrics["lfme"]`` (SpES weights, plots, store bytes) and ``RUN/lfme_summary.json``; the plots."""
         from lfme_fast.plots import plot_run
 
-        cfg, ctx = self.cfg, self.ctx
-        header = self.expected_header()
-        student_fp = self.student_fingerprint(header)
-        fp = fingerprint(cfg, ("eval", "data.test_split", "data.val_split"),
-                         {"model": student_fp, "test_data": ctx.split_fingerprint(cfg.data.test_split)})
-        if self.skip_if_done(self.run_dir / "eval", fp, "eval"):
-            return
-        model = getattr(self, "_trained", None)
-        if model is None:
-            state, meta = load_model_file(self.model_path)
-            if meta.get("fingerprint") != student_fp:
-                raise ValueError(f"{self.model_path} was trained under another configuration "
-                                 f"(fingerprint {meta.get('fingerprint')} != {student_fp}); re-run 'student'")
-            model = ctx.build_model(ctx.num_classes)
-            model.load_state_dict(state)
-            model = model.to(ctx.device)
-        metrics = self.evaluate_model(model)
         records = read_jsonl(self.student_dir / "log.jsonl")
         plots = []
         if self.accelerator.is_main_process:
-            plots = [p.name for p in plot_run(self.run_dir, records, cfg.lfme.schedule, cfg.name)]
+            plots = [p.name for p in plot_run(self.run_dir, records, self.cfg.lfme.schedule, self.cfg.name)]
         epochs = [r for r in records if r.get("event") == "epoch"]
-        f = cfg.lfme
-        metrics["recipe"] = {"name": "lfme", "arch": cfg.model.arch, "epochs": cfg.optim.epochs,
-                             "sampler": cfg.train.sampler, "kd": f.kd, "spes": f.spes, "spis": f.spis,
-                             "schedule": f.schedule, "alpha": f.alpha, "temperature": f.temperature,
-                             "t_squared": f.t_squared, "views": f.views, "view_kind": f.view_kind, "topk": f.topk}
         metrics["lfme"] = {"spes_weights_last_epoch": epochs[-1].get("lfme_w") if epochs else None,
                            "spes_weights_next": epochs[-1].get("lfme_w_next") if epochs else None,
                            "plots": plots}
-        store_dir = self.run_dir / "offline" / "header.json"
-        if store_dir.exists():
-            st = json.loads(store_dir.read_text())["storage"]
+        header = self.run_dir / "offline" / "header.json"
+        if header.exists():
+            st = json.loads(header.read_text())["storage"]
             metrics["lfme"]["offline_bytes_per_image"] = st.get("logit_bytes_per_image")
         if self.accelerator.is_main_process:
             atomic_write_json(self.run_dir / "lfme_summary.json", metrics["lfme"])
-        parts = "+".join(p for p, on in (("KD", f.kd), (f"SpES({f.spes})", f.kd and f.spes != "off"),
-                                          (f"SpIS({f.spis},{f.schedule})", f.spis != "off")) if on) or "CE"
-        self.write_eval(metrics, fp, f"{cfg.name}: LFME student {cfg.model.arch}, {cfg.train.sampler} sampling, {parts}")

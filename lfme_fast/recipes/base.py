@@ -1,0 +1,252 @@
+"""The recipe base class and the stage machinery every recipe shares.
+
+A stage that trains a model is described by a :class:`TrainJob` (its folder, its fingerprint and a
+function that builds the model, loader and loss) and run by :meth:`Recipe.train_stage`, which is
+the one place that
+
+1. skips the stage when ``STAGE/done.json`` holds the same fingerprint,
+2. resumes from ``STAGE/checkpoints`` (inside :func:`lfme_fast.trainer.train_model`),
+3. trains with the recipe's step hook (``on_step``: the tests' :class:`~lfme_fast.trainer.InterruptAfter`),
+4. saves ``STAGE/model.pt`` with its fingerprint, writes the done-marker and removes the checkpoints.
+
+:meth:`Recipe.load_stage_model` loads a finished stage's model for a later stage (refusing one
+trained under another fingerprint) and :meth:`Recipe.eval_stage` is the common ``eval`` stage
+(``RUN/metrics.{json,md}``, ``RUN/per_class_accuracy.png``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
+from lfme_fast.config import Config, fingerprint, save_config
+from lfme_fast.evaluate import classification_metrics, predict, write_reports
+from lfme_fast.logging_utils import Console
+from lfme_fast.trainer import LoopSettings, RunContext, TrainResult, build_accelerator, train_model
+
+__all__ = ["Recipe", "TrainJob", "TrainParts"]
+
+
+@dataclass
+class TrainParts:
+    """What one training needs, built only when the stage actually runs (not when it is skipped).
+
+    ``epochs``/``lr`` default to ``optim.epochs``/``optim.lr``; ``forward_fn``/``hooks`` as in
+    :func:`lfme_fast.trainer.train_model`.
+    """
+
+    model: torch.nn.Module
+    loader: Any
+    loss_fn: Callable[[Any, Any], Any]
+    forward_fn: Callable[[torch.nn.Module, Any], Any] | None = None
+    hooks: Any = None
+    epochs: int | None = None
+    lr: float | None = None
+
+
+@dataclass
+class TrainJob:
+    """A stage that trains one model into ``stage_dir``.
+
+    Attributes:
+        name: names the stage in messages, logs and the progress bar (``train``, ``expert-many``...).
+        stage_dir: ``log.jsonl``, ``checkpoints/``, ``model.pt`` and ``done.json`` go here.
+        fingerprint: the stage's identity (:func:`lfme_fast.config.fingerprint`).
+        build: returns the :class:`TrainParts`; called only when the stage is not up to date.
+        meta: stored with the weights in ``model.pt`` (``arch``, ``num_classes``, ...).
+        finish: ``finish(result) -> [file names]``, called on every process after training (it may run
+            collectives, e.g. an evaluation) and before the done-marker; it writes its files on the
+            main process and returns their names (recorded in ``done.json``).
+        final_meta: ``final_meta(result) -> dict`` merged into ``meta`` (values known only after training).
+    """
+
+    name: str
+    stage_dir: Path
+    fingerprint: str
+    build: Callable[[], TrainParts]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    finish: Callable[[TrainResult], list[str]] | None = None
+    final_meta: Callable[[TrainResult], Mapping[str, Any]] | None = None
+
+
+class Recipe:
+    """Base recipe: owns the config, the Accelerator and the run folder; runs stages in order.
+
+    Subclasses set ``STAGES`` (stage names, in order; one method ``stage_<name>()`` each) and
+    ``SECTIONS`` (their own config sections, ``{name: dataclass}``), and register themselves in
+    :data:`lfme_fast.recipes.RECIPES`.
+
+    Args:
+        cfg: the validated config.
+        accelerator: an ``accelerate.Accelerator`` (one is built from ``cfg.precision`` when None).
+        on_step: called as ``on_step(global_step, desc)`` after every optimizer step of every training
+            this recipe runs (tests pass :class:`lfme_fast.trainer.InterruptAfter`).
+    """
+
+    STAGES: tuple[str, ...] = ()
+    SECTIONS: Mapping[str, type] = {}
+
+    def __init__(self, cfg: Config, accelerator: Any = None, *, on_step: Callable[[int, str], None] | None = None):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.on_step = on_step
+        self.run_dir = cfg.run_dir
+        self.ctx: RunContext | None = None
+        self.console = Console(True)
+        #: models trained in this process, by stage folder (a later stage uses them without reloading)
+        self.trained: dict[Path, torch.nn.Module] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Create the Accelerator (unless given), the run folder and ``config.yaml``; read the dataset.
+
+        The dataset is read before anything is written, so a run that cannot start leaves no folder.
+        """
+        from accelerate.utils import set_seed
+
+        if self.accelerator is None:
+            self.accelerator = build_accelerator(self.cfg)
+        acc = self.accelerator
+        self.console = Console(acc.is_main_process, self.cfg.name)
+        set_seed(self.cfg.seed)
+        self.ctx = RunContext(self.cfg, acc)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        acc.wait_for_everyone()
+        self.console(f"recipe {self.cfg.recipe}, stages {list(self.cfg.stages)}, {acc.num_processes} process(es) "
+                     f"on {acc.device}, mixed precision {acc.mixed_precision}, run folder {self.run_dir}")
+
+    def train(self) -> None:
+        """Run the configured stages in the recipe's order."""
+        for stage in self.cfg.stages:
+            getattr(self, f"stage_{stage}")()
+
+    def cleanup(self) -> None:
+        """Wait for every process; release Accelerate's state."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+
+    def run(self) -> None:
+        """``setup(); train(); cleanup()``."""
+        self.setup()
+        try:
+            self.train()
+        finally:
+            self.cleanup()
+
+    # ---- stage machinery -------------------------------------------------------------------------
+    def skip_if_done(self, stage_dir: Path, fp: str, what: str) -> bool:
+        """True (and a message) when ``stage_dir`` holds a finished result with fingerprint ``fp``."""
+        if stage_done(stage_dir, fp):
+            self.console(f"{what}: outputs in {stage_dir} are up to date (fingerprint {fp}); skipping")
+            return True
+        return False
+
+    def train_stage(self, job: TrainJob) -> TrainResult | None:
+        """Run ``job`` (skip / resume / train / save / done-marker); None when it was up to date.
+
+        Every process must call it. The trained model is kept in :attr:`trained` under the stage folder.
+        """
+        if self.skip_if_done(job.stage_dir, job.fingerprint, job.name):
+            return None
+        parts = job.build()
+        loop = LoopSettings.from_config(self.cfg, epochs=parts.epochs, desc=job.name)
+        result = train_model(parts.model, parts.loader, parts.loss_fn, accelerator=self.accelerator,
+                             optim=self.cfg.optim, lr=parts.lr, loop=loop, stage_dir=job.stage_dir,
+                             forward_fn=parts.forward_fn, hooks=parts.hooks, fingerprint=job.fingerprint,
+                             channels_last=self.ctx.channels_last, on_step=self.on_step)
+        del parts
+        extra = job.finish(result) if job.finish is not None else []
+        if self.accelerator.is_main_process:
+            meta = {**job.meta, "fingerprint": job.fingerprint, "global_step": result.global_step}
+            if job.final_meta is not None:
+                meta.update(job.final_meta(result))
+            save_model_file(job.stage_dir / "model.pt", result.model, meta)
+            write_done(job.stage_dir, job.fingerprint, ["model.pt", "log.jsonl", *extra])
+            remove_checkpoints(job.stage_dir)
+        self.accelerator.wait_for_everyone()
+        self.trained[Path(job.stage_dir)] = result.model
+        return result
+
+    def load_stage_model(self, stage_dir: Path, fp: str, build: Callable[[], torch.nn.Module],
+                         stage: str) -> torch.nn.Module:
+        """The model stage ``stage`` trained into ``stage_dir`` (from this process when it trained it
+        here, else from ``model.pt``), on the run's device.
+
+        Raises:
+            FileNotFoundError: no model file (the stage has not run).
+            ValueError: the file was trained under another fingerprint (the stage must be re-run).
+        """
+        if Path(stage_dir) in self.trained:
+            return self.trained[Path(stage_dir)]
+        path = Path(stage_dir) / "model.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the {stage!r} stage first")
+        state, meta = load_model_file(path)
+        if meta.get("fingerprint") != fp:
+            raise ValueError(f"{path} was trained under another configuration (fingerprint "
+                             f"{meta.get('fingerprint')} != {fp}); re-run the {stage!r} stage")
+        model = build()
+        model.load_state_dict(state)
+        return model.to(self.ctx.device)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def eval_fingerprint(self, model_fp: str) -> str:
+        """The ``eval`` stage's identity: the evaluated model's fingerprint, eval settings, test data."""
+        return fingerprint(self.cfg, ("eval", "data.test_split", "data.val_split"),
+                           {"model": model_fp, "test_data": self.ctx.split_fingerprint(self.cfg.data.test_split)})
+
+    def eval_stage(self, *, model_dir: Path, model_fp: str, model_stage: str, recipe_info: Mapping[str, Any],
+                   title: str, build: Callable[[], torch.nn.Module] | None = None,
+                   add: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """The common ``eval`` stage: test (and val) metrics of the model in ``model_dir`` written to
+        ``RUN/metrics.*``; skipped when up to date.
+
+        ``recipe_info`` goes to ``metrics["recipe"]``; ``add(metrics)`` may add recipe-specific
+        entries (collective: called on every process); ``build`` makes an empty model for loading
+        (default: ``model.arch`` over all classes).
+        """
+        fp = self.eval_fingerprint(model_fp)
+        if self.skip_if_done(self.run_dir / "eval", fp, "eval"):
+            return
+        build = build or (lambda: self.ctx.build_model(self.ctx.num_classes))
+        model = self.load_stage_model(model_dir, model_fp, build, model_stage)
+        metrics = self.evaluate_model(model)
+        metrics["recipe"] = {"name": self.cfg.recipe, **recipe_info}
+        if add is not None:
+            add(metrics)
+        self.write_eval(metrics, fp, title)
+
+    def evaluate_model(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Test metrics (plus a val summary when ``data.val_split`` is set) of a full-label-space model."""
+        cfg, ctx = self.cfg, self.ctx
+        ev = cfg.eval
+
+        def on(split: str) -> dict[str, Any]:
+            preds = predict(model, ctx.eval_loader(split), self.accelerator, keep_logits=True)
+            return classification_metrics(preds, ctx.train_counts, ev.convention, ev.thresholds, split=split)
+
+        metrics = on(cfg.data.test_split)
+        if cfg.data.val_split is not None and cfg.data.val_split != cfg.data.test_split:
+            val = on(cfg.data.val_split)
+            metrics["val"] = {k: val[k] for k in ("split", "num_samples", "top1", "mean_class_top1", "subsets")}
+        metrics["world_size"] = self.accelerator.num_processes
+        return metrics
+
+    def write_eval(self, metrics: dict[str, Any], fp: str, title: str) -> None:
+        """Write RUN/metrics.{json,md}, RUN/per_class_accuracy.png and the eval done-marker."""
+        if self.accelerator.is_main_process:
+            files = write_reports(self.run_dir, metrics, title=title, class_names=self.ctx.class_names,
+                                  convention=self.cfg.eval.convention, thresholds=self.cfg.eval.thresholds)
+            write_done(self.run_dir / "eval", fp, [f"../{f}" for f in files])
+            parts = [f"{name} " + ("-" if s["top1"] is None else f"{100 * s['top1']:.2f}%")
+                     for name, s in metrics["subsets"].items()]
+            self.console(f"test top-1 {100 * metrics['top1']:.2f}% | " + " | ".join(parts)
+                         + f" ({metrics['convention']})")
+        self.accelerator.wait_for_everyone()
