@@ -194,3 +194,119 @@ def test_draw_rrc_and_pad_crop_per_position():
     p, pf = draw_pad_crop(np.full(50, 28), np.full(50, 28), idx, seed=0, epoch=0)
     assert p[:, :2].min() == -4 and p[:, :2].max() == 4 and (p[:, 2:] == 28).all()
     assert 15 < pf.sum() < 45
+
+
+# ---- planned colour augmentation (SimCLR colour jitter + grayscale) --------------------------------
+
+def _colour_row(apply=1, b=1.0, c=1.0, s=1.0, hue=0.0, gray=0, order=(0, 1, 2, 3)):
+    code = order[0] | order[1] << 2 | order[2] << 4 | order[3] << 6
+    return np.array([apply, b, c, s, hue, gray, code], dtype=np.float32)
+
+
+def test_draw_colour_per_position_and_simclr_distribution():
+    """Colour rows are a function of (seed, epoch, index, occurrence) like the crops, with SimCLR's
+    distribution: jitter p 0.8 (brightness/contrast/saturation ~ U[0.2, 1.8], hue ~ U[-0.2, 0.2], a
+    uniform op order), grayscale p 0.2 independently; rows without jitter are the identity."""
+    from lfme_fast.augment import IDENTITY_ORDER, draw_colour
+
+    idx = np.concatenate([np.arange(50), np.arange(10)])  # 0..9 twice
+    c = draw_colour(idx, seed=3, epoch=1)
+    assert c.dtype == np.float32 and c.shape == (60, 7)
+    np.testing.assert_array_equal(c, draw_colour(idx, seed=3, epoch=1))
+    np.testing.assert_array_equal(draw_colour(idx[40:50], seed=3, epoch=1), c[40:50])  # position = (index, occ)
+    assert (c[50:] != c[:10]).any(axis=1).sum() >= 9  # a repeat draws afresh
+    assert (draw_colour(idx, seed=3, epoch=2) != c).any(axis=1).sum() >= 55
+    assert (draw_colour(idx, seed=4, epoch=1) != c).any(axis=1).sum() >= 55
+
+    big = draw_colour(np.arange(200_000), seed=0, epoch=0)
+    on = big[:, 0] == 1
+    assert set(np.unique(big[:, 0])) == {0.0, 1.0} and set(np.unique(big[:, 5])) == {0.0, 1.0}
+    assert abs(on.mean() - 0.8) < 0.005
+    assert abs(big[:, 5].mean() - 0.2) < 0.005
+    assert abs(big[on, 5].mean() - 0.2) < 0.006 and abs(big[~on, 5].mean() - 0.2) < 0.01  # independent
+    for col in (1, 2, 3):
+        f = big[on, col]
+        assert 0.2 <= f.min() < 0.201 and 1.799 < f.max() <= 1.8
+        np.testing.assert_allclose(np.quantile(f, [0.25, 0.5, 0.75]), [0.6, 1.0, 1.4], atol=0.01)  # uniform
+    hue = big[on, 4]
+    assert -0.2 <= hue.min() < -0.199 and 0.199 < hue.max() <= 0.2 and abs(hue.mean()) < 0.002
+    codes = big[on, 6].astype(np.int64)
+    perms = np.stack([(codes >> (2 * k)) & 3 for k in range(4)], axis=1)
+    assert (np.sort(perms, axis=1) == np.arange(4)).all()  # every order is a permutation of the 4 ops
+    counts = np.bincount(np.unique(codes, return_inverse=True)[1])
+    assert counts.size == 24 and counts.min() > 0.9 * on.sum() / 24 and counts.max() < 1.1 * on.sum() / 24
+    assert abs(np.corrcoef(big[on, 1], big[on, 2])[0, 1]) < 0.01  # factors drawn independently
+    np.testing.assert_array_equal(big[~on][:, [1, 2, 3, 4, 6]], [[1, 1, 1, 0, IDENTITY_ORDER]] * int((~on).sum()))
+
+    half = draw_colour(np.arange(20_000), seed=0, epoch=0, strength=0.5)
+    hon = half[:, 0] == 1
+    assert 0.6 <= half[hon, 1:4].min() < 0.61 and 1.39 < half[hon, 1:4].max() <= 1.4
+    assert np.abs(half[hon, 4]).max() <= 0.1
+    strong = draw_colour(np.arange(20_000), seed=0, epoch=0, strength=2.0)
+    assert strong[:, 1:4].min() >= 0.0 and strong[:, 1:4].max() <= 2.6  # lower bound max(0, 1 - 1.6)
+    with pytest.raises(ValueError, match="colour_strength"):
+        draw_colour(idx, seed=0, epoch=0, strength=3.0)
+
+
+def test_check_colour():
+    from lfme_fast.augment import check_colour
+
+    check_colour("none", 1.0)
+    check_colour("simclr", 0.5)
+    with pytest.raises(ValueError, match="colour must be one of"):
+        check_colour("autoaugment", 1.0)
+    with pytest.raises(ValueError, match="colour_strength"):
+        check_colour("simclr", -0.1)
+
+
+def test_colour_kernel_matches_numpy_reference():
+    """colour_image (float32, row planes) against colour_reference (float64, torchvision's HSV
+    formulation) for every op order, with and without grayscale: at most one grey level apart."""
+    from lfme_fast.augment import colour_batch, colour_image, colour_reference, draw_colour
+
+    rng = np.random.default_rng(0)
+    n = 96
+    ramp = np.linspace(0, 200, 33)[None, :, None]
+    images = np.clip(rng.integers(0, 120, (n, 17, 33, 3)) + ramp, 0, 255).astype(np.uint8)
+    images[:, :2] = rng.integers(0, 256, (n, 2, 1, 1))  # grey pixels: no chroma
+    images[:, 2, :3] = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]  # saturated primaries
+    rows = draw_colour(np.arange(n), seed=1, epoch=0, strength=1.5)
+    rows[:24, 0] = 1
+    rows[:24, 6] = [a | b << 2 | c << 4 | d << 6 for a in range(4) for b in range(4) for c in range(4)
+                    for d in range(4) if len({a, b, c, d}) == 4]  # all 24 orders
+    out = images.copy()
+    colour_batch(out, rows)
+    ref = np.stack([colour_reference(images[i], rows[i]) for i in range(n)])
+    diff = np.abs(out.astype(np.int64) - ref)
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    assert (out != images).any(axis=(1, 2, 3)).sum() >= 0.7 * n  # the jitter really changed the images
+
+    one = images[0].copy()
+    colour_image(one, _colour_row(apply=0))
+    np.testing.assert_array_equal(one, images[0])  # identity row
+    colour_image(one, _colour_row(apply=0, gray=1))
+    assert (one[..., 0] == one[..., 1]).all() and (one[..., 1] == one[..., 2]).all()
+
+
+def test_colour_reference_known_values():
+    """The reference against values worked out by hand from torchvision's definitions."""
+    from lfme_fast.augment import colour_reference
+
+    px = np.array([[[255, 0, 0], [0, 128, 255], [100, 100, 100]]], dtype=np.uint8)
+    # hue + 1/3 turn: red -> green, azure -> (255, 0, 128)-ish magenta-pink; grey unchanged
+    out = colour_reference(px, _colour_row(hue=1 / 3))
+    np.testing.assert_array_equal(out[0, 0], [0, 255, 0])
+    np.testing.assert_array_equal(out[0, 1], [255, 0, 128])
+    np.testing.assert_array_equal(out[0, 2], [100, 100, 100])
+    np.testing.assert_array_equal(colour_reference(px, _colour_row(b=0.0)), np.zeros_like(px))
+    mean = (px.astype(float) @ [0.2989, 0.587, 0.114]).mean()
+    np.testing.assert_array_equal(colour_reference(px, _colour_row(c=0.0)), np.full_like(px, round(mean)))
+    luma = np.floor(px.astype(float) @ [0.2989, 0.587, 0.114] + 0.5)
+    np.testing.assert_array_equal(colour_reference(px, _colour_row(s=0.0)), np.repeat(luma[..., None], 3, -1))
+    np.testing.assert_array_equal(colour_reference(px, _colour_row(apply=0, gray=1)),
+                                  np.repeat(luma[..., None], 3, -1))
+    # order matters: brightness x2 then contrast 0 (the mean of the brightened image) vs the reverse
+    bc = colour_reference(px, _colour_row(b=2.0, c=0.0, order=(0, 1, 2, 3)))
+    cb = colour_reference(px, _colour_row(b=2.0, c=0.0, order=(1, 0, 2, 3)))
+    assert (bc == bc[0, 0]).all() and (cb == cb[0, 0]).all() and bc[0, 0, 0] != cb[0, 0, 0]
+    np.testing.assert_array_equal(cb, np.full_like(px, np.floor(min(255.0, 2 * mean) + 0.5)))
