@@ -724,10 +724,11 @@ def balanced_contrastive_loss(
     not_self = torch.ones(n, k, dtype=torch.bool, device=z.device)
     not_self[:, :n].fill_diagonal_(False)
     same = (y[:, None] == target_labels[None, :]) & not_self
-    # |A_c(i)| for the class of each column: that class's count in the contrast set, less the anchor itself.
-    num_cls = int(target_labels.max()) + 1 if k else 0
-    counts = torch.bincount(target_labels, minlength=num_cls).to(z.dtype)
-    col_count = counts[target_labels][None, :] - same.to(z.dtype) - (~not_self).to(z.dtype)
+    # |A_c(i)| for the class of each column: that class's count in the contrast set, less the anchor
+    # itself. Counted by pairwise comparison (K x K, small) rather than bincount, whose data-dependent
+    # output size would force a host sync on an accelerator.
+    counts = (target_labels[:, None] == target_labels[None, :]).sum(dim=0).to(z.dtype)
+    col_count = counts[None, :] - same.to(z.dtype) - (~not_self).to(z.dtype)
     log_terms = sim - col_count.clamp_min(1.0).log()
     log_denom = torch.logsumexp(log_terms.masked_fill(~not_self, float("-inf")), dim=1)
     num_pos = same.sum(dim=1)
@@ -814,7 +815,9 @@ class ECLAccuracyEMA:
         for p in (pl, pk):
             true_p = p.float().gather(2, idx).squeeze(2)  # (M, N)
             sums.append(torch.zeros(p.shape[0], self.num_classes, device=p.device).index_add_(1, y, true_p))
-        return sums[0], sums[1], torch.bincount(y, minlength=self.num_classes)
+        # index_add_, not bincount: bincount's data-dependent size would sync with an accelerator.
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=y.device).index_add_(0, y, torch.ones_like(y))
+        return sums[0], sums[1], counts
 
     @torch.no_grad()
     def update_from_stats(self, sum_label: torch.Tensor, sum_kd: torch.Tensor, counts: torch.Tensor) -> None:

@@ -715,7 +715,8 @@ class MultiExpert(nn.Module):
         for name, v in (("feature_dim", feature_dim), ("proj_hidden", proj_hidden), ("proj_dim", proj_dim)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        backbones = [build_model(backbone, num_classes, pretrained_path, **backbone_kw) for _ in range(num_experts)]
+        backbones = [build_model(backbone, num_classes, pretrained_path=pretrained_path, **backbone_kw)
+                     for _ in range(num_experts)]
         in_dim = backbones[0].feature_dim
         if not projection and feature_dim not in (None, in_dim):
             raise ValueError(f"projection=False keeps the backbone's {in_dim}-d features; got feature_dim={feature_dim}")
