@@ -229,6 +229,15 @@ class _Mismatch(Exception):
     pass
 
 
+def _record_list_item(tp: Any) -> type | None:
+    """The dataclass ``D`` when ``tp`` is ``tuple[D, ...]`` (a list of records in the file), else None."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise ``_Mismatch``. Conversions allowed: int -> float,
     a numeric string -> float (YAML 1.1 reads ``1e-3`` as a string), list -> tuple, and a YAML 1.1
@@ -336,6 +345,13 @@ def _build(cls: type, data: Any, prefix: str, sources: Mapping[str, str],
         dotted = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], dotted + ".", sources)
+            continue
+        item = _record_list_item(tp)
+        if item is not None:  # a list of records (e.g. cbd.teachers: [{seed: 0, augment: standard}, ...])
+            if not isinstance(data[name], (list, tuple)):
+                raise ConfigError(f"{dotted}: expected a list of mappings, got {data[name]!r} "
+                                  f"({_source(dotted, sources)})")
+            kwargs[name] = tuple(_build(item, v, f"{dotted}[{i}].", sources) for i, v in enumerate(data[name]))
             continue
         try:
             kwargs[name] = _coerce(data[name], tp)
