@@ -39,6 +39,7 @@ float32 weights aligned with the indices, computed inside the ``@njit`` kernel t
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import threading
@@ -62,6 +63,8 @@ __all__ = [
     "ProgressiveSampler",
     "SubsetSampler",
     "PythonClassAwareSampler",
+    "SAMPLERS",
+    "build_sampler",
     "class_csr",
     "curriculum_progress",
 ]
@@ -492,9 +495,20 @@ class Sampler(ABC):
     """An epoch order: one abstract method, :meth:`indices`.
 
     Subclasses return this rank's share of epoch ``epoch``'s global order as an int64 array of
-    dataset indices; the same ``(seed, epoch)`` must give the same order. :meth:`indices_and_weights`
-    has a generic implementation (a vectorised lookup of ``initial_weights`` after the fact); the
-    built-in samplers override it to produce the weights inside their ``@njit`` pass.
+    dataset indices; the same ``(seed, epoch)`` must give the same order. This class declares
+    everything the loaders (:func:`lfme_fast.loaders.build_loader`) call on a sampler, and nothing else:
+
+    * :meth:`indices` (abstract) — the order of an epoch (eval loaders, and training without
+      curriculum weights);
+    * :meth:`indices_and_weights` — training loaders: the order plus float32 curriculum weights.
+      The generic implementation looks ``initial_weights`` up after the fact; the built-in samplers
+      override it to produce the weights inside their ``@njit`` pass;
+    * ``len(sampler)`` (:meth:`__len__`) — this rank's epoch length, which must be the same for every
+      epoch: loaders derive their batch count from it once. The default draws epoch 0; override it
+      when an epoch is costly to draw.
+
+    A loader is given a sampler only through ``LoaderOptions(sampler=...)``, and checks that it is an
+    instance of this class.
     """
 
     #: per-dataset-sample initial weights ``v1`` (float64) or None; see :meth:`indices_and_weights`
@@ -505,6 +519,10 @@ class Sampler(ABC):
     @abstractmethod
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's int64 dataset indices for ``epoch``."""
+
+    def __len__(self) -> int:
+        """This rank's number of indices per epoch (default: the length of epoch 0's order)."""
+        return int(len(self.indices(0)))
 
     def indices_and_weights(self, epoch: int, total_epochs: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, weights)``: float32 curriculum weights aligned with :meth:`indices`.
@@ -803,6 +821,65 @@ class ProgressiveSampler(_ClassProbabilitySampler):
         r = epoch / self.total_epochs
         counts = self.class_counts.astype(np.float64)
         return (1.0 - r) * counts / counts.sum() + r / counts.size
+
+
+# ==================================================================================================
+# One builder for every recipe
+# ==================================================================================================
+
+#: Sampler kind (the config's ``train.sampler`` names) -> class. :func:`build_sampler` constructs any
+#: class registered here, a user's own included, from the arguments its ``__init__`` accepts.
+SAMPLERS: dict[str, type[Sampler]] = {
+    "instance": InstanceSampler,
+    "class_balanced": ClassBalancedSampler,
+    "sqrt": SquareRootSampler,
+    "progressive": ProgressiveSampler,
+    "subset": SubsetSampler,
+}
+
+# Run-wide settings every caller knows: passed to the kinds that take them, ignored by the others (so
+# a recipe need not branch on the kind). Any other argument a kind cannot take is an error when set.
+_RUN_WIDE = frozenset({"seed", "samples_per_class", "total_epochs"})
+_BUILDER_DEFAULTS = {"num_replicas": 1, "rank": 0, "num_samples": None, "classes": None,
+                     "initial_weights": None, "schedule": None}
+
+
+def build_sampler(kind: str, labels: Any, *, seed: int, num_replicas: int = 1, rank: int = 0,
+                  num_samples: int | None = None, samples_per_class: int = 4, total_epochs: int | None = None,
+                  classes: Sequence[int] | np.ndarray | None = None, initial_weights: Any = None,
+                  schedule: str | None = None) -> Sampler:
+    """The sampler of ``kind`` (a key of :data:`SAMPLERS`) over ``labels``, for rank ``rank`` of
+    ``num_replicas``.
+
+    ``samples_per_class`` (class_balanced) and ``total_epochs`` (progressive, where it is required)
+    are run-wide settings, ignored by the kinds that do not use them; ``classes`` (required by
+    ``subset``) selects the data, so it is an error for any other kind, as is any other argument set
+    to a non-default value for a kind that does not take it. ``schedule`` None = the class default
+    ('linear'). The samplers themselves are unchanged: same class, same arguments, same output.
+    """
+    cls = SAMPLERS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown sampler kind {kind!r}: choose one of {', '.join(SAMPLERS)}")
+    given = dict(seed=seed, num_replicas=num_replicas, rank=rank, num_samples=num_samples,
+                 samples_per_class=samples_per_class, total_epochs=total_epochs, classes=classes,
+                 initial_weights=initial_weights, schedule=schedule)
+    params = inspect.signature(cls).parameters
+    kwargs = {}
+    for name, value in given.items():
+        if name in params:
+            required = params[name].default is inspect.Parameter.empty
+            if value is None and required:
+                raise ValueError(f"sampler {kind!r} ({cls.__name__}) needs {name}=")
+            if value is not None:
+                kwargs[name] = value
+        elif name not in _RUN_WIDE and not _is_builder_default(name, value):
+            raise ValueError(f"sampler {kind!r} ({cls.__name__}) does not take {name}= (got {value!r})")
+    return cls(labels, **kwargs)
+
+
+def _is_builder_default(name: str, value: Any) -> bool:
+    default = _BUILDER_DEFAULTS[name]
+    return value is None if default is None else value == default  # (arrays are never compared)
 
 
 # ==================================================================================================

@@ -18,7 +18,8 @@ import simplejpeg
 import torch
 
 from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD, FixedViews, center_boxes, image_sizes, make_views
-from lfme_fast.loaders import Batch, BatchLoader, build_loader
+from lfme_fast.loaders import Batch, BatchLoader, LoaderOptions, build_loader
+from lfme_fast.sampling import Sampler
 from lfme_fast.shards import ShardReader
 
 BACKENDS = ["torch", "ffcv", "dali"]
@@ -32,7 +33,7 @@ def _available(backend):
         pytest.importorskip("nvidia.dali")
 
 
-class FixedOrderSampler:
+class FixedOrderSampler(Sampler):
     """A sampler with a given order; weight of sample i is i / 1000 (so alignment is checkable)."""
 
     def __init__(self, order):
@@ -72,7 +73,7 @@ def _reference(root, split, i, box, flip, res):
 
 def test_unknown_backend(synthetic_dir):
     with pytest.raises(ValueError, match="unknown loader backend 'tf'"):
-        build_loader(synthetic_dir, "train", backend="tf", train=True, batch_size=4)
+        build_loader(LoaderOptions(synthetic_dir, "train", backend="tf", train=True, batch_size=4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,8 +81,9 @@ def test_same_samples_and_weights_for_fixed_order(backend, synthetic_dir):
     _available(backend)
     labels = ShardReader(synthetic_dir, "train").labels
     order = np.random.default_rng(0).permutation(len(labels))[:30]
-    loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
-                          sampler=FixedOrderSampler(order), total_epochs=3, resolution=64, num_workers=1)
+    loader = build_loader(LoaderOptions(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
+                                        sampler=FixedOrderSampler(order), total_epochs=3, resolution=64,
+                                        num_workers=1))
     assert len(loader) == 3  # 30 // 8, drop_last by default in training
     for epoch in (0, 2):
         loader.set_epoch(epoch)
@@ -106,16 +108,16 @@ def test_same_samples_and_weights_for_fixed_order(backend, synthetic_dir):
 def test_eval_sequential_and_sharded(backend, synthetic_dir):
     _available(backend)
     n = len(ShardReader(synthetic_dir, "val"))
-    loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=5, resolution=32,
-                          num_workers=1)
+    loader = build_loader(LoaderOptions(synthetic_dir, "val", backend=backend, train=False, batch_size=5,
+                                        resolution=32, num_workers=1))
     batches = _collect(loader)
     assert len(loader) == len(batches) == -(-n // 5)
     np.testing.assert_array_equal(torch.cat([b.indices for b in batches]).numpy(), np.arange(n))
     assert all(b.weights is None for b in batches) and len(batches[-1]) == n - 5 * (len(batches) - 1)
     shares = []
     for rank in range(2):
-        ld = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=4, resolution=32,
-                          num_replicas=2, rank=rank, num_workers=1)
+        ld = build_loader(LoaderOptions(synthetic_dir, "val", backend=backend, train=False, batch_size=4,
+                                        resolution=32, num_replicas=2, rank=rank, num_workers=1))
         shares.append(torch.cat([b.indices for b in _collect(ld)]).numpy())
     np.testing.assert_array_equal(np.concatenate(shares), np.arange(n))  # contiguous, disjoint, no padding
 
@@ -124,8 +126,8 @@ def test_eval_sequential_and_sharded(backend, synthetic_dir):
 def test_eval_pixels_match_reference(backend, synthetic_dir):
     _available(backend)
     res = 96
-    loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=6, resolution=res,
-                          augment="imagenet", num_workers=1)
+    loader = build_loader(LoaderOptions(synthetic_dir, "val", backend=backend, train=False, batch_size=6,
+                                        resolution=res, augment="imagenet", num_workers=1))
     b = next(iter(loader))
     h, w = image_sizes(synthetic_dir, "val")
     boxes = center_boxes(h, w)
@@ -141,8 +143,8 @@ def test_eval_pixels_close_across_backends(synthetic_dir):
         _available(backend)
     out = {}
     for backend in BACKENDS:
-        loader = build_loader(synthetic_dir, "val", backend=backend, train=False, batch_size=12, resolution=80,
-                              num_workers=1)
+        loader = build_loader(LoaderOptions(synthetic_dir, "val", backend=backend, train=False, batch_size=12,
+                                            resolution=80, num_workers=1))
         b = next(iter(loader))
         np.testing.assert_array_equal(b.indices.numpy(), np.arange(12))
         out[backend] = b.images.float().numpy().copy()
@@ -161,8 +163,8 @@ def test_view_hook_applies_exact_crop(backend, synthetic_dir):
     views.flips[:, 2] = True
     res = 48
     for fixed in (None, 2):
-        loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8, resolution=res,
-                              views=views, fixed_view=fixed, num_workers=2)
+        loader = build_loader(LoaderOptions(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
+                                            resolution=res, views=views, fixed_view=fixed, num_workers=2))
         loader.set_epoch(1)
         b = next(iter(loader))
         assert b.views is not None and b.views.dtype == torch.int64
@@ -194,8 +196,9 @@ def test_view_hook_detects_wrong_box(synthetic_dir):
 def test_dtype_channels_last_and_default_sampler(backend, synthetic_dir):
     _available(backend)
     n = len(ShardReader(synthetic_dir, "train"))
-    loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=4, resolution=40,
-                          dtype=torch.bfloat16, channels_last=True, num_workers=1, seed=3)
+    loader = build_loader(LoaderOptions(synthetic_dir, "train", backend=backend, train=True, batch_size=4,
+                                        resolution=40, dtype=torch.bfloat16, channels_last=True, num_workers=1,
+                                        seed=3))
     batches = _collect(loader)
     b = batches[0]
     assert b.images.dtype == torch.bfloat16 and b.images.shape == (4, 3, 40, 40)
@@ -209,13 +212,13 @@ def test_dtype_channels_last_and_default_sampler(backend, synthetic_dir):
 def test_pad_crop_small_images(backend, fmnist_dir):
     _available(backend)
     reader = ShardReader(fmnist_dir, "val")
-    ev = build_loader(fmnist_dir, "val", backend=backend, train=False, batch_size=16, num_workers=1)
+    ev = build_loader(LoaderOptions(fmnist_dir, "val", backend=backend, train=False, batch_size=16, num_workers=1))
     b = next(iter(ev))
     assert b.images.shape == (16, 3, 28, 28)  # auto -> pad_crop; eval is the identity at the stored size
     img = simplejpeg.decode_jpeg(reader.get_bytes(int(b.indices[3])).tobytes(), colorspace="RGB")
     ref = ((img - np.array(IMAGENET_MEAN) * 255) / (np.array(IMAGENET_STD) * 255)).transpose(2, 0, 1)
     assert np.abs(b.images[3].numpy() - ref).max() < 0.05
-    tr = build_loader(fmnist_dir, "train", backend=backend, train=True, batch_size=32, num_workers=1)
+    tr = build_loader(LoaderOptions(fmnist_dir, "train", backend=backend, train=True, batch_size=32, num_workers=1))
     b = next(iter(tr))
     assert b.images.shape == (32, 3, 28, 28)
     # a zero-padded border row/column shows up in some crops: the padding value is black, normalised
@@ -226,17 +229,19 @@ def test_pad_crop_small_images(backend, fmnist_dir):
 
 def test_bad_arguments(synthetic_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
-        build_loader(tmp_path, "train", backend="torch", train=True, batch_size=4)
+        build_loader(LoaderOptions(tmp_path, "train", backend="torch", train=True, batch_size=4))
     with pytest.raises(ValueError, match="augment must be one of"):
-        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, augment="cutmix")
+        build_loader(LoaderOptions(synthetic_dir, "train", backend="torch", train=True, batch_size=4,
+                                   augment="cutmix"))
     with pytest.raises(ValueError, match="fixed_view needs views"):
-        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, fixed_view=0)
+        build_loader(LoaderOptions(synthetic_dir, "train", backend="torch", train=True, batch_size=4, fixed_view=0))
     h, w = image_sizes(synthetic_dir, "train")
     bad = FixedViews(np.tile(np.array([0, 0, 10_000, 10], np.int32), (len(h), 1, 1)), np.zeros((len(h), 1), bool), 0)
     with pytest.raises(ValueError, match="leaves the"):
-        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, views=bad)
+        build_loader(LoaderOptions(synthetic_dir, "train", backend="torch", train=True, batch_size=4, views=bad))
     with pytest.raises(ValueError, match="pad_crop"):
-        build_loader(synthetic_dir, "train", backend="torch", train=True, batch_size=4, augment="pad_crop")
+        build_loader(LoaderOptions(synthetic_dir, "train", backend="torch", train=True, batch_size=4,
+                                   augment="pad_crop"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,8 +254,9 @@ def test_train_crops_are_the_plans_draws(backend, synthetic_dir):
     h, w = image_sizes(synthetic_dir, "train")
     order = np.r_[np.arange(10), np.arange(6)]  # 0..5 twice: the repeats get their own draws
     res = 48
-    loader = build_loader(synthetic_dir, "train", backend=backend, train=True, batch_size=8, resolution=res,
-                          sampler=FixedOrderSampler(order), total_epochs=2, num_workers=2, seed=11)
+    loader = build_loader(LoaderOptions(synthetic_dir, "train", backend=backend, train=True, batch_size=8,
+                                        resolution=res, sampler=FixedOrderSampler(order), total_epochs=2,
+                                        num_workers=2, seed=11))
     loader.set_epoch(1)
     batches = _collect(loader)
     idx = torch.cat([b.indices for b in batches]).numpy()
@@ -283,9 +289,9 @@ def test_augmentation_replayable(backend, data, augment, res, synthetic_dir, fmn
 
     def make(workers, seed=0):
         workers = max(workers, 1) if backend != "torch" else workers  # 0 = in-process: torch only
-        return build_loader(root, "train", backend=backend, train=True, batch_size=4, resolution=res,
-                            augment=augment, sampler=FixedOrderSampler(order), total_epochs=3,
-                            num_workers=workers, seed=seed)
+        return build_loader(LoaderOptions(root, "train", backend=backend, train=True, batch_size=4, resolution=res,
+                                          augment=augment, sampler=FixedOrderSampler(order), total_epochs=3,
+                                          num_workers=workers, seed=seed))
 
     serial, parallel, fresh = make(0), make(2), make(2)
     try:

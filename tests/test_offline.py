@@ -11,7 +11,7 @@ import torch
 
 from lfme_fast.augment import image_sizes
 from lfme_fast.checkpoint import save_model_file
-from lfme_fast.loaders import build_loader
+from lfme_fast.loaders import LoaderOptions, build_loader
 from lfme_fast.models import build_model
 from lfme_fast.offline import (
     ExpertSource,
@@ -48,8 +48,8 @@ def build_store(root: Path, run_dir: Path, *, views: int = 2, kind: str = "cente
                           mode="pad_crop", num_views=views, view_seed=seed, view_kind=kind, experts=experts, topk=topk)
 
     def make_loader(tab, k):
-        return build_loader(root, "train", backend="torch", train=False, batch_size=256, views=tab, fixed_view=k,
-                            num_workers=0)
+        return build_loader(LoaderOptions(root, "train", backend="torch", train=False, batch_size=256, views=tab,
+                                          fixed_view=k, num_workers=0))
 
     store = write_offline(run_dir, header, experts, table, make_loader, 10, show_progress=False, log=lambda m: None,
                           eval_views=eval_view_boxes(h, w, "pad_crop") if kind == "random" else None, **kw)
@@ -95,8 +95,8 @@ def test_dense_store_layout_and_values(fmnist_dir, dense_store):
 
     # stored = live forward on the same view, to float16 rounding
     idx = np.array([0, 5, n - 1])
-    loader = build_loader(fmnist_dir, "train", backend="torch", train=False, batch_size=n, views=store.views,
-                          fixed_view=1, num_workers=0)
+    loader = build_loader(LoaderOptions(fmnist_dir, "train", backend="torch", train=False, batch_size=n,
+                                        views=store.views, fixed_view=1, num_workers=0))
     loader.set_epoch(0)
     batch = next(iter(loader))
     with torch.no_grad():
@@ -109,8 +109,8 @@ def test_dense_store_layout_and_values(fmnist_dir, dense_store):
     labels = ShardReader(fmnist_dir, "train").labels
     conf = store.confidence
     assert conf.shape == (n,) and np.isfinite(conf).all() and ((conf > 0) & (conf <= 1)).all()
-    loader0 = build_loader(fmnist_dir, "train", backend="torch", train=False, batch_size=n, views=store.views,
-                           fixed_view=0, num_workers=0)
+    loader0 = build_loader(LoaderOptions(fmnist_dir, "train", backend="torch", train=False, batch_size=n,
+                                         views=store.views, fixed_view=0, num_workers=0))
     loader0.set_epoch(0)
     b0 = next(iter(loader0))
     i = int(np.flatnonzero(labels == 8)[0])
@@ -188,8 +188,8 @@ def test_resume_after_interruption(fmnist_dir, tmp_path):
         calls["n"] += 1
         if k == 1 and calls["n"] == 2:
             raise Boom("killed during view 1")
-        return build_loader(fmnist_dir, "train", backend="torch", train=False, batch_size=512, views=tab,
-                            fixed_view=k, num_workers=0)
+        return build_loader(LoaderOptions(fmnist_dir, "train", backend="torch", train=False, batch_size=512,
+                                          views=tab, fixed_view=k, num_workers=0))
 
     with pytest.raises(Boom):
         write_offline(tmp_path, header, experts, table, make_loader, 10, show_progress=False, log=lambda m: None)

@@ -225,12 +225,13 @@ class _FFCVDiagnostic:
         from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, ToTensor, ToTorchImage
 
         from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD
-        from lfme_fast.loaders.base import resolve_spec
+        from lfme_fast.loaders import LoaderOptions, resolve_spec
         from lfme_fast.loaders.ffcv_backend import PlanDecoder, SamplerOrder, _PlanHolder, allocate_buffers_once
         from lfme_fast.shards import beton_path
 
-        spec = resolve_spec(root, split, train=True, batch_size=batch_size, sampler=sampler, total_epochs=10**6,
-                            resolution=resolution, augment="imagenet", num_workers=workers)
+        spec = resolve_spec(LoaderOptions(root, split, train=True, batch_size=batch_size, sampler=sampler,
+                                          total_epochs=10**6, resolution=resolution, augment="imagenet",
+                                          num_workers=workers))
         self.plans = _PlanHolder(spec)
         self.state = np.zeros(5, dtype=np.int64)
         res = (resolution, resolution)
@@ -278,20 +279,22 @@ class BackendRun:
     def __init__(self, backend: str, root: Path, split: str, args, workers: int, options: dict):
         import torch
 
-        from lfme_fast.loaders import build_loader
-        from lfme_fast.sampling import ClassBalancedSampler
+        from lfme_fast.loaders import LoaderOptions, build_loader
+        from lfme_fast.sampling import build_sampler
         from lfme_fast.shards import ShardReader
 
         labels = ShardReader(root, split).labels
-        sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=0)
+        sampler = build_sampler("class_balanced", labels, samples_per_class=4, seed=0)
         t0 = time.perf_counter()
         if backend in ("ffcv_uint8", "ffcv_stock"):
             self.loader = _FFCVDiagnostic(backend.split("_")[1], root, split, sampler, args.batch_size,
                                           args.resolution, workers, options.get("batches_ahead", 3))
         else:
-            self.loader = build_loader(root, split, backend=backend, train=True, batch_size=args.batch_size,
-                                       sampler=sampler, total_epochs=args.epochs + args.settle_rounds + 1, resolution=args.resolution,
-                                       augment="imagenet", num_workers=workers, dtype=torch.float32, **options)
+            opts = LoaderOptions(root, split, backend=backend, train=True, batch_size=args.batch_size,
+                                 sampler=sampler, total_epochs=args.epochs + args.settle_rounds + 1,
+                                 resolution=args.resolution, augment="imagenet", num_workers=workers,
+                                 dtype=torch.float32)
+            self.loader = build_loader(opts, **options)
         self.build_s = time.perf_counter() - t0
         self.options = options
         self.next_epoch = 0
@@ -464,7 +467,7 @@ def main(argv=None) -> None:
     import numba
     import torch
 
-    from lfme_fast.sampling import ClassBalancedSampler
+    from lfme_fast.sampling import build_sampler
     from lfme_fast.shards import ShardReader
 
     root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
@@ -497,7 +500,7 @@ def main(argv=None) -> None:
             result["backends"]["torch_fullsize"] = {"error": f"{type(exc).__name__}: {exc}"}
             backends.remove("torch_fullsize")
 
-    order = ClassBalancedSampler(ShardReader(root, args.split).labels, samples_per_class=4, seed=0).indices(0)
+    order = build_sampler("class_balanced", ShardReader(root, args.split).labels, samples_per_class=4, seed=0).indices(0)
     runs: dict[str, IsolatedContender] = {}
     options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}, "torch_fullsize": {},
                "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead},

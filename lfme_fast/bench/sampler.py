@@ -27,14 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from lfme_fast.bench.common import machine_info, repeat_timing, write_result
-from lfme_fast.sampling import (
-    ClassBalancedSampler,
-    InstanceSampler,
-    ProgressiveSampler,
-    PythonClassAwareSampler,
-    SquareRootSampler,
-    SubsetSampler,
-)
+from lfme_fast.sampling import PythonClassAwareSampler, build_sampler
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _SHARED_HISTOGRAM = Path("shared/data/splits/ImageNet_LT/class_count_ImageNet_LT.npy")
@@ -139,7 +132,8 @@ def bench_case(name: str, counts: np.ndarray, repeats: int, args: argparse.Names
     print(f"[bench sampler] {name}: {n:,} samples, {counts.size} classes", flush=True)
 
     t0 = time.perf_counter()
-    sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=0, initial_weights=v1, schedule="linear")
+    sampler = build_sampler("class_balanced", labels, samples_per_class=4, seed=0, initial_weights=v1,
+                            schedule="linear")
     construct = time.perf_counter() - t0
     idx = _time_epochs(sampler.indices, repeats)
     idx_w = _time_epochs(lambda e: sampler.indices_and_weights(e, total_epochs), repeats)
@@ -170,13 +164,9 @@ def bench_case(name: str, counts: np.ndarray, repeats: int, args: argparse.Names
     many = np.flatnonzero(counts >= 100)  # LFME's many-shot subset: an expert's epoch
     if many.size == 0:
         many = np.array([int(np.argmax(counts))])
-    for label, make in (
-        ("instance", lambda: InstanceSampler(labels, seed=0, initial_weights=v1)),
-        ("square_root", lambda: SquareRootSampler(labels, seed=0, initial_weights=v1)),
-        ("progressive", lambda: ProgressiveSampler(labels, total_epochs, seed=0, initial_weights=v1)),
-        ("subset_many_shot", lambda: SubsetSampler(labels, many, seed=0, initial_weights=v1)),
-    ):
-        s = make()
+    for label, kind, classes in (("instance", "instance", None), ("square_root", "sqrt", None),
+                                 ("progressive", "progressive", None), ("subset_many_shot", "subset", many)):
+        s = build_sampler(kind, labels, seed=0, total_epochs=total_epochs, classes=classes, initial_weights=v1)
         m = len(s)
         st = _time_epochs(s.indices, repeats)
         st_w = _time_epochs(lambda e, s=s: s.indices_and_weights(e, total_epochs), repeats)

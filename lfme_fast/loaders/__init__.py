@@ -1,10 +1,91 @@
-"""Data loaders behind one contract: :func:`build_loader` -> :class:`BatchLoader` of :class:`Batch`.
+"""Data loaders behind one contract: :func:`build_loader` (a :class:`LoaderOptions`) -> :class:`BatchLoader`
+of :class:`Batch`.
 
 Back ends: ``ffcv`` (stock ffcv Loader over the beton, ordered by our samplers), ``dali`` (NVIDIA DALI,
-GPU decode when CUDA is available) and ``torch`` (the ordinary DataLoader + PIL baseline).
+GPU decode when CUDA is available) and ``torch`` (the ordinary DataLoader + PIL baseline). They are
+registered here by name as ``"module:Class"`` strings and imported only when first built, so that
+importing the package pulls in neither ffcv nor DALI; :func:`register_backend` adds another.
 """
 
-from lfme_fast.augment import FixedViews
-from lfme_fast.loaders.base import BACKENDS, Batch, BatchLoader, EpochPlan, LoaderSpec, build_loader
+from __future__ import annotations
 
-__all__ = ["BACKENDS", "Batch", "BatchLoader", "EpochPlan", "FixedViews", "LoaderSpec", "build_loader"]
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from lfme_fast.augment import FixedViews
+from lfme_fast.loaders.base import (
+    Batch,
+    BatchLoader,
+    EpochPlan,
+    LoaderOptions,
+    LoaderSpec,
+    legacy_options,
+    resolve_spec,
+)
+
+__all__ = ["BACKENDS", "Batch", "BatchLoader", "EpochPlan", "FixedViews", "LoaderOptions", "LoaderSpec",
+           "build_loader", "register_backend", "resolve_spec"]
+
+#: name -> ``"module:Class"`` (imported on first use) or the loader class / factory itself. A back end
+#: is called as ``factory(spec: LoaderSpec, **backend_options)`` and returns a :class:`BatchLoader`.
+_REGISTRY: dict[str, str | Callable[..., BatchLoader]] = {
+    "ffcv": "lfme_fast.loaders.ffcv_backend:FFCVLoader",
+    "dali": "lfme_fast.loaders.dali_backend:DALILoader",
+    "torch": "lfme_fast.loaders.torch_backend:TorchLoader",
+}
+
+#: The registered back-end names: a live view (``"torch" in BACKENDS``, ``list(BACKENDS)``) that
+#: includes back ends added later with :func:`register_backend`.
+BACKENDS = _REGISTRY.keys()
+
+
+def register_backend(name: str, target: str | Callable[..., BatchLoader], *, replace: bool = False) -> None:
+    """Make ``LoaderOptions(backend=name)`` build ``target``.
+
+    ``target``: ``"package.module:ClassName"`` (imported lazily, at the first build) or the class /
+    factory itself, called as ``target(spec, **backend_options)`` with the resolved
+    :class:`LoaderSpec`; it must return a :class:`BatchLoader`. Registering a taken name is an error
+    unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a back-end name must be a non-empty string, got {name!r}")
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        if not module or not attr:
+            raise ValueError(f"back end {name!r}: target must read 'package.module:ClassName', got {target!r}")
+    elif not callable(target):
+        raise TypeError(f"back end {name!r}: target must be a 'module:Class' string or callable, got {target!r}")
+    if name in _REGISTRY and not replace and _REGISTRY[name] != target:
+        raise ValueError(f"loader back end {name!r} is already registered ({_REGISTRY[name]!r}); pass replace=True")
+    _REGISTRY[name] = target
+
+
+def _backend_factory(name: str) -> Callable[..., BatchLoader]:
+    """The registered factory of back end ``name``, importing it on first use."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown loader backend {name!r}: choose one of {', '.join(_REGISTRY)}")
+    target = _REGISTRY[name]
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"loader back end {name!r} ({target}) cannot be loaded: {exc}") from exc
+
+
+def build_loader(options: LoaderOptions, /, *legacy_args: Any, **backend_options: Any) -> BatchLoader:
+    """A :class:`BatchLoader` over ``options.root``'s ``options.split`` (see :class:`LoaderOptions`).
+
+    ``backend_options`` go to the back end as they are (e.g. ``batches_ahead`` for ffcv,
+    ``prefetch_factor`` for torch). The deprecated keyword form ``build_loader(root, split,
+    backend=..., train=..., ...)`` still works, with a DeprecationWarning, until the trainer and the
+    recipes have moved to LoaderOptions.
+    """
+    options, backend_options = legacy_options("build_loader", options, legacy_args, backend_options)
+    factory = _backend_factory(options.backend)  # an unknown name fails before the dataset is read
+    loader = factory(resolve_spec(options), **backend_options)
+    if not isinstance(loader, BatchLoader):
+        raise TypeError(f"loader back end {options.backend!r} returned {type(loader).__name__}, not a BatchLoader")
+    return loader

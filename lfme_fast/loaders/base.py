@@ -1,10 +1,15 @@
 """The loader contract every back end honours, and the back-end-independent planning behind it.
 
-The trainer sees only :class:`Batch` and :class:`BatchLoader` from :func:`build_loader`; it never
-branches on the back end. Everything that is not pixel work — which indices an epoch visits on this
-rank, their curriculum weights, which fixed view each sample shows, resolution and augmentation
-mode — is decided here once (:class:`LoaderSpec`, :class:`EpochPlan`), so the back ends cannot
-disagree about it; they only decode, crop, flip, resize and normalise.
+The trainer sees only :class:`Batch` and :class:`BatchLoader` from
+:func:`lfme_fast.loaders.build_loader`; it never branches on the back end. Every setting of a loader
+is one :class:`LoaderOptions` value, validated and resolved against the dataset by
+:func:`resolve_spec`. This module knows no back end: the registry of back ends lives in
+:mod:`lfme_fast.loaders`, and the back ends import this module, never the other way round.
+
+Everything that is not pixel work — which indices an epoch visits on this rank, their curriculum
+weights, which fixed view each sample shows, resolution and augmentation mode — is decided here once
+(:class:`LoaderSpec`, :class:`EpochPlan`), so the back ends cannot disagree about it; they only
+decode, crop, flip, resize and normalise.
 
 That includes the random geometry: each position of an epoch gets its crop box and flip from
 :func:`lfme_fast.augment.draw_rrc` / :func:`~lfme_fast.augment.draw_pad_crop`, a pure function of
@@ -14,11 +19,13 @@ an epoch resumed in a fresh process replays exactly the crops of the interrupted
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -37,8 +44,6 @@ from lfme_fast.augment import (
     resolve_augment,
 )
 from lfme_fast.shards import ShardReader, load_manifest
-
-BACKENDS = ("ffcv", "dali", "torch")
 
 
 @dataclass
@@ -88,9 +93,96 @@ class BatchLoader(ABC):
         """Batches per epoch on this rank."""
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Every setting of a loader, in one value: ``build_loader(LoaderOptions(root, split, train=True,
+    batch_size=256, ...))``.
+
+    ``root``/``split``: a prepared dataset (``python -m data_prep``) and one of its splits. The other
+    fields are keyword-only; ``train`` and ``batch_size`` are required.
+
+    * ``backend``: a name registered in :data:`lfme_fast.loaders.BACKENDS` ('ffcv': the beton, stock
+      ffcv Loader ordered by our sampler; 'dali': shard JPEGs via external_source, GPU decode when
+      CUDA is available; 'torch': the PIL + DataLoader baseline).
+    * ``train``: training loader (random augmentation, ``drop_last``, curriculum weights) or eval.
+    * ``sampler``: a :class:`lfme_fast.sampling.Sampler` yielding this rank's share. None: the
+      sequential eval order (``train=False``; with several replicas each rank gets a contiguous,
+      disjoint share of 0..N-1, no padding) or an instance shuffle (``train=True``). Weights come from
+      ``sampler.indices_and_weights(epoch, total_epochs)`` when a sampler is given and ``train``;
+      otherwise ``Batch.weights`` is None.
+    * ``total_epochs``: the run's epoch count (curriculum weights need it).
+    * ``resolution``: output side; None = 224 for 'imagenet', else the stored (square) size.
+    * ``augment``: 'imagenet' (train RandomResizedCrop + flip; eval centre crop of 0.875 x shorter
+      side resized to ``resolution``), 'pad_crop' (28/32 px: pad 4 + random crop + flip; eval
+      identity), 'none' or 'auto' (pad_crop for images of at most 64 px, else imagenet).
+    * ``device``/``dtype``/``channels_last``: where and how ``Batch.images`` arrive (float32,
+      bfloat16 or float16; a dtype name is accepted).
+    * ``num_workers``: None = every CPU. ``drop_last``: None = ``train``. ``in_memory``: ffcv's
+      os_cache / the shard reader's page cache (False: read through).
+    * ``views`` (+ ``fixed_view``): replay stored fixed crops (:class:`FixedViews`) instead of random
+      augmentation; ``fixed_view`` shows that view of every sample, else each epoch picks one.
+    * ``seed``: the augmentation draws (and the default instance shuffle).
+    * ``num_replicas``/``rank``: this process's place in a distributed run.
+
+    Argument-only checks (batch size, rank, epoch count, dtype, fixed view) fail here, at
+    construction; the checks that need the dataset fail in :func:`resolve_spec`.
+    """
+
+    root: str | os.PathLike
+    split: str
+    _: KW_ONLY
+    train: bool
+    batch_size: int
+    backend: str = "torch"
+    sampler: Any = None
+    total_epochs: int = 1
+    resolution: int | None = None
+    augment: str = "auto"
+    device: Any = "cpu"
+    dtype: Any = torch.float32
+    channels_last: bool = False
+    num_workers: int | None = None
+    drop_last: bool | None = None
+    in_memory: bool = True
+    views: FixedViews | None = None
+    fixed_view: int | None = None
+    seed: int = 0
+    num_replicas: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (isinstance(self.num_replicas, int) and self.num_replicas >= 1 and 0 <= self.rank < self.num_replicas):
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {self.num_replicas}, "
+                             f"{self.rank}")
+        if self.total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {self.total_epochs}")
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else getattr(torch, str(self.dtype), None)
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        object.__setattr__(self, "dtype", dtype)  # frozen: normalise a dtype name once, here
+        if self.fixed_view is not None and self.views is None:
+            raise ValueError("fixed_view needs views=")
+
+    def replace(self, **changes: Any) -> LoaderOptions:
+        """A copy with ``changes`` applied (validated again), e.g. ``opts.replace(split="val", train=False)``."""
+        unknown = sorted(set(changes) - _OPTION_FIELDS)
+        if unknown:
+            raise TypeError(f"LoaderOptions has no field {', '.join(unknown)}; "
+                            f"fields: {', '.join(sorted(_OPTION_FIELDS))}")
+        return dataclasses.replace(self, **changes)
+
+
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(LoaderOptions))
+
+
 @dataclass
 class LoaderSpec:
-    """Everything a back end needs, resolved and validated once (see :func:`build_loader`)."""
+    """Everything a back end needs, resolved and validated once (see :func:`resolve_spec`)."""
 
     root: Path
     split: str
@@ -195,7 +287,7 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
     elif spec.use_weights:
         if not 0 <= epoch < spec.total_epochs:
             raise ValueError(f"epoch {epoch} is outside 0..total_epochs-1 = {spec.total_epochs - 1}: pass "
-                             "build_loader(total_epochs=) the run's epoch count (the curriculum weights need it)")
+                             "LoaderOptions(total_epochs=) the run's epoch count (the curriculum weights need it)")
         indices, weights = spec.sampler.indices_and_weights(epoch, spec.total_epochs)
         indices = np.asarray(indices, dtype=np.int64)
         weights = np.asarray(weights, dtype=np.float32)
@@ -297,28 +389,42 @@ def plan_batch(plan: EpochPlan, pos: int, images: torch.Tensor, labels: torch.Te
                  None if views is None else views.to(device, non_blocking=True))
 
 
-def resolve_spec(root, split, *, train: bool, batch_size: int, sampler=None, total_epochs: int = 1,
-                 resolution: int | None = None, augment: str = "auto", device="cpu", dtype=torch.float32,
-                 channels_last: bool = False, num_workers: int | None = None, drop_last: bool | None = None,
-                 in_memory: bool = True, views: FixedViews | None = None, fixed_view: int | None = None,
-                 seed: int = 0, num_replicas: int = 1, rank: int = 0) -> LoaderSpec:
-    """Validate :func:`build_loader`'s arguments and resolve every default."""
-    root = Path(root)
+def legacy_options(caller: str, options: Any, args: tuple, kwargs: dict) -> tuple[LoaderOptions, dict]:
+    """DEPRECATED shim: ``caller(root, split, **settings)`` (the keyword form before
+    :class:`LoaderOptions`) -> ``(LoaderOptions, remaining kwargs)``, with a DeprecationWarning.
+
+    Kept only while the trainer and the recipes still call the keyword form; delete it (and the
+    ``*legacy_args`` of :func:`resolve_spec` / ``build_loader``) once they pass a LoaderOptions.
+    """
+    if isinstance(options, LoaderOptions):
+        if args:
+            raise TypeError(f"{caller}(options) takes one LoaderOptions, got {1 + len(args)} positional arguments")
+        return options, kwargs
+    if len(args) != 1:
+        raise TypeError(f"{caller}() takes a LoaderOptions, got {type(options).__name__}")
+    warnings.warn(f"{caller}(root, split, **settings) is deprecated: pass {caller}(LoaderOptions(root, split, ...))",
+                  DeprecationWarning, stacklevel=3)
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_FIELDS}
+    return LoaderOptions(options, args[0], **settings), kwargs
+
+
+def resolve_spec(options: LoaderOptions, /, *legacy_args: Any, **legacy_kwargs: Any) -> LoaderSpec:
+    """Validate ``options`` against the dataset and resolve every default.
+
+    (``resolve_spec(root, split, **settings)`` still works for now, with a DeprecationWarning.)
+    """
+    options, rest = legacy_options("resolve_spec", options, legacy_args, legacy_kwargs)
+    if rest:
+        raise TypeError(f"resolve_spec() got unexpected keyword arguments: {', '.join(sorted(rest))}")
+    o = options
+    root, split, train, resolution = Path(o.root), o.split, o.train, o.resolution
+    views, fixed_view = o.views, o.fixed_view
     load_manifest(root)  # a clear error when root is not a prepared dataset
     reader = ShardReader(root, split)
     labels = reader.labels
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
-        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
-    if total_epochs < 1:
-        raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
-    dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     heights, widths = image_sizes(root, split)
     stored_max = int(max(heights.max(), widths.max())) if heights.size else 0
-    mode = resolve_augment(augment, stored_max)
+    mode = resolve_augment(o.augment, stored_max)
     if resolution is None:
         if mode == "imagenet":
             resolution = 224
@@ -341,65 +447,28 @@ def resolve_spec(root, split, *, train: bool, batch_size: int, sampler=None, tot
         views.check_fits(heights.astype(np.int64), widths.astype(np.int64))
         if fixed_view is not None and not 0 <= int(fixed_view) < views.num_views:
             raise ValueError(f"fixed_view must be in 0..{views.num_views - 1}, got {fixed_view}")
-    elif fixed_view is not None:
-        raise ValueError("fixed_view needs views=")
-    use_weights = False
-    if sampler is None:
-        if train:
-            from lfme_fast.sampling import InstanceSampler
-
-            sampler = InstanceSampler(labels, seed=seed, num_replicas=num_replicas, rank=rank)
-    else:
-        if len(sampler) < 1:
-            raise ValueError("sampler yields no samples")
-        use_weights = bool(train)
-    if num_workers is None:
-        num_workers = os.cpu_count() or 1
-    if drop_last is None:
-        drop_last = bool(train)
-    return LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(batch_size), mode=mode,
+    sampler = _resolve_sampler(o, labels)
+    num_workers = (os.cpu_count() or 1) if o.num_workers is None else o.num_workers
+    drop_last = bool(train) if o.drop_last is None else o.drop_last
+    return LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(o.batch_size), mode=mode,
                       resolution=resolution, heights=heights, widths=widths, labels=labels,
-                      device=torch.device(device), dtype=dtype, channels_last=bool(channels_last),
-                      num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(in_memory),
-                      seed=int(seed), num_replicas=num_replicas, rank=rank, total_epochs=int(total_epochs),
-                      sampler=sampler, use_weights=use_weights, views=views,
+                      device=torch.device(o.device), dtype=o.dtype, channels_last=bool(o.channels_last),
+                      num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(o.in_memory),
+                      seed=int(o.seed), num_replicas=o.num_replicas, rank=o.rank, total_epochs=int(o.total_epochs),
+                      sampler=sampler, use_weights=o.sampler is not None and bool(train), views=views,
                       fixed_view=None if fixed_view is None else int(fixed_view))
 
 
-def build_loader(root, split, *, backend: str, train: bool, batch_size: int, sampler=None,
-                 total_epochs: int = 1, resolution: int | None = None, augment: str = "auto",
-                 device="cpu", dtype=torch.float32, channels_last: bool = False,
-                 num_workers: int | None = None, drop_last: bool | None = None, in_memory: bool = True,
-                 views: FixedViews | None = None, fixed_view: int | None = None, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, **backend_options) -> BatchLoader:
-    """A :class:`BatchLoader` over prepared dataset ``root``'s ``split``.
+def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:
+    """``o.sampler`` checked against the :class:`~lfme_fast.sampling.Sampler` contract; without one, an
+    instance shuffle for training and None (the eval share of 0..N-1) for evaluation."""
+    from lfme_fast.sampling import InstanceSampler, Sampler  # here: importing the numba kernels is not free
 
-    backend: 'ffcv' (the beton, stock ffcv Loader ordered by our sampler), 'dali' (shard JPEGs via
-    external_source; GPU decode when CUDA is available) or 'torch' (the PIL + DataLoader baseline).
-    sampler: None = sequential eval order (train=False) or an instance shuffle (train=True); a given
-    sampler already yields this rank's share. Eval with several replicas: each rank gets a contiguous
-    disjoint share of 0..N-1, no padding. augment: 'imagenet' (train RandomResizedCrop + flip; eval
-    centre crop of 0.875 x shorter side resized to ``resolution``), 'pad_crop' (28/32 px: pad 4 +
-    random crop + flip; eval identity), 'none' or 'auto'. views (+ fixed_view): replay fixed crops
-    instead of random augmentation. Weights come from ``sampler.indices_and_weights(epoch,
-    total_epochs)`` when a sampler is given and ``train``; otherwise ``Batch.weights`` is None.
-    ``backend_options`` are passed to the back end (e.g. ``batches_ahead`` for ffcv).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown loader backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    spec = resolve_spec(root, split, train=train, batch_size=batch_size, sampler=sampler,
-                        total_epochs=total_epochs, resolution=resolution, augment=augment, device=device,
-                        dtype=dtype, channels_last=channels_last, num_workers=num_workers, drop_last=drop_last,
-                        in_memory=in_memory, views=views, fixed_view=fixed_view, seed=seed,
-                        num_replicas=num_replicas, rank=rank)
-    if backend == "torch":
-        from lfme_fast.loaders.torch_backend import TorchLoader
-
-        return TorchLoader(spec, **backend_options)
-    if backend == "ffcv":
-        from lfme_fast.loaders.ffcv_backend import FFCVLoader
-
-        return FFCVLoader(spec, **backend_options)
-    from lfme_fast.loaders.dali_backend import DALILoader
-
-    return DALILoader(spec, **backend_options)
+    if o.sampler is None:
+        return InstanceSampler(labels, seed=o.seed, num_replicas=o.num_replicas, rank=o.rank) if o.train else None
+    if not isinstance(o.sampler, Sampler):
+        raise TypeError(f"sampler must be a lfme_fast.sampling.Sampler, got {type(o.sampler).__name__}: subclass "
+                        "Sampler (implement indices(epoch); its docstring lists what the loaders call)")
+    if len(o.sampler) < 1:
+        raise ValueError("sampler yields no samples")
+    return o.sampler
