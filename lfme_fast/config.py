@@ -26,7 +26,9 @@ key            meaning
                imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
                null), ``test_split``
 ``model``      ``arch`` (``lfme_fast.models.MODELS``), ``pretrained`` (local checkpoint or null),
-               ``kwargs`` (extra constructor arguments, e.g. ``{use_norm: true}`` for resnet32)
+               ``kwargs`` (extra constructor arguments, e.g. ``{use_norm: true}`` for resnet32),
+               ``classifier`` (linear | cosine: CBD's head, L2-normalised features and class weights,
+               fixed scale, no bias; any backbone), ``cosine_scale`` (that scale, > 0; CBD: 20)
 ``optim``      ``name`` (sgd), ``lr`` (for the per-process ``batch_size``), ``momentum``,
                ``weight_decay``, ``nesterov``, ``schedule`` (cosine | step | constant), ``milestones``
                (epochs, for ``step``), ``gamma``, ``warmup_epochs`` (linear warm-up, may be fractional),
@@ -118,6 +120,8 @@ class ModelConfig:
     arch: str = "resnet10"
     pretrained: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    classifier: Literal["linear", "cosine"] = "linear"
+    cosine_scale: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -511,6 +515,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
 
     _check(cfg.model.arch in MODELS, "model.arch", f"unknown architecture {cfg.model.arch!r}; known: {sorted(MODELS)}",
            sources)
+    _check(cfg.model.cosine_scale > 0, "model.cosine_scale", f"must be positive, got {cfg.model.cosine_scale}", sources)
 
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}", sources)

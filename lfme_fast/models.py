@@ -19,11 +19,14 @@ output, ``inference_logits``), the paragraph below is about the single backbones
 
 Every model maps ``(N, 3, H, W)`` to logits with ``forward``, exposes ``forward_features`` (the pooled
 feature vector, ``(N, feature_dim)``), the attribute ``feature_dim``, and ``classifier`` (the final
-head module, whatever its attribute name).
+head module, whatever its attribute name). The head is a linear layer or, with
+``build_model(..., classifier="cosine")``, a :class:`CosineClassifier` (CBD's: L2-normalised features
+and class weights, fixed scale, no bias), on every backbone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -38,6 +41,8 @@ __all__ = [
     "ResNet",
     "CifarBasicBlock",
     "NormedLinear",
+    "CosineClassifier",
+    "CLASSIFIERS",
     "ResNetCifar",
     "SmallResNet28",
     "resnet10",
@@ -296,6 +301,33 @@ class NormedLinear(nn.Module):
         return f"in_features={self.weight.shape[0]}, out_features={self.weight.shape[1]}, scale={self.scale}"
 
 
+class CosineClassifier(nn.Module):
+    """Cosine classifier (CBD, Iscen et al. 2021): ``logits = scale * normalize(x) @ normalize(W).T``, no bias.
+
+    ``weight`` is ``(out_features, in_features)`` like ``nn.Linear``'s and sits under the same key
+    (``fc.weight`` / ``linear.weight``), so a checkpoint of the head has the linear head's shape; it only
+    lacks ``bias``. ``scale`` is fixed (CBD: 20), not learned: cosines in [-1, 1] alone give too flat a
+    softmax to train with cross-entropy.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 20.0):
+        super().__init__()
+        if not float(scale) > 0:
+            raise ValueError(f"cosine_scale must be positive, got {scale!r}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+        # nn.Linear's init; only the rows' directions matter once they are normalised.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
 class ResNetCifar(_Backbone):
     """LDAM's ``ResNet_s``: 3x3 stem (16 ch), three stages (16/32/64, strides 1/2/2), global average
     pool, ``linear`` head (``nn.Linear`` or ``NormedLinear`` with ``use_norm=True``).
@@ -428,6 +460,9 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
+#: Classifier heads ``build_model`` puts on a backbone: ``nn.Linear`` or :class:`CosineClassifier`.
+CLASSIFIERS = ("linear", "cosine")
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet10": resnet10,
     "resnet32": resnet32,
@@ -442,22 +477,35 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def build_model(name: str, num_classes: int, pretrained_path: str | os.PathLike | None = None, **kw: Any) -> nn.Module:
+def build_model(name: str, num_classes: int, pretrained_path: str | os.PathLike | None = None,
+                classifier: str = "linear", cosine_scale: float = 20.0, **kw: Any) -> nn.Module:
     """Construct a registered model; optionally load a local checkpoint into it.
 
     Args:
         name: one of ``MODELS`` (``resnet10``, ``resnet32``, ``resnet_small28``, ``resnet50``, ``resnet152``).
         num_classes: classifier width.
         pretrained_path: local checkpoint file, loaded with ``load_pretrained`` (a classifier whose shape
-            differs, e.g. ImageNet 1000-way into Places 365-way, is skipped and keeps its fresh init).
+            or keys differ, e.g. ImageNet 1000-way into Places 365-way, or a linear head into a cosine
+            one, is skipped and keeps its fresh init).
+        classifier: ``"linear"`` (the backbone's own head) or ``"cosine"`` (a :class:`CosineClassifier`
+            of scale ``cosine_scale`` replaces it, under the same attribute and key).
+        cosine_scale: the cosine classifier's fixed logit scale (CBD: 20).
         **kw: forwarded to the constructor (e.g. ``use_norm=True`` for ``resnet32``).
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the known names).
+        ValueError: unknown ``name`` (the message lists the known names) or ``classifier``, a
+            non-positive ``cosine_scale``, or ``classifier="cosine"`` with resnet32's ``use_norm``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    if classifier == "cosine" and kw.get("use_norm"):
+        raise ValueError("classifier='cosine' and use_norm=True (LDAM's NormedLinear) are two cosine heads: "
+                         "choose one")
     model = MODELS[name](num_classes, **kw)
+    if classifier == "cosine":
+        setattr(model, model.classifier_name, CosineClassifier(model.feature_dim, num_classes, cosine_scale))
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path)
     return model
@@ -524,10 +572,11 @@ def load_pretrained(
     ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes.
 
     The classifier (``model.classifier_name``: ``fc`` for ImageNet ResNets, ``linear`` for ResNet-32)
-    is special: when ``skip_classifier`` is true (default) and the checkpoint's classifier shapes differ
-    from the model's (e.g. 1000-way ImageNet weights into a 365-way Places model), all classifier keys
-    are skipped, listed in ``skipped_classifier``, and the classifier keeps its fresh init. With
-    ``skip_classifier=False`` such a mismatch is an error. A matching classifier is always loaded.
+    is special: when ``skip_classifier`` is true (default) and the checkpoint's classifier shapes or keys
+    differ from the model's (e.g. 1000-way ImageNet weights into a 365-way Places model; a linear head,
+    with ``bias``, into a cosine one, without; or the reverse), all classifier keys are skipped, listed
+    in ``skipped_classifier``, and the classifier keeps its fresh init. With ``skip_classifier=False``
+    such a mismatch is an error. A matching classifier is always loaded.
 
     With ``strict=True`` (default) a non-classifier key the model lacks (unexpected) or the checkpoint
     lacks (missing) is an error, because a "pretrained" model with silently random layers is a bug.
@@ -556,11 +605,16 @@ def load_pretrained(
 
     skipped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     head_bad = [k for k, v in ckpt.items() if k.startswith(head) and tuple(v.shape) != _shape_of(k)]
+    ckpt_head = [k for k in ckpt if k.startswith(head)]
+    if ckpt_head and not head_bad:
+        # A head without the model's bias (a cosine head into a linear model) would load with a random bias.
+        head_bad = [k for k in own if k.startswith(head) and k not in ckpt]
     if head_bad:
         k = head_bad[0]
         if not skip_classifier:
+            found = tuple(ckpt[k].shape) if k in ckpt else "absent"
             raise ValueError(
-                f"classifier mismatch for key {k!r}: checkpoint {tuple(ckpt[k].shape)} vs model {_shape_of(k)}"
+                f"classifier mismatch for key {k!r}: checkpoint {found} vs model {_shape_of(k) or 'absent'}"
                 " (pass skip_classifier=True to keep the model's fresh classifier)"
             )
         # Skip the whole head together: loading fc.bias but not fc.weight would be meaningless.

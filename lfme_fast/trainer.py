@@ -624,4 +624,5 @@ class RunContext:
 
         torch.manual_seed(self.cfg.seed + seed_offset)
         m = self.cfg.model
-        return build_model(arch or m.arch, num_classes, pretrained_path=m.pretrained, **m.kwargs)
+        return build_model(arch or m.arch, num_classes, pretrained_path=m.pretrained, classifier=m.classifier,
+                           cosine_scale=m.cosine_scale, **m.kwargs)

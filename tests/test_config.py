@@ -177,3 +177,19 @@ def test_sections_belong_to_their_recipe(tmp_path):
     raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     assert "experts" not in raw and "lfme" not in raw
     assert load_config(REPO / "configs" / "smoke.yaml").sections == {}
+
+
+def test_model_classifier_keys():
+    """model.classifier / model.cosine_scale: typed, validated, and passed to build_model by the trainer."""
+    smoke = REPO / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, ["model.classifier=cosine", "model.cosine_scale=16"])
+    assert cfg.model.classifier == "cosine" and cfg.model.cosine_scale == 16.0
+    with pytest.raises(ConfigError, match="model.classifier"):
+        load_config(smoke, ["model.classifier=arcface"])
+    with pytest.raises(ConfigError, match="model.cosine_scale: must be positive"):
+        load_config(smoke, ["model.cosine_scale=0"])
+    from lfme_fast.models import CosineClassifier
+    from lfme_fast.trainer import RunContext
+
+    model = RunContext.build_model(type("Ctx", (), {"cfg": cfg})(), 7)
+    assert isinstance(model.classifier, CosineClassifier) and model.classifier.scale == 16.0

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from lfme_fast.models import (
     MODELS,
+    CosineClassifier,
     LoadReport,
     NormedLinear,
     build_model,
@@ -193,3 +194,84 @@ def test_load_pretrained_resnet32_classifier_named_linear(tmp_path):
     dst = resnet32(10)
     report = load_pretrained(dst, tmp_path / "c100.pth")
     assert set(report.skipped_classifier) == {"linear.weight", "linear.bias"}
+
+
+# ---- cosine classifier (CBD) and the feature interface every backbone shares -----------------------
+
+_SIZES = {"resnet10": 32, "resnet32": 32, "resnet_small28": 28, "resnet50": 32, "resnet152": 32}
+_DIMS = {"resnet10": 512, "resnet32": 64, "resnet_small28": 128, "resnet50": 2048, "resnet152": 2048}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("classifier", ["linear", "cosine"])
+def test_every_backbone_features_and_classifier(name, classifier):
+    """Every registered backbone: forward_features -> (N, feature_dim) pooled features, forward =
+    classifier(forward_features), with either head; the cosine head replaces the linear one under the
+    same key with the same weight shape, without a bias."""
+    model = build_model(name, 5, classifier=classifier, cosine_scale=16.0).eval()
+    x = torch.randn(2, 3, _SIZES[name], _SIZES[name])
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model(x)
+    assert model.feature_dim == _DIMS[name] and feats.shape == (2, _DIMS[name])
+    torch.testing.assert_close(model.classifier(feats), logits)
+    head = model.classifier_name
+    keys = {k for k in model.state_dict() if k.startswith(head + ".")}
+    assert model.classifier.weight.shape == (5, _DIMS[name])
+    if classifier == "cosine":
+        assert isinstance(model.classifier, CosineClassifier) and keys == {f"{head}.weight"}
+        assert model.classifier.out_features == 5  # evaluate.py reads it for empty ranks
+        assert logits.abs().max() <= 16.0 + 1e-4  # |scale * cosine| <= scale
+    else:
+        assert keys == {f"{head}.weight", f"{head}.bias"}
+
+
+def test_cosine_classifier_values():
+    head = CosineClassifier(4, 3, scale=20.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0, 0, 0], [0, 3.0, 0, 0], [1.0, 1.0, 0, 0]]))
+    x = torch.tensor([[5.0, 0, 0, 0], [1.0, 1.0, 0, 0]])
+    expected = 20.0 * torch.tensor([[1.0, 0.0, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1.0]])
+    torch.testing.assert_close(head(x), expected)
+    torch.testing.assert_close(head(x * 7.0), expected)  # invariant to the feature norm
+    x.requires_grad_(True)
+    head(x).sum().backward()
+    assert head.weight.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="cosine_scale"):
+        CosineClassifier(4, 3, scale=0.0)
+
+
+def test_build_model_classifier_errors():
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        build_model("resnet10", 5, classifier="arcface")
+    with pytest.raises(ValueError, match="cosine_scale"):
+        build_model("resnet10", 5, classifier="cosine", cosine_scale=-1.0)
+    with pytest.raises(ValueError, match="use_norm"):
+        build_model("resnet32", 5, classifier="cosine", use_norm=True)
+
+
+def test_cosine_checkpoints_load(tmp_path):
+    """A cosine model's checkpoint loads into a cosine model (everything); a linear backbone checkpoint
+    loads into a cosine model with its head skipped (no bias to put anywhere), and a cosine checkpoint
+    into a linear model skips the head too (it has no bias for it) instead of leaving a random bias."""
+    src = build_model("resnet_small28", 6, classifier="cosine")
+    torch.save(src.state_dict(), tmp_path / "cos.pth")
+    dst = build_model("resnet_small28", 6, pretrained_path=tmp_path / "cos.pth", classifier="cosine")
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+    torch.save(build_model("resnet_small28", 6).state_dict(), tmp_path / "lin.pth")
+    cos = build_model("resnet_small28", 6, classifier="cosine")
+    report = load_pretrained(cos, tmp_path / "lin.pth")
+    assert set(report.skipped_classifier) == {"fc.weight", "fc.bias"}
+    with pytest.raises(ValueError, match="classifier mismatch for key 'fc.bias'"):
+        load_pretrained(cos, tmp_path / "lin.pth", skip_classifier=False)
+
+    lin = build_model("resnet_small28", 6)
+    before = lin.fc.weight.detach().clone()
+    report = load_pretrained(lin, tmp_path / "cos.pth")
+    assert set(report.skipped_classifier) == {"fc.weight"}
+    torch.testing.assert_close(lin.fc.weight, before)
+    torch.testing.assert_close(lin.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
+    with pytest.raises(ValueError, match="'fc.bias': checkpoint absent"):
+        load_pretrained(lin, tmp_path / "cos.pth", skip_classifier=False)
