@@ -6,8 +6,12 @@ Two kinds of things live here:
   boxes + flips per sample; every later consumer (the expert forward pass that records teacher
   outputs, the student's loader) must see exactly those crops. Boxes are in *stored-image* pixel
   coordinates ``(y, x, h, w)``; view 0 is the eval centre view, so "view 0" replays the eval
-  transform. Which view a sample shows in an epoch is a pure hash of ``(seed, epoch, index)``
-  (:meth:`FixedViews.choose`), so every back end, worker and rank agrees without communication.
+  transform. Which view a sample shows in an epoch is a pure function of ``(seed, epoch, index,
+  occurrence)`` (:meth:`FixedViews.choose`), so every back end, worker and rank agrees without
+  communication, and the repeats of an oversampled image are spread over its views. A table is of one
+  ``kind``: ``"rrc"`` boxes (cropped, then resized) or ``"pad_crop"`` windows (stored-size windows
+  at an offset in ``[-pad, pad]^2``, zero outside: the small-image augmentation,
+  :func:`pad_crop_views`, :func:`all_pad_crop_views`).
 * **Per-epoch random geometry** (:func:`draw_rrc`, :func:`draw_pad_crop`): the crop box + flip of
   every position of an epoch, drawn from :func:`sample_key` ``(seed, epoch, index, occurrence)``;
   the epoch plan carries them to every back end (same crops everywhere, exact replay on resume).
@@ -40,6 +44,10 @@ __all__ = [
     "sample_rrc_boxes",
     "center_boxes",
     "make_views",
+    "VIEW_KINDS",
+    "pad_crop_views",
+    "all_pad_crop_views",
+    "num_pad_crop_views",
     "image_sizes",
     "resolve_augment",
     "rrc_box",
@@ -106,9 +114,12 @@ def view_hash(seed, epoch, index, k):
 
 
 @njit(cache=True, parallel=True)
-def _choose_kernel(seed, epoch, indices, k, out):
+def _choose_kernel(seed, epoch, indices, occ, k, out):
+    # (hash + occurrence) mod K: each position is uniform over the K views (the hash is), and the
+    # repeats of one index in an epoch walk through consecutive views, so r <= K repeats get r
+    # distinct views and more repeats cover all K as evenly as possible (counts differ by <= 1).
     for p in prange(indices.shape[0]):
-        out[p] = view_hash(seed, epoch, indices[p], k)
+        out[p] = (view_hash(seed, epoch, indices[p], k) + occ[p]) % k
 
 
 @njit(cache=True)
@@ -316,24 +327,42 @@ def center_boxes(heights, widths, crop_ratio: float = CENTER_CROP_RATIO) -> np.n
     return boxes
 
 
+#: Kinds of view table. ``"rrc"``: boxes inside the image, cropped and resized to the resolution (the
+#: ImageNet-style augmentation and its centre view). ``"pad_crop"``: stored-size windows whose corner
+#: ``(y, x)`` lies in ``[-pad, pad]^2`` (zero outside the image), not resized: the pad-crop
+#: augmentation of small images, replayed with the same pixel op as planned pad-crop.
+VIEW_KINDS = ("rrc", "pad_crop")
+
+
 @dataclass
 class FixedViews:
-    """``K`` replayable views per sample: crop ``boxes[i, k]`` = ``(y, x, h, w)`` in stored-image
-    pixels, then flip when ``flips[i, k]``, then resize to the loader's resolution."""
+    """``K`` replayable views per sample: ``boxes[i, k]`` = ``(y, x, h, w)`` in stored-image pixels,
+    mirrored when ``flips[i, k]``.
+
+    ``kind="rrc"``: crop the box, flip, resize to the loader's resolution (``y, x >= 0``, the box inside
+    the image). ``kind="pad_crop"``: the stored-size window at corner ``(y, x)`` (may be negative: the
+    zero padding), flip, no resize. The loaders replay a ``"pad_crop"`` table with the pad-crop pixel op
+    (geometry ``"pad_crop"``), an ``"rrc"`` table with crop-and-resize (geometry ``"views"``).
+    """
 
     boxes: np.ndarray  # int32 [N, K, 4]
     flips: np.ndarray  # bool [N, K]
     seed: int
+    kind: str = "rrc"
 
     def __post_init__(self):
         self.boxes = np.ascontiguousarray(self.boxes, dtype=np.int32)
         self.flips = np.ascontiguousarray(self.flips, dtype=np.bool_)
+        if self.kind not in VIEW_KINDS:
+            raise ValueError(f"view kind must be one of {VIEW_KINDS}, got {self.kind!r}")
         if self.boxes.ndim != 3 or self.boxes.shape[2] != 4:
             raise ValueError(f"boxes must be [N, K, 4], got shape {self.boxes.shape}")
         if self.flips.shape != self.boxes.shape[:2]:
             raise ValueError(f"flips must be [N, K] = {self.boxes.shape[:2]}, got {self.flips.shape}")
-        if self.boxes.size and (self.boxes[..., 2:].min() < 1 or self.boxes[..., :2].min() < 0):
-            raise ValueError("boxes need y, x >= 0 and h, w >= 1")
+        if self.boxes.size and self.boxes[..., 2:].min() < 1:
+            raise ValueError("boxes need h, w >= 1")
+        if self.kind == "rrc" and self.boxes.size and self.boxes[..., :2].min() < 0:
+            raise ValueError("'rrc' boxes need y, x >= 0 (negative corners are 'pad_crop' windows)")
         self.seed = int(self.seed)
 
     @property
@@ -344,36 +373,59 @@ class FixedViews:
     def num_views(self) -> int:
         return int(self.boxes.shape[1])
 
-    def choose(self, epoch: int, indices: np.ndarray) -> np.ndarray:
-        """int64 view id per index for ``epoch``: uniform over ``K``, a hash of ``(seed, epoch, index)``."""
+    def choose(self, epoch: int, indices: np.ndarray, occurrence: np.ndarray | None = None) -> np.ndarray:
+        """int64 view id per position of an epoch that visits ``indices`` (in order).
+
+        View = ``(view_hash(seed, epoch, index) + occurrence) mod K``, where ``occurrence`` is how many
+        times the index already came up earlier in ``indices`` (:func:`occurrences`; pass it when
+        ``indices`` is only part of the epoch). Each position is uniform over the ``K`` views, and the
+        repeats of an index are spread over them: ``r`` repeats in an epoch get ``min(r, K)`` distinct
+        views, each view ``floor(r / K)`` or ``ceil(r / K)`` times. Deterministic for
+        ``(seed, epoch, indices)``.
+        """
         idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        occ = occurrences(idx) if occurrence is None else np.ascontiguousarray(occurrence, dtype=np.int64).reshape(-1)
+        if occ.shape != idx.shape:
+            raise ValueError(f"occurrence has {occ.size} entries for {idx.size} indices")
         out = np.empty(idx.size, dtype=np.int64)
-        _choose_kernel(self.seed % 2**63, int(epoch), idx, self.num_views, out)
+        _choose_kernel(self.seed % 2**63, int(epoch), idx, occ, self.num_views, out)
         return out
 
     def check_fits(self, heights: np.ndarray, widths: np.ndarray) -> None:
-        """Raise if the table does not match the split or a box leaves its image."""
+        """Raise if the table does not match the split: an ``"rrc"`` box that leaves its image, or a
+        ``"pad_crop"`` window that is not of the stored size or does not overlap the image."""
         if self.num_samples != len(heights):
             raise ValueError(f"FixedViews has {self.num_samples} samples, the split has {len(heights)}")
         b = self.boxes.astype(np.int64)
-        over = (b[..., 0] + b[..., 2] > heights[:, None]) | (b[..., 1] + b[..., 3] > widths[:, None])
-        if over.any():
-            i, v = np.argwhere(over)[0]
-            raise ValueError(f"view {v} of sample {i}: box {self.boxes[i, v].tolist()} leaves the "
-                             f"{heights[i]}x{widths[i]} stored image")
+        hh = np.asarray(heights, dtype=np.int64)[:, None]
+        ww = np.asarray(widths, dtype=np.int64)[:, None]
+        if self.kind == "rrc":
+            bad = (b[..., 0] + b[..., 2] > hh) | (b[..., 1] + b[..., 3] > ww)
+            what = "leaves the"
+        else:
+            bad = (b[..., 2] != hh) | (b[..., 3] != ww) | (np.abs(b[..., 0]) >= hh) | (np.abs(b[..., 1]) >= ww)
+            what = "is not a stored-size window overlapping the"
+        if bad.any():
+            i, v = np.argwhere(bad)[0]
+            raise ValueError(f"view {v} of sample {i}: {self.kind} box {self.boxes[i, v].tolist()} {what} "
+                             f"{int(hh[i, 0])}x{int(ww[i, 0])} stored image")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the table to one ``.npz`` (boxes, flips, seed)."""
+        """Write the table to one compressed ``.npz`` (boxes, flips, seed, kind), atomically."""
         from lfme_fast.io import atomic_path
 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, boxes=self.boxes, flips=self.flips, seed=np.int64(self.seed))
+                # compressed: a view table is very regular (an 'all' pad-crop table repeats one
+                # pattern per image) and is read once per run
+                np.savez_compressed(f, boxes=self.boxes, flips=self.flips, seed=np.int64(self.seed),
+                                    kind=np.str_(self.kind))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FixedViews":
         with np.load(path) as z:
-            return cls(z["boxes"], z["flips"], int(z["seed"]))
+            kind = str(z["kind"]) if "kind" in z.files else "rrc"  # tables written before kinds existed
+            return cls(z["boxes"], z["flips"], int(z["seed"]), kind)
 
 
 def make_views(heights, widths, k: int, seed: int, include_center: bool = True,
@@ -385,6 +437,87 @@ def make_views(heights, widths, k: int, seed: int, include_center: bool = True,
         boxes[:, 0, :] = center_boxes(heights, widths)
         flips[:, 0] = False
     return FixedViews(boxes, flips, seed)
+
+
+# Pad-crop views are numbered by a code c in [0, 2 S^2), S = 2 pad + 1: flip = c >= S^2, and
+# r = c mod S^2 gives the corner (r // S - pad, r % S - pad). The centre view (0, 0, no flip) has code
+# pad * S + pad.
+_PAD_VIEW_SALT = np.uint64(0x165667B19E3779F9)
+
+
+def num_pad_crop_views(pad: int = PAD_CROP_PADDING) -> int:
+    """Distinct pad-crop views: ``(2 pad + 1)^2`` corners x 2 flips (162 for pad 4)."""
+    return 2 * (2 * int(pad) + 1) ** 2
+
+
+@njit(cache=True)
+def _pad_code_to_view(code, pad, height, width, boxes_row, flips, v):
+    span = 2 * pad + 1
+    r = code % (span * span)
+    boxes_row[0] = r // span - pad
+    boxes_row[1] = r % span - pad
+    boxes_row[2] = height
+    boxes_row[3] = width
+    flips[v] = code >= span * span
+
+
+@njit(cache=True, parallel=True)
+def _pad_crop_views_kernel(heights, widths, k, seed, pad, include_center, boxes, flips):
+    span = 2 * pad + 1
+    total = 2 * span * span
+    center = pad * span + pad
+    base = _mix64(np.uint64(seed) ^ _PAD_VIEW_SALT)
+    for i in prange(heights.shape[0]):
+        # K distinct codes per image: the K smallest of one random key per code (a uniform random
+        # K-subset in random order); the centre is excluded from the draw when it is view 0.
+        keys = np.empty(total, dtype=np.uint64)
+        for c in range(total):
+            keys[c] = _mix64(base + np.uint64(i) * np.uint64(total) + np.uint64(c))
+        if include_center:
+            keys[center] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        order = np.argsort(keys)
+        first = 0
+        if include_center:
+            _pad_code_to_view(center, pad, heights[i], widths[i], boxes[i, 0], flips[i], 0)
+            first = 1
+        for v in range(first, k):
+            _pad_code_to_view(order[v - first], pad, heights[i], widths[i], boxes[i, v], flips[i], v)
+
+
+def pad_crop_views(heights, widths, k: int, seed: int, include_center: bool = True,
+                   pad: int = PAD_CROP_PADDING) -> FixedViews:
+    """``K`` distinct pad-crop views per image (kind ``"pad_crop"``): view 0 the identity window (the
+    eval view of small images, no flip) when ``include_center``; the others a seeded uniform draw
+    without replacement from the other pad-crop views (corner in ``[-pad, pad]^2``, flip or not).
+    Deterministic in ``(seed, image position)``."""
+    h, w = _as_sizes(heights, widths)
+    total = num_pad_crop_views(pad)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in 1..{total} (the distinct pad-crop views with pad {pad}), got {k}")
+    boxes = np.zeros((h.size, k, 4), dtype=np.int32)
+    flips = np.zeros((h.size, k), dtype=np.bool_)
+    _pad_crop_views_kernel(h, w, int(k), int(seed) % 2**63, int(pad), bool(include_center), boxes, flips)
+    return FixedViews(boxes, flips, seed, "pad_crop")
+
+
+def all_pad_crop_views(heights, widths, seed: int, pad: int = PAD_CROP_PADDING) -> FixedViews:
+    """Every distinct pad-crop view of every image (``num_pad_crop_views(pad)`` = 162 for pad 4), view
+    0 the identity window. :meth:`FixedViews.choose` picks each position's view uniformly from them,
+    i.e. a uniform corner in ``[-pad, pad]^2`` and a fair flip, independently: the distribution of
+    :func:`draw_pad_crop`, so distilling over this table is exact for the standard augmentation.
+    ``seed`` only seeds that per-epoch choice."""
+    h, w = _as_sizes(heights, widths)
+    span = 2 * int(pad) + 1
+    total = num_pad_crop_views(pad)
+    codes = (np.arange(total) + pad * span + pad) % total  # view v -> code, rotated so view 0 = centre
+    r = codes % (span * span)
+    boxes = np.empty((h.size, total, 4), dtype=np.int32)
+    boxes[:, :, 0] = r // span - pad
+    boxes[:, :, 1] = r % span - pad
+    boxes[:, :, 2] = h[:, None]
+    boxes[:, :, 3] = w[:, None]
+    flips = np.broadcast_to(codes >= span * span, (h.size, total))
+    return FixedViews(boxes, flips, seed, "pad_crop")
 
 
 # ==================================================================================================

@@ -44,36 +44,36 @@ def _synchronize(device: torch.device) -> None:
 
 def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequence[int], seed: int = 0,
                load: str = "mmap"):
-    """A synthetic offline store (float16 logits) with the real store's reading code."""
-    import json
+    """A synthetic LFME store (random float16 logits), written and read by the real store code: the
+    generic writer fed index-only batches and a producer of random logits (no dataset, no experts)."""
+    from types import SimpleNamespace
 
     from lfme_fast.augment import FixedViews
-    from lfme_fast.offline import FORMAT, OfflineStore
+    from lfme_fast.offline import LFMEStore, lfme_arrays, make_header, view_identity, write_store
 
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     offsets = np.cumsum([0, *sizes])
-    header = {"format": FORMAT,
-              "dataset": {"name": "synthetic", "split": "train", "num_samples": num_samples, "fingerprint": None},
-              "augmentation": {"resolution": 0, "mode": "imagenet", "num_views": num_views, "view_seed": 0,
-                               "view_kind": "center"},
-              "subsets": [{"name": f"s{l}", "classes": list(range(int(offsets[l]), int(offsets[l + 1])))}
-                          for l in range(len(sizes))],
-              "experts": [], "storage": {"dtype": "float16", "topk": None,
-                                         "logit_bytes_per_image": 2.0 * num_views * sum(sizes)}}
-    directory.mkdir(parents=True, exist_ok=True)
-    for l, c in enumerate(sizes):
-        arr = np.lib.format.open_memmap(directory / f"expert{l}.logits.npy", mode="w+", dtype=np.float16,
-                                        shape=(num_samples, num_views, c))
+    subsets = [{"name": f"s{l}", "classes": list(range(int(offsets[l]), int(offsets[l + 1])))}
+               for l in range(len(sizes))]
+    manifest = {"dataset": "synthetic", "splits": {"train": {"num_samples": num_samples, "fingerprint": None}}}
+    header = make_header(run_dir=directory, manifest=manifest, split="train",
+                         views=view_identity("imagenet", num_views, 0, "center"),
+                         augmentation={"resolution": 0, "mode": "imagenet"}, backend="torch", checkpoints=[],
+                         recipe="lfme", fields={"subsets": subsets}, arrays=lfme_arrays(sizes, None))
+    views = FixedViews(np.tile(np.array([0, 0, 1, 1], np.int32), (num_samples, num_views, 1)),
+                       np.zeros((num_samples, num_views), bool), 0)
+
+    def make_loader(table, k):
         for lo in range(0, num_samples, 8192):
-            hi = min(num_samples, lo + 8192)
-            arr[lo:hi] = (rng.standard_normal((hi - lo, num_views, c), dtype=np.float32) * 3).astype(np.float16)
-        arr.flush()
-        del arr
-    FixedViews(np.tile(np.array([0, 0, 1, 1], np.int32), (num_samples, num_views, 1)),
-               np.zeros((num_samples, num_views), bool), 0).save(directory / "views.npz")
-    np.save(directory / "confidence.npy", np.full(num_samples, 0.5, np.float32))
-    (directory / "header.json").write_text(json.dumps(header))
-    return OfflineStore.open(directory, load=load)
+            yield SimpleNamespace(indices=torch.arange(lo, min(num_samples, lo + 8192)))
+
+    def produce(batch):
+        out = {f"expert{l}.logits": torch.randn(len(batch.indices), c, generator=gen) * 3 for l, c in enumerate(sizes)}
+        return {**out, "confidence": torch.full((len(batch.indices),), 0.5)}
+
+    write_store(directory, header, views, produce, make_loader, show_progress=False, log=lambda m: None,
+                storage_extra={"logit_bytes_per_image": 2.0 * num_views * sum(sizes)})
+    return LFMEStore.open(directory, load=load)
 
 
 def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: int, store_samples: int,

@@ -233,9 +233,13 @@ class LoaderSpec:
         'views' (crop the given box, flip, resize), 'rrc' (random resized crop + flip), 'center'
         (eval centre box, resize), 'pad_crop' (pad 4, random crop, flip), 'resize' (whole image to
         the resolution), 'identity' (stored pixels as they are).
+
+        Replayed views keep their table's pixel op: an "rrc" table's boxes are cropped and resized
+        ('views'); a "pad_crop" table's windows are copied as pad-crop windows ('pad_crop'), exactly
+        as the experts and baselines saw them, with the boxes taken from the table.
         """
         if self.views is not None:
-            return "views"
+            return "pad_crop" if self.views.kind == "pad_crop" else "views"
         if self.mode == "imagenet":
             return "rrc" if self.train else "center"
         if self.mode == "pad_crop":
@@ -320,7 +324,11 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
     image, by ``spec.geometry``."""
     geometry = spec.geometry
     h, w = spec.heights, spec.widths
-    if geometry == "views":
+    if spec.views is not None:  # replay: 'views' boxes or 'pad_crop' windows, both from the table
+        if geometry == "pad_crop" and spec.stored_shape != (spec.resolution, spec.resolution):
+            # the pad-crop op outputs stored-size windows: a batch at another resolution would not stack
+            raise ValueError(f"pad-crop views need square images stored at the resolution ({spec.resolution}); "
+                             f"split {spec.split!r} is stored at {spec.stored_shape or 'several sizes'}")
         return (np.ascontiguousarray(spec.views.boxes[indices, views]),
                 np.ascontiguousarray(spec.views.flips[indices, views]))
     if geometry == "rrc":
