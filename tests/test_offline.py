@@ -126,10 +126,10 @@ def test_pad_crop_views_are_pad_crop_windows():
     the augmentation its experts trained with, not RandomResizedCrop boxes; the kind is in the header."""
     h = np.full(300, 28); w = np.full(300, 28)
     v = build_views(h, w, 8, 3, "center", "pad_crop")
-    assert v.kind == "pad_crop"
     corners = v.boxes[:, :, :2]
     assert corners.min() == -4 and corners.max() == 4  # negative corners: the zero padding
     assert (v.boxes[:, :, 2] == 28).all() and (v.boxes[:, :, 3] == 28).all()  # stored-size windows, no resize
+    assert v.kind == "pad_crop"
     assert v.flips[:, 1:].mean() == pytest.approx(0.5, abs=0.05)
     codes = (corners[..., 0] + 4) * 9 + (corners[..., 1] + 4) + 81 * v.flips
     assert all(len(set(row)) == 8 for row in codes.tolist())  # K distinct views per image
@@ -211,14 +211,14 @@ def test_plan_spreads_tail_repeats_over_views(fmnist_dir):
     sampler = ClassBalancedSampler(labels, samples_per_class=4, seed=1)
     spec = resolve_spec(LoaderOptions(fmnist_dir, "train", backend="torch", train=True, batch_size=32,
                                       sampler=sampler, total_epochs=2, views=table, num_workers=0))
-    assert spec.geometry == "pad_crop"  # pad-crop views replay with the pad-crop pixel op
     plan = plan_epoch(spec, 1)
-    np.testing.assert_array_equal(plan.views, table.choose(1, plan.indices))
     counts = np.bincount(plan.indices)
     tail = int(np.argmax(counts))
     assert counts[tail] >= 4
     seen = plan.views[plan.indices == tail]
     assert len(set(seen[:4].tolist())) == 4
+    np.testing.assert_array_equal(plan.views, table.choose(1, plan.indices))
+    assert spec.geometry == "pad_crop"  # pad-crop views replay with the pad-crop pixel op
     # and the plan's geometry is the table's windows
     np.testing.assert_array_equal(plan.boxes, table.boxes[plan.indices, plan.views])
     np.testing.assert_array_equal(plan.flips, table.flips[plan.indices, plan.views])
