@@ -505,19 +505,11 @@ def all_pad_crop_views(heights, widths, seed: int, pad: int = PAD_CROP_PADDING) 
     0 the identity window. :meth:`FixedViews.choose` picks each position's view uniformly from them,
     i.e. a uniform corner in ``[-pad, pad]^2`` and a fair flip, independently: the distribution of
     :func:`draw_pad_crop`, so distilling over this table is exact for the standard augmentation.
-    ``seed`` only seeds that per-epoch choice."""
-    h, w = _as_sizes(heights, widths)
-    span = 2 * int(pad) + 1
-    total = num_pad_crop_views(pad)
-    codes = (np.arange(total) + pad * span + pad) % total  # view v -> code, rotated so view 0 = centre
-    r = codes % (span * span)
-    boxes = np.empty((h.size, total, 4), dtype=np.int32)
-    boxes[:, :, 0] = r // span - pad
-    boxes[:, :, 1] = r % span - pad
-    boxes[:, :, 2] = h[:, None]
-    boxes[:, :, 3] = w[:, None]
-    flips = np.broadcast_to(codes >= span * span, (h.size, total))
-    return FixedViews(boxes, flips, seed, "pad_crop")
+
+    Views 1..161 are in a seeded random order per image (``pad_crop_views`` with K = all): the
+    repeats of an image within an epoch take consecutive views, which are then unrelated crops, not
+    a sweep of neighbouring corners."""
+    return pad_crop_views(heights, widths, num_pad_crop_views(pad), seed, include_center=True, pad=pad)
 
 
 # ==================================================================================================
