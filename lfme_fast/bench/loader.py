@@ -226,14 +226,15 @@ class _FFCVDiagnostic:
 
         from lfme_fast.augment import IMAGENET_MEAN, IMAGENET_STD
         from lfme_fast.loaders import LoaderOptions, resolve_spec
-        from lfme_fast.loaders.ffcv_backend import PlanDecoder, SamplerOrder, _PlanHolder, allocate_buffers_once
+        from lfme_fast.loaders.ffcv_backend import (
+            _ST_SIZE, PlanDecoder, SamplerOrder, _PlanHolder, allocate_buffers_once)
         from lfme_fast.shards import beton_path
 
         spec = resolve_spec(LoaderOptions(root, split, train=True, batch_size=batch_size, sampler=sampler,
                                           total_epochs=10**6, resolution=resolution, augment="imagenet",
                                           num_workers=workers))
         self.plans = _PlanHolder(spec)
-        self.state = np.zeros(5, dtype=np.int64)
+        self.state = np.zeros(_ST_SIZE, dtype=np.int64)
         res = (resolution, resolution)
         if kind == "uint8":
             image = [PlanDecoder(res, False, None, False, self.state), ToTensor()]

@@ -36,6 +36,8 @@ from lfme_fast.augment import (
     IMAGENET_STD,
     FixedViews,
     center_boxes,
+    check_colour,
+    draw_colour,
     draw_pad_crop,
     draw_rrc,
     image_sizes,
@@ -118,6 +120,13 @@ class LoaderOptions:
     * ``augment``: 'imagenet' (train RandomResizedCrop + flip; eval centre crop of 0.875 x shorter
       side resized to ``resolution``), 'pad_crop' (28/32 px: pad 4 + random crop + flip; eval
       identity), 'none' or 'auto' (pad_crop for images of at most 64 px, else imagenet).
+    * ``colour``/``colour_strength``: colour augmentation on top of ``augment``, for training loaders
+      without ``views`` (eval loaders and view replay never jitter colours). 'none', or 'simclr':
+      SimCLR's colour jitter (brightness, contrast, saturation ``0.8 s``, hue ``0.2 s`` with ``s =
+      colour_strength`` in [0, 2.5], applied with p 0.8, ops in a random order per sample) and random
+      grayscale (p 0.2), planned per position like the crops (:func:`lfme_fast.augment.draw_colour`)
+      and applied after crop/resize in every back end. CBD's "strong" teachers: ``colour='simclr'``,
+      strength 1.
     * ``device``/``dtype``/``channels_last``: where and how ``Batch.images`` arrive (float32,
       bfloat16 or float16; a dtype name is accepted).
     * ``num_workers``: None = every CPU. ``drop_last``: None = ``train``. ``in_memory``: ffcv's
@@ -141,6 +150,8 @@ class LoaderOptions:
     total_epochs: int = 1
     resolution: int | None = None
     augment: str = "auto"
+    colour: str = "none"
+    colour_strength: float = 1.0
     device: Any = "cpu"
     dtype: Any = torch.float32
     channels_last: bool = False
@@ -167,6 +178,7 @@ class LoaderOptions:
         object.__setattr__(self, "dtype", dtype)  # frozen: normalise a dtype name once, here
         if self.fixed_view is not None and self.views is None:
             raise ValueError("fixed_view needs views=")
+        check_colour(self.colour, self.colour_strength)
 
     def replace(self, **changes: Any) -> LoaderOptions:
         """A copy with ``changes`` applied (validated again), e.g. ``opts.replace(split="val", train=False)``."""
@@ -210,6 +222,8 @@ class LoaderSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_ratio: float = CENTER_CROP_RATIO
+    colour: str = "none"  # 'none' | 'simclr' (see LoaderOptions)
+    colour_strength: float = 1.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -252,13 +266,21 @@ class LoaderSpec:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def jitters_colour(self) -> bool:
+        """Whether the epoch plans carry colour rows: colour augmentation on a training loader without
+        fixed views (replayed views and eval loaders show the stored colours)."""
+        return self.colour != "none" and self.train and self.views is None
+
 
 @dataclass
 class EpochPlan:
     """One epoch on this rank: the visited ``indices`` in order (truncated to whole batches when
     ``drop_last``), aligned ``weights`` (or None) and fixed-view ids ``views`` (or None), and the
     geometry of every position: ``boxes`` int32 ``[n, 4]`` ``(y, x, h, w)`` in stored pixels and
-    ``flips`` bool ``[n]``.
+    ``flips`` bool ``[n]``; ``colour``: float32 ``[n, COLOUR_COLUMNS]`` colour-jitter rows
+    (:func:`lfme_fast.augment.draw_colour`, applied after crop/resize with
+    :func:`lfme_fast.augment.colour_image`) when the loader jitters colours, else None.
 
     A box is resized to the loader's resolution, except for the 'pad_crop' geometry, where it is a
     stored-size window whose corner ``(y, x)`` lies in ``[-pad, pad]`` (outside the image is zero)
@@ -271,6 +293,7 @@ class EpochPlan:
     views: np.ndarray | None
     boxes: np.ndarray
     flips: np.ndarray
+    colour: np.ndarray | None = None
 
     def batch_slices(self, batch_size: int) -> Iterator[slice]:
         for lo in range(0, len(self.indices), batch_size):
@@ -314,7 +337,7 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
             views = spec.views.choose(epoch, indices)
     indices = np.ascontiguousarray(indices)
     boxes, flips = plan_geometry(spec, epoch, indices, views)
-    return EpochPlan(int(epoch), indices, weights, views, boxes, flips)
+    return EpochPlan(int(epoch), indices, weights, views, boxes, flips, plan_colour(spec, epoch, indices))
 
 
 def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
@@ -342,6 +365,14 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
         boxes[:, 2] = h[indices]
         boxes[:, 3] = w[indices]
     return boxes, np.zeros(indices.size, dtype=np.bool_)
+
+
+def plan_colour(spec: LoaderSpec, epoch: int, indices: np.ndarray) -> np.ndarray | None:
+    """Colour-jitter rows of the epoch's positions (:func:`lfme_fast.augment.draw_colour`, seeded by
+    ``(seed, epoch, index, occurrence)`` like the crops), or None when the loader does not jitter colours."""
+    if not spec.jitters_colour:
+        return None
+    return draw_colour(indices, spec.seed, epoch, spec.colour_strength)
 
 
 def num_batches(spec: LoaderSpec) -> int:
@@ -464,7 +495,8 @@ def resolve_spec(options: LoaderOptions, /, *legacy_args: Any, **legacy_kwargs: 
                       num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(o.in_memory),
                       seed=int(o.seed), num_replicas=o.num_replicas, rank=o.rank, total_epochs=int(o.total_epochs),
                       sampler=sampler, use_weights=o.sampler is not None and bool(train), views=views,
-                      fixed_view=None if fixed_view is None else int(fixed_view))
+                      fixed_view=None if fixed_view is None else int(fixed_view), colour=o.colour,
+                      colour_strength=float(o.colour_strength))
 
 
 def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:

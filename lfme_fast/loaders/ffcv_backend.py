@@ -13,7 +13,9 @@
   device) — one parallel loop per batch, the crop still in cache when it is normalised. The random
   geometry therefore comes from the plan (seeded by (seed, epoch, index, occurrence)), as in the
   other back ends, instead of from ffcv's per-thread generators: same crops as torch/DALI for the
-  same order, exact replay on resume.
+  same order, exact replay on resume. With colour augmentation the crop is colour-jittered in place
+  (the plan's colour row, :func:`~lfme_fast.augment.colour_image`) before it is mirrored and
+  normalised, in the same loop.
 * Position of a sample in the epoch: ffcv hands the decoder ``batch_indices``, a slice of the order
   array our :class:`SamplerOrder` returned (``order[:n][b * bs:(b + 1) * bs]``, numpy views), so
   the position is the slice's address offset from the plan's index array. The decoder checks the
@@ -63,7 +65,8 @@ from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 torch.set_num_threads(_THREADS_BEFORE_FFCV[0])
 numba.set_num_threads(_THREADS_BEFORE_FFCV[1])
 
-from lfme_fast.augment import copy_image, normalize_coefficients, normalize_image, window_into  # noqa: E402
+from lfme_fast.augment import (  # noqa: E402
+    COLOUR_COLUMNS, colour_image, copy_image, normalize_coefficients, normalize_image, window_into)
 from lfme_fast.loaders.base import (  # noqa: E402
     Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch)
 from lfme_fast.shards import beton_path  # noqa: E402
@@ -119,9 +122,10 @@ class SamplerOrder(TraversalOrder):
 # ==================================================================================================
 
 #: Slots of the decoder's plan-state array (int64): address and length of the current plan's
-#: indices, addresses of its boxes and flips, and the flag the decoder raises when a batch is not a
-#: slice of the plan's indices.
-_ST_INDICES, _ST_LENGTH, _ST_BOXES, _ST_FLIPS, _ST_ERROR = range(5)
+#: indices, addresses of its boxes and flips, the flag the decoder raises when a batch is not a
+#: slice of the plan's indices, and the address of the plan's colour rows (0 without colour jitter).
+_ST_INDICES, _ST_LENGTH, _ST_BOXES, _ST_FLIPS, _ST_ERROR, _ST_COLOUR = range(6)
+_ST_SIZE = 6
 
 
 class PlanDecoder(SimpleRGBImageDecoder):
@@ -131,14 +135,17 @@ class PlanDecoder(SimpleRGBImageDecoder):
     ``window``: copy the ``output_size`` window at the box corner (pad-crop, identity) instead of
     resizing the box to ``output_size``. ``coef``: :func:`~lfme_fast.augment.normalize_coefficients`
     for float32 output (``[3, H, W]``, or ``[H, W, 3]`` when ``channels_last``), or None for uint8
-    ``[H, W, 3]`` output. ``state``: int64 array of 5 the owner fills before each epoch (``_ST_*``).
+    ``[H, W, 3]`` output. ``state``: int64 array of ``_ST_SIZE`` the owner fills before each epoch
+    (``_ST_*``). ``colour``: apply each position's colour row of the plan to the crop (uint8, after
+    crop/resize, before mirror and normalise) with :func:`~lfme_fast.augment.colour_image`.
     """
 
     def __init__(self, output_size: tuple[int, int], window: bool, coef: Optional[np.ndarray],
-                 channels_last: bool, state: np.ndarray):
+                 channels_last: bool, state: np.ndarray, colour: bool = False):
         super().__init__()
-        if state.dtype != np.int64 or state.shape != (5,) or not state.flags.c_contiguous:
-            raise ValueError("state must be a contiguous int64 array of 5")
+        if state.dtype != np.int64 or state.shape != (_ST_SIZE,) or not state.flags.c_contiguous:
+            raise ValueError(f"state must be a contiguous int64 array of {_ST_SIZE}")
+        self.colour = bool(colour)
         self.output_size = (int(output_size[0]), int(output_size[1]))
         self.window = bool(window)
         self.coef = None if coef is None else np.ascontiguousarray(coef, dtype=np.float32).reshape(2, 3)
@@ -178,10 +185,11 @@ class PlanDecoder(SimpleRGBImageDecoder):
         resize_crop_c = Compiler.compile(resize_crop)
         state_addr = self.state.ctypes.data
         window = self.window
+        jitter = self.colour  # a compile-time constant: without colour the branch is compiled away
         to_float = self.coef is not None
         coef = self.coef if to_float else np.zeros((2, 3), dtype=np.float32)  # 24 bytes, frozen: wanted
         channels_last = self.channels_last
-        normalize, copy, window_copy = normalize_image, copy_image, window_into
+        normalize, copy, window_copy, colour = normalize_image, copy_image, window_into, colour_image
         threads = self.scratch_decoded.shape[0]
         dec_shape, dec_addr = self.scratch_decoded.shape, self.scratch_decoded.ctypes.data
         crop_shape, crop_addr = self.scratch_crop.shape, self.scratch_crop.ctypes.data
@@ -205,6 +213,8 @@ class PlanDecoder(SimpleRGBImageDecoder):
                 return destination[:n]
             boxes = numba.carray(_address_as_pointer(state[_ST_BOXES]), (length, 4), np.int32)
             flips = numba.carray(_address_as_pointer(state[_ST_FLIPS]), (length,), np.uint8)
+            colours = numba.carray(_address_as_pointer(state[_ST_COLOUR]), (length if jitter else 0, COLOUR_COLUMNS),
+                                   np.float32)
             for j in my_range(n):
                 p = pos0 + j
                 tid = numba.get_thread_id()
@@ -226,6 +236,8 @@ class PlanDecoder(SimpleRGBImageDecoder):
                     window_copy(image, y, x, crop)
                 else:
                     resize_crop_c(image, y, y + h, x, x + w, crop)
+                if jitter:
+                    colour(crop, colours[p])
                 if to_float:
                     normalize(crop, coef, destination[j], flips[p] != 0, channels_last)
                 else:
@@ -252,6 +264,12 @@ def point_decoder_at(state: np.ndarray, plan: EpochPlan) -> None:
     state[_ST_BOXES] = plan.boxes.ctypes.data
     state[_ST_FLIPS] = plan.flips.ctypes.data
     state[_ST_ERROR] = 0
+    if plan.colour is not None:
+        plan.colour = np.ascontiguousarray(plan.colour, dtype=np.float32)
+        if plan.colour.shape != (len(plan.indices), COLOUR_COLUMNS):
+            raise RuntimeError(f"epoch plan colour rows must be [{len(plan.indices)}, {COLOUR_COLUMNS}], "
+                               f"got {plan.colour.shape}")
+    state[_ST_COLOUR] = 0 if plan.colour is None else plan.colour.ctypes.data
 
 
 def allocate_buffers_once(loader: Loader) -> None:
@@ -290,7 +308,7 @@ class FFCVLoader(BatchLoader):
         # (at construction and at each epoch start): we put the caller's counts back each time.
         self._caller_threads = (torch.get_num_threads(), numba.get_num_threads())
         self._plans = _PlanHolder(spec)
-        self._plan_state = np.zeros(5, dtype=np.int64)  # read by PlanDecoder's compiled code
+        self._plan_state = np.zeros(_ST_SIZE, dtype=np.int64)  # read by PlanDecoder's compiled code
         geometry = spec.geometry
         window = geometry in ("pad_crop", "identity")  # a stored-size window, not a resized box
         if window:
@@ -300,11 +318,12 @@ class FFCVLoader(BatchLoader):
         self._gpu_normalize = spec.cuda
         if spec.cuda:
             # Ship uint8 (4x fewer bytes), normalise on the GPU in torch (ffcv's GPU NormalizeImage needs cupy).
-            image = [PlanDecoder(out_size, window, None, False, self._plan_state),
+            image = [PlanDecoder(out_size, window, None, False, self._plan_state, spec.jitters_colour),
                      ToTensor(), ToDevice(spec.device, non_blocking=True), ToTorchImage(channels_last=True)]
         else:
             coef = normalize_coefficients(spec.mean, spec.std)
-            image = [PlanDecoder(out_size, window, coef, spec.channels_last, self._plan_state), ToTensor()]
+            image = [PlanDecoder(out_size, window, coef, spec.channels_last, self._plan_state, spec.jitters_colour),
+                     ToTensor()]
             if spec.channels_last:
                 image.append(ToTorchImage(channels_last=True))  # a permuted view of the NHWC floats
             if spec.dtype != torch.float32:

@@ -10,7 +10,10 @@ Random augmentation is replayable: the batch sampler hands each worker ``(index,
 flip)`` per sample, read from the epoch plan, whose geometry is a pure function of ``(seed, epoch,
 index, occurrence)`` (:func:`lfme_fast.loaders.base.plan_geometry`) — the same draws as the other
 back ends, whatever the number of workers, whichever worker gets the batch, and wherever an epoch
-is resumed.
+is resumed. Colour augmentation (``colour='simclr'``) travels the same way: each item carries its
+colour row from the plan, and the worker applies it to the cropped uint8 image with the numba kernel
+the other CPU paths share (:func:`lfme_fast.augment.colour_image`; torchvision's ColorJitter would
+draw its own random parameters and could not replay them).
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from lfme_fast.augment import pad_crop_window
+from lfme_fast.augment import colour_image, pad_crop_window
 from lfme_fast.loaders.base import Batch, BatchLoader, LoaderSpec, normalize_uint8_nhwc, num_batches, plan_epoch
 from lfme_fast.shards import ShardReader
 
 
 class ShardImageDataset(Dataset):
-    """Sample ``(i, view, y, x, h, w, flip)`` -> ``(uint8 HWC image tensor, label, i, view)``: the stored
-    image cropped to the box (resized to the resolution, or a zero-padded window for pad-crop) and
-    mirrored when ``flip``; ``view`` is -1 without views."""
+    """Sample ``(i, view, y, x, h, w, flip, colour)`` -> ``(uint8 HWC image tensor, label, i, view)``: the
+    stored image cropped to the box (resized to the resolution, or a zero-padded window for pad-crop),
+    mirrored when ``flip`` and colour-jittered with the plan's ``colour`` row (None: no jitter);
+    ``view`` is -1 without views."""
 
     def __init__(self, spec: LoaderSpec):
         self.reader = ShardReader(spec.root, spec.split)
@@ -48,7 +52,7 @@ class ShardImageDataset(Dataset):
         return img.resize(size, Image.BILINEAR, box=(x, y, x + w, y + h))
 
     def __getitem__(self, item):
-        i, view, y, x, h, w, flip = item
+        i, view, y, x, h, w, flip, colour = item
         img = Image.open(io.BytesIO(self.reader.get_bytes(i).tobytes()))
         img = img.convert("RGB")
         if self.geometry == "pad_crop":
@@ -62,12 +66,15 @@ class ShardImageDataset(Dataset):
             if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
             arr = np.asarray(img)
-        # a writable contiguous copy: torch refuses read-only buffers
-        return torch.from_numpy(np.array(arr, copy=True, order="C")), int(self.reader.labels[i]), int(i), int(view)
+        # a writable contiguous copy: torch refuses read-only buffers (and the colour kernel works in place)
+        out = np.array(arr, copy=True, order="C")
+        if colour is not None:
+            colour_image(out, np.asarray(colour, dtype=np.float32))
+        return torch.from_numpy(out), int(self.reader.labels[i]), int(i), int(view)
 
 
 class _PlanBatchSampler:
-    """Batches of ``(index, view, y, x, h, w, flip)`` from the current :class:`EpochPlan`, read when
+    """Batches of ``(index, view, y, x, h, w, flip, colour)`` from the current :class:`EpochPlan`, read when
     iterated, so persistent workers keep working across epochs and get each sample's geometry with
     its index (no state to update in the worker processes).
 
@@ -84,8 +91,9 @@ class _PlanBatchSampler:
     def __iter__(self):
         plan = self.plan
         views = plan.views if plan.views is not None else np.full(len(plan.indices), -1, dtype=np.int64)
-        rows = zip(plan.indices.tolist(), views.tolist(), plan.boxes.tolist(), plan.flips.tolist())
-        items = [(i, v, *box, f) for i, v, box, f in rows]
+        colours = plan.colour.tolist() if plan.colour is not None else [None] * len(plan.indices)
+        rows = zip(plan.indices.tolist(), views.tolist(), plan.boxes.tolist(), plan.flips.tolist(), colours)
+        items = [(i, v, *box, f, c) for i, v, box, f, c in rows]
         for sl in plan.batch_slices(self.batch_size):
             yield items[sl]
 
