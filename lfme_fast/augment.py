@@ -57,6 +57,8 @@ __all__ = [
     "normalize_batch",
     "sample_key",
     "occurrences",
+    "view_occurrences",
+    "VIEW_OCCURRENCE_STRIDE",
     "draw_rrc",
     "draw_pad_crop",
     "COLOUR_MODES",
@@ -213,6 +215,20 @@ def sample_key(seed, epoch, index, occurrence):
     return np.int64(z >> np.uint64(1))
 
 
+#: Occurrence offset of augmented view ``v`` (two-view loaders): view ``v`` of a position draws from
+#: :func:`sample_key` with ``occurrence + v * VIEW_OCCURRENCE_STRIDE``, a stream no real repeat count
+#: reaches (an epoch would need 2**32 repeats of one index), so the views of a sample differ from
+#: each other and from its other occurrences, and view 0 is exactly the one-view draw.
+VIEW_OCCURRENCE_STRIDE = 2**32
+
+
+def view_occurrences(indices: np.ndarray, view: int = 0) -> np.ndarray:
+    """:func:`occurrences` of ``indices`` salted for augmented view ``view`` (see ``VIEW_OCCURRENCE_STRIDE``)."""
+    if not 0 <= int(view) < 2**31:
+        raise ValueError(f"view must be a small non-negative integer, got {view}")
+    return occurrences(indices) + np.int64(view) * VIEW_OCCURRENCE_STRIDE
+
+
 def occurrences(indices: np.ndarray) -> np.ndarray:
     """int64 per position: how many times ``indices[p]`` occurs in ``indices[:p]``."""
     idx = np.asarray(indices, dtype=np.int64)
@@ -260,29 +276,32 @@ def _draw_pad_crop_kernel(seed, epoch, indices, occ, heights, widths, pad, boxes
 
 
 def draw_rrc(heights, widths, indices, seed: int, epoch: int, scale=(0.08, 1.0),
-             ratio=(3 / 4, 4 / 3)) -> tuple[np.ndarray, np.ndarray]:
+             ratio=(3 / 4, 4 / 3), view: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """RandomResizedCrop boxes (torchvision's distribution) + flips (p = 0.5) for every position of
     an epoch that visits ``indices``: int32 ``[n, 4]`` ``(y, x, h, w)`` in stored pixels, bool ``[n]``.
-    Position ``p`` draws from :func:`sample_key` ``(seed, epoch, indices[p], occurrence)``."""
+    Position ``p`` draws from :func:`sample_key` ``(seed, epoch, indices[p], occurrence)``; ``view``
+    > 0: the independent draws of a sample's further augmented views (:func:`view_occurrences`)."""
     h, w = _as_sizes(heights, widths)
     idx = np.ascontiguousarray(indices, dtype=np.int64)
     boxes = np.empty((idx.size, 4), dtype=np.int32)
     flips = np.empty(idx.size, dtype=np.bool_)
-    _draw_rrc_kernel(int(seed) % 2**63, int(epoch), idx, occurrences(idx), h, w, float(scale[0]),
+    _draw_rrc_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), h, w, float(scale[0]),
                      float(scale[1]), math.log(ratio[0]), math.log(ratio[1]), boxes, flips)
     return boxes, flips
 
 
 def draw_pad_crop(heights, widths, indices, seed: int, epoch: int,
-                  pad: int = PAD_CROP_PADDING) -> tuple[np.ndarray, np.ndarray]:
+                  pad: int = PAD_CROP_PADDING, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Pad-crop windows + flips for every position of an epoch (the CIFAR recipe: zero-pad ``pad``,
     random crop back to the stored size, flip with p = 0.5): int32 ``[n, 4]`` ``(y, x, h, w)`` with
-    ``y, x`` in ``[-pad, pad]`` (the window may leave the image: outside is zero) and bool ``[n]``."""
+    ``y, x`` in ``[-pad, pad]`` (the window may leave the image: outside is zero) and bool ``[n]``.
+    ``view`` as for :func:`draw_rrc`."""
     h, w = _as_sizes(heights, widths)
     idx = np.ascontiguousarray(indices, dtype=np.int64)
     boxes = np.empty((idx.size, 4), dtype=np.int32)
     flips = np.empty(idx.size, dtype=np.bool_)
-    _draw_pad_crop_kernel(int(seed) % 2**63, int(epoch), idx, occurrences(idx), h, w, int(pad), boxes, flips)
+    _draw_pad_crop_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), h, w, int(pad), boxes,
+                          flips)
     return boxes, flips
 
 
@@ -788,7 +807,7 @@ def _draw_colour_kernel(seed, epoch, indices, occ, lo, hi, hue, p_jitter, p_gray
 
 
 def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter: float = SIMCLR_P_JITTER,
-                p_gray: float = SIMCLR_P_GRAY) -> np.ndarray:
+                p_gray: float = SIMCLR_P_GRAY, view: int = 0) -> np.ndarray:
     """SimCLR colour parameters for every position of an epoch that visits ``indices``: float32
     ``[n, COLOUR_COLUMNS]`` (columns ``COLOUR_*``).
 
@@ -798,7 +817,7 @@ def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter:
     random order of the four ops; otherwise the identity row. Independently, grayscale with
     probability ``p_gray``. Position ``p`` draws from :func:`sample_key` ``(seed, epoch, indices[p],
     occurrence)`` with its own salt, so the crop draws of :func:`draw_rrc` / :func:`draw_pad_crop` are
-    unchanged by it.
+    unchanged by it. ``view`` as for :func:`draw_rrc`.
     """
     check_colour("simclr", strength)
     if not (0.0 <= p_jitter <= 1.0 and 0.0 <= p_gray <= 1.0):
@@ -808,7 +827,7 @@ def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter:
     lo = np.maximum(0.0, 1.0 - amounts[:3])
     hi = 1.0 + amounts[:3]
     out = np.empty((idx.size, COLOUR_COLUMNS), dtype=np.float32)
-    _draw_colour_kernel(int(seed) % 2**63, int(epoch), idx, occurrences(idx), lo, hi, float(amounts[3]),
+    _draw_colour_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), lo, hi, float(amounts[3]),
                         float(p_jitter), float(p_gray), out)
     return out
 

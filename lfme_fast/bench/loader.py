@@ -20,6 +20,10 @@ Measured in the same rounds:
   (RandomResizedCropRGBImageDecoder, RandomHorizontalFlip, NormalizeImage to float32, ToTensor,
   ToTorchImage) over the same beton in the same order — what our decoder is measured against.
 
+* ``ffcv_2views`` / ``dali_2views`` / ``torch_2views``: the same back end with two independently
+  augmented views of every sample per batch (``LoaderOptions(views_per_sample=2)``, as a
+  contrastive / consistency recipe asks). Their "images" are crops delivered: each sample counts
+  twice, so images/s compares directly with the one-view row of the same back end.
 * ``torch_fullsize``: the PyTorch baseline (same torch back end: PIL decode, ordinary DataLoader) over
   the SAME images stored at their original size (``--max-side 0``: the generated ~500x375 JPEGs,
   quality 90) — what a user would run over the original ImageNet-LT JPEGs instead of our pipeline.
@@ -277,7 +281,8 @@ class _Counted:
 class BackendRun:
     """One back end's training loader: built and warmed up (one full epoch) at construction."""
 
-    def __init__(self, backend: str, root: Path, split: str, args, workers: int, options: dict):
+    def __init__(self, backend: str, root: Path, split: str, args, workers: int, options: dict,
+                 views_per_sample: int = 1):
         import torch
 
         from lfme_fast.loaders import LoaderOptions, build_loader
@@ -294,7 +299,7 @@ class BackendRun:
             opts = LoaderOptions(root, split, backend=backend, train=True, batch_size=args.batch_size,
                                  sampler=sampler, total_epochs=args.epochs + args.settle_rounds + 1,
                                  resolution=args.resolution, augment="imagenet", num_workers=workers,
-                                 dtype=torch.float32)
+                                 dtype=torch.float32, views_per_sample=views_per_sample)
             self.loader = build_loader(opts, **options)
         self.build_s = time.perf_counter() - t0
         self.options = options
@@ -308,8 +313,8 @@ class BackendRun:
         self.loader.set_epoch(self.next_epoch)
         self.next_epoch += 1
         n = 0
-        for batch in self.loader:
-            n += int(batch.labels.shape[0])
+        for batch in self.loader:  # images = crops delivered: a two-view batch has two per sample
+            n += int(batch.labels.shape[0]) * (1 if getattr(batch, "images2", None) is None else 2)
         return n
 
     def _worker_pids(self) -> list[int]:
@@ -358,6 +363,8 @@ class ContenderError(RuntimeError):
 def _build_contender(kind: str, root: Path, split: str, args, workers: int, options: dict, order: np.ndarray):
     if kind == "raw_limit":
         return RawLimit(root, split, order, args.resolution, workers)
+    if kind.endswith("_2views"):
+        return BackendRun(kind[:-len("_2views")], root, split, args, workers, options, views_per_sample=2)
     backend = "torch" if kind == "torch_fullsize" else kind
     return BackendRun(backend, root, split, args, workers, options)
 
@@ -447,9 +454,10 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock",
+    parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock,ffcv_2views",
                         help="comma list of ffcv, dali, torch, torch_fullsize (the torch back end over the "
-                             "full-size twin) and the diagnostics ffcv_uint8 and ffcv_stock")
+                             "full-size twin), the two-view rows ffcv_2views, dali_2views and torch_2views, "
+                             "and the diagnostics ffcv_uint8 and ffcv_stock")
     parser.add_argument("--fullsize-data", type=Path,
                         help="the same images at original size, for torch_fullsize (default with no --data: "
                              "the synthetic set prepared with --max-side 0 in --cache)")
@@ -501,10 +509,12 @@ def main(argv=None) -> None:
             result["backends"]["torch_fullsize"] = {"error": f"{type(exc).__name__}: {exc}"}
             backends.remove("torch_fullsize")
 
-    order = build_sampler("class_balanced", ShardReader(root, args.split).labels, samples_per_class=4, seed=0).indices(0)
+    labels = ShardReader(root, args.split).labels
+    order = build_sampler("class_balanced", labels, samples_per_class=4, seed=0).indices(0)
     runs: dict[str, IsolatedContender] = {}
     options = {"ffcv": {"batches_ahead": args.ffcv_batches_ahead}, "dali": {}, "torch": {}, "torch_fullsize": {},
                "ffcv_uint8": {"batches_ahead": args.ffcv_batches_ahead},
+               "ffcv_2views": {"batches_ahead": args.ffcv_batches_ahead},
                "ffcv_stock": {"batches_ahead": args.ffcv_batches_ahead}}
     for name in ["raw_limit"] + backends:
         print(f"[bench loader] {name}: start its process, build, warm-up epoch ...", flush=True)
@@ -563,6 +573,10 @@ def main(argv=None) -> None:
         "ratio_ffcv_to_torch_per_cpu_s": ffcv_run.get("ratio_to_torch_per_cpu_s"),
         "ratio_ffcv_to_raw_limit_per_cpu_s": ffcv_run.get("ratio_to_raw_limit_per_cpu_s"),
         "storage_max_side": result["dataset"]["stored_max_side"],
+        # crops/s with two views per sample relative to one view (1.0: the second view costs what a sample does)
+        "ratio_ffcv_2views_to_ffcv": (result["backends"]["ffcv_2views"]["images_per_s"] / ffcv_run["images_per_s"]
+                                      if result["backends"].get("ffcv_2views", {}).get("images_per_s")
+                                      and ffcv_run.get("images_per_s") else None),
     }
     result["baseline_note"] = (
         "Two PyTorch baselines, both the same torch back end (PIL decode + antialiased bilinear RRC 224 + flip, "

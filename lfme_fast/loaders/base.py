@@ -56,8 +56,12 @@ class Batch:
     normalised with the ImageNet mean/std. ``labels``/``indices``: int64 on the device (indices are
     positions in the split, 0..N-1). ``weights``: float32 curriculum weights aligned with ``indices``
     (train with a sampler), else None. ``views``: int64 fixed-view id per sample, else None.
+    ``images2``: with ``LoaderOptions(views_per_sample=2)``, a second, independently augmented view
+    of the same samples (same shape, dtype, device and layout as ``images``; row ``j`` of both is
+    sample ``indices[j]``), else None. ``images`` is then the first view — exactly what a one-view
+    loader with the same settings shows — so one-view code runs unchanged on a two-view loader.
 
-    Lifetime: a back end may reuse the memory of ``images`` a few batches later (ffcv keeps
+    Lifetime: a back end may reuse the memory of ``images``/``images2`` a few batches later (ffcv keeps
     ``batches_ahead + 2`` output slots); use a batch before drawing the next few, or ``clone()`` it.
     Labels, indices, weights and views are never reused.
     """
@@ -67,6 +71,7 @@ class Batch:
     indices: torch.Tensor
     weights: torch.Tensor | None = None
     views: torch.Tensor | None = None
+    images2: torch.Tensor | None = None
 
     def __iter__(self):
         """``images, labels, indices, weights = batch``."""
@@ -135,6 +140,9 @@ class LoaderOptions:
       augmentation; ``fixed_view`` shows that view of every sample, else each epoch picks one.
     * ``seed``: the augmentation draws (and the default instance shuffle).
     * ``num_replicas``/``rank``: this process's place in a distributed run.
+    * ``views_per_sample``: 1, or 2 for two independently augmented views of every sample in each
+      batch (``Batch.images`` and ``Batch.images2``; contrastive / consistency recipes). Training
+      loaders with random augmentation only (no ``views``).
 
     Argument-only checks (batch size, rank, epoch count, dtype, fixed view) fail here, at
     construction; the checks that need the dataset fail in :func:`resolve_spec`.
@@ -163,6 +171,7 @@ class LoaderOptions:
     seed: int = 0
     num_replicas: int = 1
     rank: int = 0
+    views_per_sample: int = 1
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -178,6 +187,11 @@ class LoaderOptions:
         object.__setattr__(self, "dtype", dtype)  # frozen: normalise a dtype name once, here
         if self.fixed_view is not None and self.views is None:
             raise ValueError("fixed_view needs views=")
+        if self.views_per_sample not in (1, 2):
+            raise ValueError(f"views_per_sample must be 1 or 2, got {self.views_per_sample!r}")
+        if self.views_per_sample > 1 and (not self.train or self.views is not None):
+            given = "train=False" if not self.train else "fixed views (views=)"
+            raise ValueError(f"views_per_sample=2 needs a training loader with random augmentation, got {given}")
         check_colour(self.colour, self.colour_strength)
 
     def replace(self, **changes: Any) -> LoaderOptions:
@@ -225,6 +239,7 @@ class LoaderSpec:
     colour: str = "none"  # 'none' | 'simclr' (see LoaderOptions)
     colour_strength: float = 1.0
     extra: dict = field(default_factory=dict)
+    views_per_sample: int = 1  # augmented views of each sample per batch (see LoaderOptions)
 
     @property
     def num_samples(self) -> int:
@@ -267,6 +282,11 @@ class LoaderSpec:
         return self.device.type == "cuda"
 
     @property
+    def pixel_batch_size(self) -> int:
+        """Images a back end decodes per batch: ``batch_size`` x ``views_per_sample`` (see :class:`EpochPlan`)."""
+        return self.batch_size * self.views_per_sample
+
+    @property
     def jitters_colour(self) -> bool:
         """Whether the epoch plans carry colour rows: colour augmentation on a training loader without
         fixed views (replayed views and eval loaders show the stored colours)."""
@@ -285,6 +305,15 @@ class EpochPlan:
     A box is resized to the loader's resolution, except for the 'pad_crop' geometry, where it is a
     stored-size window whose corner ``(y, x)`` lies in ``[-pad, pad]`` (outside the image is zero)
     and for 'identity' (the whole image, as stored).
+
+    Two views (``num_views = 2``): the plan is the *pixel stream* the back ends decode, and every
+    per-position array above is laid out batch-major over views. Logical batch ``k`` (samples
+    ``k*B .. k*B+m-1`` of the epoch, ``m <= B``) occupies positions ``2kB .. 2kB+2m-1``: its ``m``
+    samples in view 0, then the same ``m`` samples in view 1. A back end therefore decodes batches of
+    ``2B`` positions (:meth:`batch_slices`, :attr:`LoaderSpec.pixel_batch_size`) exactly as it decodes
+    one-view batches, and :func:`plan_batch` splits each into ``Batch.images`` / ``Batch.images2``.
+    View ``v`` draws its crop, flip and colour from the sample's usual key with the occurrence salted
+    by ``v`` (:func:`lfme_fast.augment.view_occurrences`), so view 0 is the one-view plan.
     """
 
     epoch: int
@@ -294,10 +323,13 @@ class EpochPlan:
     boxes: np.ndarray
     flips: np.ndarray
     colour: np.ndarray | None = None
+    num_views: int = 1
 
     def batch_slices(self, batch_size: int) -> Iterator[slice]:
-        for lo in range(0, len(self.indices), batch_size):
-            yield slice(lo, min(lo + batch_size, len(self.indices)))
+        """Positions of each batch of ``batch_size`` samples (``num_views`` x as many positions)."""
+        step = batch_size * self.num_views
+        for lo in range(0, len(self.indices), step):
+            yield slice(lo, min(lo + step, len(self.indices)))
 
 
 def eval_share(num_samples: int, num_replicas: int, rank: int) -> np.ndarray:
@@ -337,14 +369,45 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
             views = spec.views.choose(epoch, indices)
     indices = np.ascontiguousarray(indices)
     boxes, flips = plan_geometry(spec, epoch, indices, views)
-    return EpochPlan(int(epoch), indices, weights, views, boxes, flips, plan_colour(spec, epoch, indices))
+    plan = EpochPlan(int(epoch), indices, weights, views, boxes, flips, plan_colour(spec, epoch, indices))
+    if spec.views_per_sample > 1:
+        plan = _view_stream(spec, plan)
+    return plan
+
+
+def _view_stream(spec: LoaderSpec, plan: EpochPlan) -> EpochPlan:
+    """``plan`` (view 0) as the batch-major pixel stream of ``spec.views_per_sample`` views (see
+    :class:`EpochPlan`): every per-position array of the plan, each view's from :func:`_view_plan`."""
+    num_views, n, bs = spec.views_per_sample, len(plan.indices), spec.batch_size
+    per_view = [plan] + [_view_plan(spec, plan, v) for v in range(1, num_views)]
+    # stream position of view v of logical position p: num_views * (batch start) + v * (batch size) + offset
+    p = np.arange(n, dtype=np.int64)
+    lo = (p // bs) * bs
+    m = np.minimum(bs, n - lo)
+    streams = {}
+    for f in dataclasses.fields(EpochPlan):
+        arrays = [getattr(q, f.name) for q in per_view]
+        if not isinstance(arrays[0], np.ndarray):  # epoch, num_views, and absent (None) arrays
+            continue
+        out = np.empty((num_views * n,) + arrays[0].shape[1:], dtype=arrays[0].dtype)
+        for v, a in enumerate(arrays):
+            out[num_views * lo + v * m + (p - lo)] = a
+        streams[f.name] = out
+    return dataclasses.replace(plan, num_views=num_views, **streams)
+
+
+def _view_plan(spec: LoaderSpec, plan: EpochPlan, view: int) -> EpochPlan:
+    """Augmented view ``view`` of ``plan``'s positions: the same samples, their own random draws."""
+    boxes, flips = plan_geometry(spec, plan.epoch, plan.indices, plan.views, view=view)
+    return dataclasses.replace(plan, boxes=boxes, flips=flips,
+                               colour=plan_colour(spec, plan.epoch, plan.indices, view=view))
 
 
 def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
-                  views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                  views: np.ndarray | None, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Crop boxes ``[n, 4]`` and flips ``[n]`` of the samples at the epoch's positions (see
     :class:`EpochPlan`): their fixed views, seeded random draws, the eval centre view or the whole
-    image, by ``spec.geometry``."""
+    image, by ``spec.geometry``. ``view``: which augmented view's random draws (two-view loaders)."""
     geometry = spec.geometry
     h, w = spec.heights, spec.widths
     if spec.views is not None:  # replay: 'views' boxes or 'pad_crop' windows, both from the table
@@ -355,9 +418,9 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
         return (np.ascontiguousarray(spec.views.boxes[indices, views]),
                 np.ascontiguousarray(spec.views.flips[indices, views]))
     if geometry == "rrc":
-        return draw_rrc(h, w, indices, spec.seed, epoch)
+        return draw_rrc(h, w, indices, spec.seed, epoch, view=view)
     if geometry == "pad_crop":
-        return draw_pad_crop(h, w, indices, spec.seed, epoch)
+        return draw_pad_crop(h, w, indices, spec.seed, epoch, view=view)
     if geometry == "center":
         boxes = center_boxes(h[indices], w[indices], spec.crop_ratio)
     else:  # 'resize' / 'identity': the whole image
@@ -367,12 +430,12 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
     return boxes, np.zeros(indices.size, dtype=np.bool_)
 
 
-def plan_colour(spec: LoaderSpec, epoch: int, indices: np.ndarray) -> np.ndarray | None:
+def plan_colour(spec: LoaderSpec, epoch: int, indices: np.ndarray, view: int = 0) -> np.ndarray | None:
     """Colour-jitter rows of the epoch's positions (:func:`lfme_fast.augment.draw_colour`, seeded by
     ``(seed, epoch, index, occurrence)`` like the crops), or None when the loader does not jitter colours."""
     if not spec.jitters_colour:
         return None
-    return draw_colour(indices, spec.seed, epoch, spec.colour_strength)
+    return draw_colour(indices, spec.seed, epoch, spec.colour_strength, view=view)
 
 
 def num_batches(spec: LoaderSpec) -> int:
@@ -413,19 +476,30 @@ def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor
 
 def plan_batch(plan: EpochPlan, pos: int, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                device) -> Batch:
-    """The :class:`Batch` of ``plan``'s samples ``pos:pos+n`` (``n = len(labels)``) on ``device``.
+    """The :class:`Batch` of ``plan``'s positions ``pos:pos+n`` (``n = len(labels)``) on ``device``.
 
     ``labels``/``indices`` are copied (the pipelines reuse their output buffers); ``weights`` and
-    ``views`` are sliced from the plan. ``images`` are passed through as they are.
+    ``views`` are sliced from the plan. ``images`` are passed through as they are; with two views
+    (``plan.num_views == 2``) the ``n`` positions are ``m = n / 2`` samples twice (see
+    :class:`EpochPlan`), split into ``images`` (first view) and ``images2`` (rows ``m:``, a view
+    into the same tensor).
     """
     n = int(labels.shape[0])
-    weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
-    views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + n])
+    m = n // plan.num_views
+    if m * plan.num_views != n:
+        raise RuntimeError(f"a batch of {n} images at position {pos} is not {plan.num_views} views of whole samples")
+    images2 = None
+    if plan.num_views == 2:
+        images, images2 = images[:m], images[m:]
+        labels, indices = labels[:m], indices[:m]
+    weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + m])
+    views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + m])
     return Batch(images,
                  labels.to(device, dtype=torch.int64, non_blocking=True, copy=True),
                  indices.to(device, dtype=torch.int64, non_blocking=True, copy=True),
                  None if weights is None else weights.to(device, non_blocking=True),
-                 None if views is None else views.to(device, non_blocking=True))
+                 None if views is None else views.to(device, non_blocking=True),
+                 images2)
 
 
 def legacy_options(caller: str, options: Any, args: tuple, kwargs: dict) -> tuple[LoaderOptions, dict]:
@@ -489,14 +563,18 @@ def resolve_spec(options: LoaderOptions, /, *legacy_args: Any, **legacy_kwargs: 
     sampler = _resolve_sampler(o, labels)
     num_workers = (os.cpu_count() or 1) if o.num_workers is None else o.num_workers
     drop_last = bool(train) if o.drop_last is None else o.drop_last
-    return LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(o.batch_size), mode=mode,
+    spec = LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(o.batch_size), mode=mode,
                       resolution=resolution, heights=heights, widths=widths, labels=labels,
                       device=torch.device(o.device), dtype=o.dtype, channels_last=bool(o.channels_last),
                       num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(o.in_memory),
                       seed=int(o.seed), num_replicas=o.num_replicas, rank=o.rank, total_epochs=int(o.total_epochs),
                       sampler=sampler, use_weights=o.sampler is not None and bool(train), views=views,
                       fixed_view=None if fixed_view is None else int(fixed_view), colour=o.colour,
-                      colour_strength=float(o.colour_strength))
+                      colour_strength=float(o.colour_strength), views_per_sample=o.views_per_sample)
+    if spec.views_per_sample > 1 and spec.geometry not in ("rrc", "pad_crop"):
+        raise ValueError(f"views_per_sample={spec.views_per_sample} needs random crops (augment 'imagenet' or "
+                         f"'pad_crop'); augment={o.augment!r} gives the deterministic {spec.geometry!r} geometry")
+    return spec
 
 
 def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:

@@ -230,8 +230,9 @@ class DALILoader(BatchLoader):
             dtype, self._layout, mean, std = types.UINT8, "HWC", (0.0, 0.0, 0.0), (1 / 255.0,) * 3
         pipe_fn = _pipeline(self.source, spec.geometry, spec.resolution, "mixed" if gpu else "cpu", mean, std,
                             dtype, self._layout)
-        self.pipe = pipe_fn(batch_size=spec.batch_size, num_threads=max(1, spec.num_workers), device_id=device_id,
-                            prefetch_queue_depth=prefetch_queue_depth, seed=spec.seed + 7919 * spec.rank)
+        self.pipe = pipe_fn(batch_size=spec.pixel_batch_size, num_threads=max(1, spec.num_workers),
+                            device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
+                            seed=spec.seed + 7919 * spec.rank)
         self.pipe.build()
         # prepare_first_batch=False: nothing is pulled from the source before the first __iter__ (after
         # set_epoch); PARTIAL keeps the short last batch of an eval epoch.

@@ -330,7 +330,7 @@ class FFCVLoader(BatchLoader):
                 image.append(Convert(spec.dtype))
         # Labels and indices stay on the CPU inside ffcv: the plan alignment check reads them there.
         self.loader = Loader(
-            str(path), batch_size=spec.batch_size, num_workers=spec.num_workers, os_cache=spec.in_memory,
+            str(path), batch_size=spec.pixel_batch_size, num_workers=spec.num_workers, os_cache=spec.in_memory,
             order=SamplerOrder(self._plans), distributed=False, seed=spec.seed, drop_last=spec.drop_last,
             batches_ahead=batches_ahead,
             pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()],
@@ -370,9 +370,9 @@ class FFCVLoader(BatchLoader):
         self._epoch_iter = iter(self.loader)
         self._restore_threads()
         for images, labels, indices in self._epoch_iter:
+            # Squeeze() makes a last batch of one sample 0-d: back to 1-d
+            labels, indices = labels.reshape(-1), indices.reshape(-1)
             n = int(labels.shape[0])
-            labels = labels.reshape(n)
-            indices = indices.reshape(n)
             expect = plan.indices[pos:pos + n]
             if self._plan_state[_ST_ERROR] or not np.array_equal(indices.numpy(), expect):
                 raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order (or ffcv "

@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from lfme_fast.augment import colour_image, pad_crop_window
-from lfme_fast.loaders.base import Batch, BatchLoader, LoaderSpec, normalize_uint8_nhwc, num_batches, plan_epoch
+from lfme_fast.loaders.base import (
+    Batch, BatchLoader, LoaderSpec, normalize_uint8_nhwc, num_batches, plan_batch, plan_epoch)
 from lfme_fast.shards import ShardReader
 
 
@@ -141,15 +142,7 @@ class TorchLoader(BatchLoader):
     def __iter__(self) -> Iterator[Batch]:
         spec, plan = self.spec, self.batch_sampler.plan
         pos = 0
-        for images, labels, indices, views in self.dataloader:
-            n = labels.shape[0]
-            weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + n])
-            pos += n
-            dev = spec.device
-            yield Batch(
-                images=normalize_uint8_nhwc(images, spec),
-                labels=labels.to(dev, non_blocking=True),
-                indices=indices.to(dev, non_blocking=True),
-                weights=None if weights is None else weights.to(dev, non_blocking=True),
-                views=views.to(dev, non_blocking=True) if plan.views is not None else None,
-            )
+        for images, labels, indices, _views in self.dataloader:
+            # weights, view ids and a second view's split come from the plan, as in the other back ends
+            yield plan_batch(plan, pos, normalize_uint8_nhwc(images, spec), labels, indices, spec.device)
+            pos += int(labels.shape[0])
