@@ -573,49 +573,49 @@ class RunContext:
         return torch.float32
 
     # ---- builders ------------------------------------------------------------------------------
-    def build_sampler(self, kind: str, labels: np.ndarray, total_epochs: int, *, classes: Any = None,
-                      seed_offset: int = 0) -> Any:
-        """A self-sharding sampler of ``kind`` for this process (``subset`` needs ``classes``)."""
-        from lfme_fast import sampling
+    def build_sampler(self, kind: str, labels: np.ndarray, total_epochs: int, *, seed_offset: int = 0,
+                      **settings: Any) -> Any:
+        """A self-sharding sampler of ``kind`` for this process (:func:`lfme_fast.sampling.build_sampler`):
+        ``train.epoch_samples`` and ``train.samples_per_class`` from the config unless ``settings``
+        override them (``classes`` for ``subset``, ``initial_weights``/``schedule`` for curricula)."""
+        from lfme_fast.sampling import build_sampler
 
         t = self.cfg.train
-        common = dict(seed=self.cfg.seed + seed_offset, num_replicas=self.accelerator.num_processes,
-                      rank=self.accelerator.process_index)
-        if kind == "subset":
-            return sampling.SubsetSampler(labels, classes, **common)
-        common["num_samples"] = t.epoch_samples
-        if kind == "instance":
-            return sampling.InstanceSampler(labels, **common)
-        if kind == "class_balanced":
-            return sampling.ClassBalancedSampler(labels, samples_per_class=t.samples_per_class, **common)
-        if kind == "sqrt":
-            return sampling.SquareRootSampler(labels, **common)
-        if kind == "progressive":
-            return sampling.ProgressiveSampler(labels, total_epochs, **common)
-        raise ValueError(f"unknown sampler {kind!r}")
+        given = {"num_samples": None if kind == "subset" else t.epoch_samples,
+                 "samples_per_class": t.samples_per_class, **settings}
+        return build_sampler(kind, labels, seed=self.cfg.seed + seed_offset, num_replicas=self.accelerator.num_processes,
+                             rank=self.accelerator.process_index, total_epochs=total_epochs, **given)
 
-    def _loader(self, split: str, *, train: bool, batch_size: int, sampler: Any, total_epochs: int) -> Any:
-        from lfme_fast.loaders import build_loader
+    def loader_options(self, split: str, *, train: bool, batch_size: int, sampler: Any = None, total_epochs: int = 1,
+                       **changes: Any) -> Any:
+        """The :class:`lfme_fast.loaders.LoaderOptions` of this run for ``split`` (data section, device,
+        dtype, layout, seed, this process's rank); ``changes`` set further fields (``views``,
+        ``colour``, ``views_per_sample``...)."""
+        from lfme_fast.loaders import LoaderOptions
 
         d = self.cfg.data
-        return build_loader(
-            self.root, split, backend=d.backend, train=train, batch_size=batch_size, sampler=sampler,
-            total_epochs=total_epochs, resolution=d.resolution, augment=d.augment, device=self.device,
-            dtype=self.loader_dtype, channels_last=self.channels_last, num_workers=d.num_workers,
-            in_memory=d.in_memory, seed=self.cfg.seed, num_replicas=self.accelerator.num_processes,
-            rank=self.accelerator.process_index,
-        )
+        return LoaderOptions(self.root, split, train=train, batch_size=batch_size, backend=d.backend, sampler=sampler,
+                             total_epochs=total_epochs, resolution=d.resolution, augment=d.augment, device=self.device,
+                             dtype=self.loader_dtype, channels_last=self.channels_last, num_workers=d.num_workers,
+                             in_memory=d.in_memory, seed=self.cfg.seed, num_replicas=self.accelerator.num_processes,
+                             rank=self.accelerator.process_index, **changes)
 
-    def train_loader(self, sampler: Any, total_epochs: int, batch_size: int | None = None) -> Any:
-        """Training loader over ``data.train_split`` in ``sampler``'s order (this process's share)."""
-        return self._loader(self.cfg.data.train_split, train=True, batch_size=batch_size or self.cfg.data.batch_size,
-                            sampler=sampler, total_epochs=total_epochs)
+    def train_loader(self, sampler: Any, total_epochs: int, batch_size: int | None = None, **changes: Any) -> Any:
+        """Training loader over ``data.train_split`` in ``sampler``'s order (this process's share);
+        ``changes`` are further loader settings a recipe needs (``views_per_sample=2``, ``colour=...``)."""
+        from lfme_fast.loaders import build_loader
 
-    def eval_loader(self, split: str, sampler: Any = None) -> Any:
+        return build_loader(self.loader_options(self.cfg.data.train_split, train=True,
+                                                batch_size=batch_size or self.cfg.data.batch_size, sampler=sampler,
+                                                total_epochs=total_epochs, **changes))
+
+    def eval_loader(self, split: str, sampler: Any = None, **changes: Any) -> Any:
         """Evaluation loader (no augmentation) over ``split``: this process's share of all samples,
         or of ``sampler``'s order when given."""
-        return self._loader(split, train=False, batch_size=self.cfg.data.eval_batch_size, sampler=sampler,
-                            total_epochs=1)
+        from lfme_fast.loaders import build_loader
+
+        return build_loader(self.loader_options(split, train=False, batch_size=self.cfg.data.eval_batch_size,
+                                                sampler=sampler, **changes))
 
     def build_model(self, num_classes: int, arch: str | None = None, seed_offset: int = 0) -> torch.nn.Module:
         """A fresh model (initialised from ``seed + seed_offset``, so every process builds the same one and

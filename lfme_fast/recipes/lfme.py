@@ -35,7 +35,9 @@ and ``lfme`` (:class:`LFMEConfig`)). Stages:
 
 Config section ``lfme`` (:class:`LFMEConfig`): ``temperature``, ``t_squared``, ``alpha`` (SpES),
 ``spes`` (matched | official | off), ``spis`` (paper | official | off), ``schedule`` (linear | convex |
-concave), ``kd``, ``views``, ``view_kind`` (center | random), ``topk`` (null: dense expert logits),
+concave), ``kd``, ``views`` (K stored views per image, or ``all``: every distinct pad-crop view of a
+28/32-px image, 162, so the student's augmentation is exactly the standard pad-crop distribution),
+``view_kind`` (center | random), ``topk`` (null: dense expert logits),
 ``samples_per_class``.
 """
 
@@ -65,8 +67,10 @@ from lfme_fast.offline import (
     build_views,
     eval_view_boxes,
     store_header,
+    store_identity,
     write_offline,
 )
+from lfme_fast.loaders import build_loader
 from lfme_fast.schedules import (
     expert_weight,
     initial_instance_weights,
@@ -79,7 +83,7 @@ from lfme_fast.subsets import Subset
 from lfme_fast.trainer import MODEL_KEYS, RunContext, TrainHooks
 
 __all__ = ["LFMEConfig", "LFMERecipe", "SpESHook", "spis_initial_weights", "mean_weight_per_subset", "StudentLoss",
-           "STUDENT_KEYS", "build_views_loader"]
+           "STUDENT_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class LFMEConfig:
     spis: Literal["paper", "official", "off"] = "paper"
     schedule: Literal["linear", "convex", "concave"] = "linear"
     kd: bool = True
-    views: int = 1
+    views: int | Literal["all"] = 1
     view_kind: Literal["center", "random"] = "center"
     topk: int | None = None
     samples_per_class: int = 4
@@ -102,7 +106,7 @@ class LFMEConfig:
         """Check ranges (no derived defaults)."""
         check(self.temperature > 0, "lfme.temperature", "must be > 0")
         check(0 <= self.alpha < 1, "lfme.alpha", f"must be in [0, 1), got {self.alpha}")
-        check(self.views >= 1, "lfme.views", "must be >= 1")
+        check(self.views == "all" or self.views >= 1, "lfme.views", f"must be >= 1 or 'all', got {self.views!r}")
         check(self.topk is None or self.topk >= 1, "lfme.topk", "must be >= 1 or null")
         check(self.samples_per_class >= 1, "lfme.samples_per_class", "must be >= 1")
         return self
@@ -248,19 +252,6 @@ class StudentLoss:
                          self.temperature, self.t_squared)
 
 
-def build_views_loader(ctx: RunContext, split: str, *, train: bool, batch_size: int, sampler: Any = None,
-                       total_epochs: int = 1, views: Any = None, fixed_view: int | None = None) -> Any:
-    """``RunContext``'s loader settings plus fixed views (the student and the offline pass)."""
-    from lfme_fast.loaders import build_loader
-
-    d = ctx.cfg.data
-    return build_loader(ctx.root, split, backend=d.backend, train=train, batch_size=batch_size, sampler=sampler,
-                        total_epochs=total_epochs, resolution=d.resolution, augment=d.augment, device=ctx.device,
-                        dtype=ctx.loader_dtype, channels_last=ctx.channels_last, num_workers=d.num_workers,
-                        in_memory=d.in_memory, views=views, fixed_view=fixed_view, seed=ctx.cfg.seed,
-                        num_replicas=ctx.accelerator.num_processes, rank=ctx.accelerator.process_index)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the recipe
 # ---------------------------------------------------------------------------------------------------
@@ -292,9 +283,7 @@ class LFMERecipe(Recipe):
         """(augmentation mode, resolution, heights, widths) of the training split, as the loaders resolve them."""
         from lfme_fast.loaders.base import resolve_spec
 
-        d = self.cfg.data
-        spec = resolve_spec(self.ctx.root, d.train_split, train=False, batch_size=1, resolution=d.resolution,
-                            augment=d.augment)
+        spec = resolve_spec(self.ctx.loader_options(self.cfg.data.train_split, train=False, batch_size=1))
         return spec.mode, spec.resolution, spec.heights, spec.widths
 
     def _expert_sources(self, with_models: bool) -> list[ExpertSource]:
@@ -318,10 +307,11 @@ class LFMERecipe(Recipe):
         mode, res, _, _ = self._geometry()
         return store_header(run_dir=self.run_dir, manifest=self.ctx.manifest, split=self.cfg.data.train_split,
                             resolution=res, mode=mode, num_views=f.views, view_seed=self.cfg.seed,
-                            view_kind=f.view_kind, experts=self._expert_sources(False), topk=f.topk)
+                            view_kind=f.view_kind, experts=self._expert_sources(False), topk=f.topk,
+                            backend=self.cfg.data.backend)
 
     def student_fingerprint(self, header: dict[str, Any]) -> str:
-        store_id = {k: header[k] for k in ("dataset", "augmentation", "subsets", "experts", "storage")}
+        store_id = store_identity(header)
         return fingerprint(self.cfg, STUDENT_KEYS, {**self.ctx.model_fingerprint_extra(), "store": store_id})
 
     # ---- stages ----------------------------------------------------------------------------------
@@ -346,8 +336,8 @@ class LFMERecipe(Recipe):
         bs = self.cfg.data.eval_batch_size
 
         def make_loader(table, k):
-            return build_views_loader(self.ctx, self.cfg.data.train_split, train=False, batch_size=bs, views=table,
-                                      fixed_view=k)
+            return build_loader(self.ctx.loader_options(self.cfg.data.train_split, train=False, batch_size=bs,
+                                                        views=table, fixed_view=k))
 
         write_offline(self.run_dir, header, self._expert_sources(True), views, make_loader, self.ctx.num_classes,
                       eval_views=eval_view_boxes(heights, widths, mode) if f.view_kind == "random" else None,
@@ -373,20 +363,14 @@ class LFMERecipe(Recipe):
         return out
 
     def _build_sampler(self, labels: np.ndarray, v1: np.ndarray | None) -> Any:
-        from lfme_fast import sampling
-
-        cfg = self.cfg
-        kind = cfg.train.sampler
-        schedule = "official" if cfg.lfme.spis == "official" else cfg.lfme.schedule
-        common = dict(seed=cfg.seed, num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
-                      num_samples=cfg.train.epoch_samples, initial_weights=v1, schedule=schedule)
-        if kind == "class_balanced":
-            return sampling.ClassBalancedSampler(labels, samples_per_class=cfg.lfme.samples_per_class, **common)
-        if kind == "instance":
-            return sampling.InstanceSampler(labels, **common)
-        if kind == "sqrt":
-            return sampling.SquareRootSampler(labels, **common)
-        raise ValueError(f"train.sampler={kind!r} is not supported by the lfme recipe (class_balanced, instance, sqrt)")
+        """``train.sampler`` with LFME's samples per class visit and the SpIS curriculum weights."""
+        kind = self.cfg.train.sampler
+        if kind not in ("class_balanced", "instance", "sqrt"):
+            raise ValueError(f"train.sampler={kind!r} is not supported by the lfme recipe (class_balanced, instance, "
+                             "sqrt)")
+        f = self.cfg.lfme
+        return self.ctx.build_sampler(kind, labels, self.cfg.optim.epochs, samples_per_class=f.samples_per_class,
+                                      initial_weights=v1, schedule="official" if f.spis == "official" else f.schedule)
 
     def stage_student(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -400,9 +384,7 @@ class LFMERecipe(Recipe):
             epochs = cfg.optim.epochs
             labels = ctx.labels(cfg.data.train_split)
             v1 = spis_initial_weights(f.spis, store.confidence, labels, self.subsets, ctx.train_counts)
-            loader = build_views_loader(ctx, cfg.data.train_split, train=True, batch_size=cfg.data.batch_size,
-                                        sampler=self._build_sampler(labels, v1), total_epochs=epochs,
-                                        views=store.views)
+            loader = ctx.train_loader(self._build_sampler(labels, v1), epochs, views=store.views)
 
             def predict_val(model):
                 preds = predict(model, ctx.eval_loader(cfg.data.val_split), self.accelerator, keep_logits=True)
