@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lfme_fast import loaders
-from lfme_fast.loaders import BACKENDS, BatchLoader, LoaderOptions, LoaderSpec, build_loader, register_backend
+from lfme_fast.loaders import (
+    BACKENDS, BatchLoader, LoaderOptions, LoaderSpec, build_loader, register_backend, resolve_spec)
 from lfme_fast.sampling import (
     SAMPLERS,
     ClassBalancedSampler,
@@ -204,8 +205,8 @@ def test_base_imports_no_backend():
     assert out.strip() == "[]"
 
 
-def test_keyword_form_still_works_but_warns(synthetic_dir):
-    with pytest.warns(DeprecationWarning, match="pass build_loader\\(LoaderOptions"):
-        ld = build_loader(synthetic_dir, "val", backend="torch", train=False, batch_size=4, resolution=16,
-                          num_workers=0)
-    assert len(ld) == -(-len(ShardReader(synthetic_dir, "val")) // 4)
+def test_builders_take_only_the_options_object(synthetic_dir):
+    with pytest.raises(TypeError, match="build_loader\\(\\) takes a LoaderOptions, got PosixPath"):
+        build_loader(synthetic_dir, backend="torch", train=False, batch_size=4)
+    with pytest.raises(TypeError, match="resolve_spec\\(\\) takes a LoaderOptions, got str"):
+        resolve_spec("somewhere")

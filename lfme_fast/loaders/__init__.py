@@ -20,7 +20,6 @@ from lfme_fast.loaders.base import (
     EpochPlan,
     LoaderOptions,
     LoaderSpec,
-    legacy_options,
     resolve_spec,
 )
 
@@ -75,15 +74,15 @@ def _backend_factory(name: str) -> Callable[..., BatchLoader]:
         raise ImportError(f"loader back end {name!r} ({target}) cannot be loaded: {exc}") from exc
 
 
-def build_loader(options: LoaderOptions, /, *legacy_args: Any, **backend_options: Any) -> BatchLoader:
+def build_loader(options: LoaderOptions, /, **backend_options: Any) -> BatchLoader:
     """A :class:`BatchLoader` over ``options.root``'s ``options.split`` (see :class:`LoaderOptions`).
 
     ``backend_options`` go to the back end as they are (e.g. ``batches_ahead`` for ffcv,
-    ``prefetch_factor`` for torch). The deprecated keyword form ``build_loader(root, split,
-    backend=..., train=..., ...)`` still works, with a DeprecationWarning, until the trainer and the
-    recipes have moved to LoaderOptions.
+    ``prefetch_factor`` for torch).
     """
-    options, backend_options = legacy_options("build_loader", options, legacy_args, backend_options)
+    if not isinstance(options, LoaderOptions):
+        raise TypeError(f"build_loader() takes a LoaderOptions, got {type(options).__name__} "
+                        "(build_loader(LoaderOptions(root, split, train=..., batch_size=..., ...)))")
     factory = _backend_factory(options.backend)  # an unknown name fails before the dataset is read
     loader = factory(resolve_spec(options), **backend_options)
     if not isinstance(loader, BatchLoader):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
@@ -502,33 +501,10 @@ def plan_batch(plan: EpochPlan, pos: int, images: torch.Tensor, labels: torch.Te
                  images2)
 
 
-def legacy_options(caller: str, options: Any, args: tuple, kwargs: dict) -> tuple[LoaderOptions, dict]:
-    """DEPRECATED shim: ``caller(root, split, **settings)`` (the keyword form before
-    :class:`LoaderOptions`) -> ``(LoaderOptions, remaining kwargs)``, with a DeprecationWarning.
-
-    Kept only while the trainer and the recipes still call the keyword form; delete it (and the
-    ``*legacy_args`` of :func:`resolve_spec` / ``build_loader``) once they pass a LoaderOptions.
-    """
-    if isinstance(options, LoaderOptions):
-        if args:
-            raise TypeError(f"{caller}(options) takes one LoaderOptions, got {1 + len(args)} positional arguments")
-        return options, kwargs
-    if len(args) != 1:
-        raise TypeError(f"{caller}() takes a LoaderOptions, got {type(options).__name__}")
-    warnings.warn(f"{caller}(root, split, **settings) is deprecated: pass {caller}(LoaderOptions(root, split, ...))",
-                  DeprecationWarning, stacklevel=3)
-    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_FIELDS}
-    return LoaderOptions(options, args[0], **settings), kwargs
-
-
-def resolve_spec(options: LoaderOptions, /, *legacy_args: Any, **legacy_kwargs: Any) -> LoaderSpec:
-    """Validate ``options`` against the dataset and resolve every default.
-
-    (``resolve_spec(root, split, **settings)`` still works for now, with a DeprecationWarning.)
-    """
-    options, rest = legacy_options("resolve_spec", options, legacy_args, legacy_kwargs)
-    if rest:
-        raise TypeError(f"resolve_spec() got unexpected keyword arguments: {', '.join(sorted(rest))}")
+def resolve_spec(options: LoaderOptions) -> LoaderSpec:
+    """Validate ``options`` against the dataset and resolve every default."""
+    if not isinstance(options, LoaderOptions):
+        raise TypeError(f"resolve_spec() takes a LoaderOptions, got {type(options).__name__}")
     o = options
     root, split, train, resolution = Path(o.root), o.split, o.train, o.resolution
     views, fixed_view = o.views, o.fixed_view
