@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from lfme_fast.io import atomic_write_json, atomic_write_text
 
-__all__ = ["VARIANTS", "run_ablations", "format_table", "main"]
+__all__ = ["VARIANTS", "run_ablations", "format_table", "link_shared", "main"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "fmnist_lt"
 #: (key, row label) in the paper's Table 3 order.
@@ -41,8 +41,9 @@ VARIANTS: tuple[tuple[str, str], ...] = (
 COLUMNS = ("many", "medium", "few", "overall")
 
 
-def _link(target: Path, link: Path) -> None:
-    """``link`` -> ``target`` (relative symlink); an existing correct link is kept."""
+def link_shared(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (relative symlink); an existing correct link is kept. Rows link a shared
+    ``experts/`` and ``offline/`` this way, so their own stages find them up to date."""
     rel = os.path.relpath(target, link.parent)
     if link.is_symlink():
         if os.readlink(link) == rel:
@@ -82,8 +83,8 @@ def run_ablations(data: str | Path, out: str | Path, seeds: Sequence[int], overr
                         [*common, f"seed={seed}", f"output_dir={shared}", "stages=[experts, offline]"]))
         for i, key in enumerate(keys):
             run_dir = out / f"seed{seed}" / key
-            _link(shared / "experts", run_dir / "experts")
-            _link(shared / "offline", run_dir / "offline")
+            link_shared(shared / "experts", run_dir / "experts")
+            link_shared(shared / "offline", run_dir / "offline")
             log(f"[ablations] seed {seed}, row {i + 1}/{len(keys)}: {key} ({time.perf_counter() - t0:.0f} s so far)")
             run(load_config(CONFIG_DIR / f"ablation_{key}.yaml", [*common, f"seed={seed}", f"output_dir={run_dir}"]))
             results[key][seed] = _row(json.loads((run_dir / "metrics.json").read_text()))

@@ -7,8 +7,11 @@
 2. Runs ``configs/fmnist_lt/lfme.yaml`` (the ``lfme`` recipe): trains the three experts, writes the
    offline expert outputs (float16 logits for every image and stored view), trains the LFME student
    (class-balanced sampling, KD from the stored logits, SpES, SpIS) and evaluates it.
-3. Trains and evaluates a class-balanced cross-entropy baseline (``configs/fmnist_lt/ce_balanced.yaml``)
-   with the same model, epochs and samples per epoch.
+3. Trains and evaluates a class-balanced cross-entropy baseline (``configs/fmnist_lt/ablation_balanced.yaml``:
+   the ``lfme`` recipe with KD, SpES and SpIS off) on the same experts' run folder and the same offline
+   store, linked into ``OUT/cb_ce``: both rows train on the same stored views with the same model,
+   epochs, sampler and samples per epoch, so they share one augmentation distribution and differ only
+   in the loss.
 4. Prints the many / medium / few / overall test top-1 of both and the paths of the plots, and writes
    them to ``OUT/demo.md`` / ``OUT/demo.json``.
 
@@ -64,7 +67,7 @@ def demo_overrides(args: argparse.Namespace, root: Path) -> list[str]:
         out.append(f"train.epoch_samples={args.epoch_samples}")
     if args.max_steps:
         out.append(f"train.max_steps_per_epoch={args.max_steps}")
-    return out
+    return out + list(args.overrides)
 
 
 def _row(metrics: dict[str, Any]) -> dict[str, float | None]:
@@ -94,18 +97,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--expert-epochs", type=int, default=2, help="expert epochs (default 2)")
     p.add_argument("--epoch-samples", type=int, default=10000,
                    help="class-balanced draws per student/baseline epoch (default 10000; 0 = dataset size)")
-    p.add_argument("--views", type=int, default=2, help="stored views per training image (default 2: whole "
-                                                        "image + one random crop/flip)")
+    p.add_argument("--views", type=int, default=4, help="stored views per training image, used by both rows "
+                                                        "(default 4: the whole image + 3 distinct pad-crop views)")
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last tensors (about 1.5x faster training on this CPU; default on)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (stage messages still print)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides for both rows")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lfme_fast.ablations import link_shared
     from lfme_fast.config import load_config
-    from lfme_fast.train import run
+    from lfme_fast.recipes import run
 
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -120,15 +125,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run(load_config(CONFIG_DIR / "lfme.yaml", [*common, f"output_dir={out / 'lfme'}",
                                                f"experts.epochs={args.expert_epochs}", f"lfme.views={args.views}"]))
     timings["lfme_s"] = round(time.perf_counter() - t, 1)
-    _say(t0, f"LFME done in {timings['lfme_s']:.0f} s; class-balanced CE baseline, {args.epochs} epoch(s) -> "
-             f"{out / 'cb_ce'}")
+    _say(t0, f"LFME done in {timings['lfme_s']:.0f} s; class-balanced CE baseline on the same stored views, "
+             f"{args.epochs} epoch(s) -> {out / 'cb_ce'}")
     t = time.perf_counter()
-    run(load_config(CONFIG_DIR / "ce_balanced.yaml", [*common, f"output_dir={out / 'cb_ce'}"]))
+    for shared in ("experts", "offline"):
+        link_shared(out / "lfme" / shared, out / "cb_ce" / shared)
+    run(load_config(CONFIG_DIR / "ablation_balanced.yaml", [*common, f"output_dir={out / 'cb_ce'}",
+                                                              f"experts.epochs={args.expert_epochs}",
+                                                              f"lfme.views={args.views}"]))
     timings["cb_ce_s"] = round(time.perf_counter() - t, 1)
 
     lfme_m = json.loads((out / "lfme" / "metrics.json").read_text())
     base_m = json.loads((out / "cb_ce" / "metrics.json").read_text())
-    rows = {"LFME student (KD + SpES + SpIS)": _row(lfme_m), "class-balanced CE": _row(base_m)}
+    rows = {"LFME student (KD + SpES + SpIS)": _row(lfme_m), "class-balanced CE (same stored views)": _row(base_m)}
     experts = json.loads((out / "lfme" / "experts" / "summary.json").read_text())["experts"]
     table = results_table(rows, lfme_m["convention"])
     header_path = out / "lfme" / "offline" / "header.json"
@@ -138,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots["baseline per_class_accuracy.png"] = str((out / "cb_ce" / "per_class_accuracy.png").resolve())
     total = time.perf_counter() - t0
     notes = [f"Settings: resnet_small28; experts {args.expert_epochs} epoch(s); student and baseline {args.epochs} "
-             f"epoch(s) of {args.epoch_samples or 'all'} class-balanced draws, batch 128; {args.views} stored view(s).",
+             f"epoch(s) of {args.epoch_samples or 'all'} class-balanced draws, batch 128; both rows replay the same "
+             f"{args.views} stored view(s) per image (whole image + pad-crop views), so they differ only in the loss.",
              "Experts on their own subsets (test top-1 within the subset, %): "
              + ", ".join(f"{k} {100 * v['test_top1']:.2f}" for k, v in experts.items() if v.get("test_top1") is not None),
              f"Offline store: {storage.get('logit_bytes_per_image', float('nan')):.0f} bytes of float16 expert "
