@@ -103,7 +103,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     root: str | None = None
-    backend: Literal["ffcv", "dali", "torch"] = "torch"
+    backend: str = "torch"
     batch_size: int = 128
     eval_batch_size: int | None = None
     num_workers: int | None = None
@@ -510,6 +510,10 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     _check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", sources)
     _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "must be >= 0", sources)
     _check(d.resolution is None or d.resolution >= 8, "data.resolution", "must be >= 8 or null", sources)
+    from lfme_fast.loaders import BACKENDS
+
+    _check(d.backend in BACKENDS, "data.backend", f"expected {' | '.join(map(repr, BACKENDS))}, "
+           f"got {d.backend!r} (lfme_fast.loaders.register_backend adds one)", sources)
 
     from lfme_fast.models import MODELS
 

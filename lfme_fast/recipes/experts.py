@@ -146,7 +146,6 @@ def _expert_batch_size(cfg: Config, k: int) -> int:
 
 def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Subset) -> dict[str, Any]:
     """Top-1 of an expert on ``split``'s images of its subset, within the subset's label space."""
-    from lfme_fast.sampling import SubsetSampler
 
     labels = ctx.labels(split)
     present = np.intersect1d(np.unique(labels), subset.classes)
@@ -154,8 +153,7 @@ def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Su
         return {"top1": None, "num_samples": 0}
     # Only the subset's images: a sampler over them (one epoch = each once; sharding pads, and
     # predict() drops the duplicates).
-    sampler = SubsetSampler(labels, present, seed=ctx.cfg.seed, num_replicas=ctx.accelerator.num_processes,
-                            rank=ctx.accelerator.process_index) if np.all(np.bincount(labels) > 0) else None
+    sampler = ctx.build_sampler("subset", labels, 1, classes=present) if np.all(np.bincount(labels) > 0) else None
     loader = ctx.eval_loader(split, sampler)
     preds = predict(model, loader, ctx.accelerator, keep_logits=True)
     mask = np.isin(preds.labels, subset.classes)
