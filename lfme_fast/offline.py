@@ -12,7 +12,8 @@ numbers are what a live teacher would output for the image the student sees (up 
 * LFME (the thin layer at the end of this module: :func:`store_header`, :func:`write_offline`,
   :class:`LFMEStore`): ``expert<l>.logits`` (width ``|S_l|``, expert ``l``'s label space) and
   ``confidence`` (SpIS ``p_i``).
-* CBD (next): each teacher's L2-normalised penultimate features, another ``[N, K, D]`` float16 array.
+* CBD (:mod:`lfme_fast.recipes.cbd`): ``teacher<k>.features``, each teacher's L2-normalised penultimate
+  features, ``[N, K, D_t]`` float16.
 
 Layout (``RUN/offline/``)::
 

@@ -26,6 +26,7 @@ RECIPES: dict[str, Any] = {
     "baseline": "lfme_fast.recipes.baseline:BaselineRecipe",
     "experts": "lfme_fast.recipes.experts:ExpertsRecipe",
     "lfme": "lfme_fast.recipes.lfme:LFMERecipe",
+    "cbd": "lfme_fast.recipes.cbd:CBDRecipe",
     "ecl": "lfme_fast.recipes.ecl:ECLRecipe",
 }
 
