@@ -1,6 +1,7 @@
-"""The ``ecl`` recipe end to end on the tiny Fashion-MNIST-LT fixture: per-expert metrics, the switches
-change the logged loss parts, a run killed mid-epoch resumes to the same losses and the same accuracy
-EMA, a 2-expert model with shared stages trains; config errors name the key.
+"""The ``ecl`` recipe end to end on the tiny Fashion-MNIST-LT fixture: ``configs/smoke_ecl.yaml`` through
+the command line on 1 and on 2 processes and resumed mid-epoch to the same losses and the same accuracy
+EMA; per-expert metrics, the switches change the logged loss parts, a 2-expert model with shared stages
+trains; config errors name the key.
 
 Runs are kept to a few steps of small batches (the point is the machinery, not accuracy)."""
 
@@ -31,6 +32,9 @@ from lfme_fast.trainer import InterruptAfter, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 ECL_YAML = REPO / "configs" / "fmnist_lt" / "ecl.yaml"
+#: The tiny CPU run the end-to-end, 2-process and resume tests use (2 epochs x 3 steps of 32, checkpoints
+#: every 2 steps), as a user runs it: ``python lfme_fast/train.py --config configs/smoke_ecl.yaml ...``.
+SMOKE_ECL = REPO / "configs" / "smoke_ecl.yaml"
 # The fixture has ~930 training images (374..4 per class): these thresholds give three non-empty subsets.
 SUBSETS = ["eval.thresholds=[100, 20]"]
 # The contrastive branch needs the loaders' two views per sample; without them the runs below leave it off.
@@ -44,6 +48,15 @@ def ecl_cfg(root: Path, out: Path, *extra: str):
         f"data.root={root}", f"output_dir={out}", "data.test_split=val", "data.batch_size=16",
         "data.eval_batch_size=256", "optim.epochs=1", "train.max_steps_per_epoch=2", "train.log_every=1",
         "log.progress=false", *SUBSETS, *NO_CON, *extra])
+
+
+def smoke_args(root: Path, *extra: str) -> list[str]:
+    """Overrides of the smoke config for the fixture (no test split: val stands in; its subsets)."""
+    return [f"data.root={root}", "data.test_split=val", *SUBSETS, *NO_CON, *extra]
+
+
+def smoke_cfg(root: Path, out: Path, *extra: str):
+    return load_config(SMOKE_ECL, [*smoke_args(root, *extra), f"output_dir={out}"])
 
 
 def step_records(out: Path) -> list[dict]:
@@ -64,10 +77,13 @@ def test_registered_and_configs_resolve():
             assert cfg.ecl.reweight == ("no_reweight" not in path.name), path
 
 
-def test_ecl_recipe_end_to_end(fmnist_dir, tmp_path):
+def test_smoke_ecl_end_to_end_through_the_command_line(fmnist_dir, tmp_path):
+    from lfme_fast.train import main as train_main
+
     out = tmp_path / "run"
-    cfg = ecl_cfg(fmnist_dir, out)
-    run(cfg)
+    assert train_main(["--config", str(SMOKE_ECL), *smoke_args(fmnist_dir), "--output-dir", str(out)]) == 0
+    cfg = smoke_cfg(fmnist_dir, out)
+    assert load_config(out / "config.yaml") == cfg
     for rel in ("config.yaml", "train/model.pt", "train/done.json", "metrics.json", "metrics.md",
                 "per_class_accuracy.png"):
         assert (out / rel).exists(), rel
@@ -82,21 +98,24 @@ def test_ecl_recipe_end_to_end(fmnist_dir, tmp_path):
         assert all(0.0 <= s["top1"] <= 1.0 for s in x["subsets"].values())
 
     steps = step_records(out)
-    assert [r["global_step"] for r in steps] == [1, 2]
+    assert [r["global_step"] for r in steps] == list(range(1, 7))  # 2 epochs x 3 steps
     for r in steps:  # every switched-on term is logged, per expert too
         for key in ON_TERMS:
             assert np.isfinite(r[key]) and len(r[f"{key}_per_expert"]) == 3, key
         assert r["loss"] == pytest.approx(sum(r[k] for k in ON_TERMS), rel=1e-6)
-    (epoch,) = epoch_records(out)
-    assert set(epoch["ecl_omega"]) == {"many", "medium", "few"}
-    # the EMA moved away from its start (chance level for both classifiers, i.e. every weight 1)
-    assert any(abs(v - 1.0) > 1e-6 for v in epoch["ecl_omega"].values())
+    epochs = epoch_records(out)
+    assert [e["epoch"] for e in epochs] == [0, 1] and all(e["samples"] == 3 * 32 for e in epochs)
+    for epoch in epochs:
+        assert set(epoch["ecl_omega"]) == {"many", "medium", "few"}
+        # the EMA moved away from its start (chance level for both classifiers, i.e. every weight 1)
+        assert any(abs(v - 1.0) > 1e-6 for v in epoch["ecl_omega"].values())
+    assert not (out / "train" / "checkpoints").exists()  # removed once the stage is done
 
     # a second run skips both stages; a different inference subset re-runs only the evaluation
     model_mtime = (out / "train" / "model.pt").stat().st_mtime_ns
     run(cfg)
     assert (out / "train" / "model.pt").stat().st_mtime_ns == model_mtime
-    run(ecl_cfg(fmnist_dir, out, "ecl.inference_experts=[1]"))
+    run(smoke_cfg(fmnist_dir, out, "ecl.inference_experts=[1]"))
     assert (out / "train" / "model.pt").stat().st_mtime_ns == model_mtime
     single = json.loads((out / "metrics.json").read_text())
     assert single["ecl"]["inference_experts"] == [1]
@@ -140,20 +159,23 @@ def test_reweighting_changes_the_distillation_term(fmnist_dir, tmp_path):
     assert on[2]["kd"] != pytest.approx(off[2]["kd"], rel=1e-6)
 
 
-def test_resume_mid_epoch_is_exact_including_the_ema(fmnist_dir, tmp_path):
-    # 2 epochs x 3 steps, checkpoints every 2 steps and at epoch ends: killed after step 5, the run
-    # resumes from the step-4 checkpoint (epoch 1 after 1 batch) and redoes step 5.
-    extra = ("stages=[train]", "optim.epochs=2", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=2")
+def test_smoke_ecl_resumes_mid_epoch_exactly_including_the_ema(fmnist_dir, tmp_path):
+    # The smoke config as shipped: 2 epochs x 3 steps, checkpoints every 2 steps and at epoch ends.
+    # Killed after step 5, the run resumes from the step-4 checkpoint (epoch 1 after 1 batch) and
+    # redoes step 5.
+    cfg = load_config(SMOKE_ECL)
+    assert (cfg.optim.epochs, cfg.train.max_steps_per_epoch, cfg.train.checkpoint_every_steps) == (2, 3, 2)
+    extra = ("stages=[train]",)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    run(ecl_cfg(fmnist_dir, full, *extra))
+    run(smoke_cfg(fmnist_dir, full, *extra))
     with pytest.raises(TrainingInterrupted):
-        run(ecl_cfg(fmnist_dir, killed, *extra), on_step=InterruptAfter(5))
+        run(smoke_cfg(fmnist_dir, killed, *extra), on_step=InterruptAfter(5))
     info = find_latest(killed / "train" / "checkpoints")
     assert info.tag == "e0001-b000001"
     ema = load_checkpoint_state(info)["hooks"]["ema"]
     assert int(ema["seen"].max()) == 4  # the EMA state of step 4 travels in the checkpoint
     assert not torch.allclose(ema["acc_label"], ema["acc_kd"])
-    run(ecl_cfg(fmnist_dir, killed, *extra))
+    run(smoke_cfg(fmnist_dir, killed, *extra))
 
     ref, res = step_records(full), step_records(killed)
     assert [r["global_step"] for r in res] == [r["global_step"] for r in ref] == list(range(1, 7))
@@ -283,9 +305,10 @@ def test_contrastive_without_two_view_loaders_is_refused(fmnist_dir, tmp_path):
         run(cfg)
 
 
-def test_two_process_cpu_run(fmnist_dir, tmp_path):
-    """2 gloo processes through ``accelerate launch``: DDP over the multi-expert model (no unused
-    parameter), the EMA statistics all-reduced in the loss, predictions gathered from both ranks."""
+def test_smoke_ecl_two_process_cpu_run(fmnist_dir, tmp_path):
+    """``configs/smoke_ecl.yaml`` on 2 gloo processes through ``accelerate launch``: DDP over the
+    multi-expert model (no unused parameter), the EMA statistics all-reduced in the loss, predictions
+    gathered from both ranks."""
     import os
     import subprocess
     import sys
@@ -293,10 +316,8 @@ def test_two_process_cpu_run(fmnist_dir, tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config", str(ECL_YAML),
-           f"data.root={fmnist_dir}", "data.test_split=val", "data.batch_size=16", "optim.epochs=1",
-           "train.max_steps_per_epoch=2", "train.log_every=1", "log.progress=false", *SUBSETS, *NO_CON,
-           "--output-dir", str(out)]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config",
+           "configs/smoke_ecl.yaml", *smoke_args(fmnist_dir), "--output-dir", str(out)]
     # ACCELERATE_USE_CPU + --multi_gpu gives two real gloo processes on CPU; one thread each.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -304,7 +325,9 @@ def test_two_process_cpu_run(fmnist_dir, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["num_samples"] == 50  # every val image once
     assert len(metrics["ecl"]["experts"]) == 3
-    (epoch,) = epoch_records(out)
-    assert epoch["world_size"] == 2 and epoch["samples"] == 2 * 2 * 16
-    assert set(epoch["ecl_omega"]) == {"many", "medium", "few"}
-    assert [r["global_step"] for r in step_records(out)] == [1, 2]
+    epochs = epoch_records(out)
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for epoch in epochs:  # 3 steps of 32 per rank and epoch
+        assert epoch["world_size"] == 2 and epoch["samples"] == 2 * 3 * 32
+        assert set(epoch["ecl_omega"]) == {"many", "medium", "few"}
+    assert [r["global_step"] for r in step_records(out)] == list(range(1, 7))

@@ -13,6 +13,14 @@ channels_last, batch 256 at 224 px):
   on the device) and LFME's loss (weighted CE + three subset KD terms).
 * ``live_kd``: the same loss with the teacher logits from three ResNet-10 experts run forward (no grad)
   on the batch: what training would cost without the offline store.
+* ``ecl``: an ECL step (:mod:`lfme_fast.bench.ecl_step`): three experts of the same backbone trained
+  together on two views of the batch, every ECL term on; ``ecl_one_view``: the same with the
+  contrastive branch off (one view). Split into forward (``ecl_forward_s`` vs ``plain_forward_s``),
+  losses (``ecl_losses_s`` vs ``loss_only_ce_s``), backward + optimiser (the rest) and the second
+  view's compute (``ecl_second_view_compute_s``) and loading (``loader_second_view_s``: the training
+  loader with one vs two views per sample on the same data, ``--loader-data``, default a small
+  synthetic ImageNet-LT-shaped set at the step's resolution; ``--no-loader`` skips it). ``--no-ecl``
+  leaves the ECL rows out.
 
 The three kinds of step are interleaved (rotating order) and repeated ``--repeats`` times, so machine
 noise (easily 8 % between identical steps) hits all three alike; the median and minimum per kind are
@@ -78,8 +86,11 @@ def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequenc
 
 def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: int, store_samples: int,
         views: int, arch: str = "resnet10", threads: int | None = None,
-        store_load: str | None = None) -> dict[str, Any]:
-    """Time the three kinds of step; returns the result dict (see the module docstring)."""
+        store_load: str | None = None, ecl: bool = True, ecl_experts: int = 3,
+        loader: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time the kinds of step; returns the result dict (see the module docstring). ``loader``: keyword
+    arguments of :func:`lfme_fast.bench.ecl_step.loader_view_cost` (root, backend, workers, rounds), or
+    None to skip the loading measurement."""
     from lfme_fast.losses import lfme_loss
     from lfme_fast.models import build_model
 
@@ -143,13 +154,21 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         finish(lfme_loss(logits, y, v, teachers, subsets, w, 2.0).loss)
 
     kinds: dict[str, Callable[[], None]] = {"plain_ce": plain, "offline_kd": offline, "live_kd": live}
+    ecl_step = None
+    if ecl:
+        from lfme_fast.bench.ecl_step import ECLStep
+
+        x2 = torch.randn(batch_size, 3, resolution, resolution, device=dev).to(memory_format=fmt)
+        ecl_step = ECLStep(arch, num_classes, ecl_experts, x, x2, y, dev, fmt, autocast)
+        kinds["ecl"] = ecl_step.step
+        kinds["ecl_one_view"] = lambda: ecl_step.step(two_views=False)
     names = list(kinds)
     for _ in range(warmup):
         for fn in kinds.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
-        order = names[r % 3:] + names[:r % 3]  # rotate which kind goes first
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate which kind goes first
         for k in order:
             _synchronize(dev)
             t0 = time.perf_counter()
@@ -157,6 +176,8 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
             times[k].append(time.perf_counter() - t0)
     loss_only = _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats=max(50, repeats))
     tmp.cleanup()
+    extra = _ecl_results(ecl_step, times, model, x, dev, autocast, repeats, ecl_experts, loader,
+                         batch_size, resolution, loss_only["loss_only_ce_s"]) if ecl_step is not None else {}
     med = {k: statistics.median(t) for k, t in times.items()}
     mins = {k: min(t) for k, t in times.items()}
     return {
@@ -181,8 +202,44 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         "offline_extra_s": loss_only["loss_only_offline_kd_s"] - loss_only["loss_only_ce_s"],
         "offline_extra_over_plain": (loss_only["loss_only_offline_kd_s"] - loss_only["loss_only_ce_s"])
         / med["plain_ce"],
+        **extra,
         "repeats": repeats, "warmup": warmup, "all_times_s": times, "machine": machine_info(),
     }
+
+
+def _ecl_results(ecl_step, times, model, x, dev, autocast, repeats: int, num_experts: int,
+                 loader: dict[str, Any] | None, batch_size: int, resolution: int, ce_loss_s: float) -> dict[str, Any]:
+    """The ECL keys of the result: whole steps, their split, and the second view's loading."""
+    from lfme_fast.bench.ecl_step import loader_view_cost, median_seconds
+
+    def plain_forward() -> None:
+        with autocast():
+            model(x)
+
+    med = {k: statistics.median(times[k]) for k in ("plain_ce", "ecl", "ecl_one_view")}
+    split = ecl_step.split(repeats)
+    plain_fwd = median_seconds(plain_forward, repeats, lambda: _synchronize(dev))
+    out: dict[str, Any] = {
+        "ecl_experts": num_experts, "ecl_views": 2,
+        "ecl_s": med["ecl"], "ecl_min_s": min(times["ecl"]),
+        "ecl_one_view_s": med["ecl_one_view"], "ecl_one_view_min_s": min(times["ecl_one_view"]),
+        "ratio_ecl_over_plain": med["ecl"] / med["plain_ce"],
+        "ratio_ecl_over_plain_min": min(times["ecl"]) / min(times["plain_ce"]),
+        "plain_forward_s": plain_fwd, **split,
+        "ecl_backward_opt_s": med["ecl"] - split["ecl_forward_s"] - split["ecl_losses_s"],
+        "plain_backward_opt_s": med["plain_ce"] - plain_fwd - ce_loss_s,
+        "ratio_ecl_forward_over_plain_forward": split["ecl_forward_s"] / plain_fwd,
+        "ecl_second_view_compute_s": med["ecl"] - med["ecl_one_view"],
+        "ecl_split_note": "forward (both views, 3 experts, autograd on) + losses (forward+backward on detached "
+                          "outputs) + backward_opt (the rest of the median step); plain likewise with CE",
+    }
+    if loader is not None:
+        cost = loader_view_cost(batch_size=batch_size, resolution=resolution, **loader)
+        out.update(cost)
+        out["ecl_step_with_loading_s"] = med["ecl"] + cost["loader_two_views_batch_s"]
+        out["plain_step_with_loading_s"] = med["plain_ce"] + cost["loader_one_view_batch_s"]
+        out["ratio_ecl_over_plain_with_loading"] = out["ecl_step_with_loading_s"] / out["plain_step_with_loading_s"]
+    return out
 
 
 def _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats: int) -> dict[str, float]:
@@ -226,14 +283,35 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="how the store is read (default: like the LFME recipe: on the GPU when training "
                              "there, else in RAM; 'mmap' for stores larger than memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-ecl", action="store_true", help="leave out the ECL rows")
+    parser.add_argument("--ecl-experts", type=int, default=3, help="experts of the ECL step (default 3)")
+    parser.add_argument("--no-loader", action="store_true", help="skip the one- vs two-view loader measurement")
+    parser.add_argument("--loader-data", default=None,
+                        help="prepared dataset for the loader measurement (default: a synthetic ImageNet-LT-shaped "
+                             "set of --loader-scale, prepared once into the loader benchmark's cache)")
+    parser.add_argument("--loader-scale", type=float, default=0.01, help="synthetic set's scale (default 0.01)")
+    parser.add_argument("--loader-backend", default="torch", help="loader back end (default torch)")
+    parser.add_argument("--loader-workers", type=int, default=0, help="loader workers (default 0: in process)")
+    parser.add_argument("--loader-rounds", type=int, default=3, help="timed epochs per loader (default 3)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
     result = run(device=device, batch_size=args.batch_size or (256 if gpu else 64),
                  resolution=args.resolution or (224 if gpu else 112), repeats=args.repeats or (50 if gpu else 15),
                  warmup=args.warmup, store_samples=args.store_samples, views=args.views, arch=args.arch,
-                 threads=args.threads, store_load=args.store_load)
+                 threads=args.threads, store_load=args.store_load, ecl=not args.no_ecl,
+                 ecl_experts=args.ecl_experts, loader=None if args.no_ecl or args.no_loader else _loader_args(args))
     write_result(args.json_out, result)
+
+
+def _loader_args(args: argparse.Namespace) -> dict[str, Any]:
+    root = args.loader_data
+    if root is None:
+        from lfme_fast.bench.loader import DEFAULT_CACHE, prepare_synthetic
+
+        root = prepare_synthetic(args.loader_scale, DEFAULT_CACHE)
+    return {"root": root, "backend": args.loader_backend, "workers": args.loader_workers,
+            "rounds": args.loader_rounds}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,436 @@
+"""Compare named rows (a config file plus overrides) over seeds under one protocol.
+
+``python -m lfme_fast.compare --data DIR --rows ecl,ecl_no_kd,balanced_softmax --seeds 0,1,2 --out DIR
+[--reference ROW] [--name NAME] [--report-dir DIR] [--set key=value ...]``
+
+A **row** is a named ``(config file, overrides)`` pair from :data:`ROWS` (start: the ECL ablation and the
+balanced-softmax single model on Fashion-MNIST-LT). Every run is ``OUT/<row>/seed<s>/``, a normal run
+folder. ``--set`` overrides go to every row, after the row's own overrides (so a budget such as
+``optim.epochs=4`` applies to all).
+
+**One protocol.** The rows must agree on every key in :data:`PROTOCOL_KEYS` (backbone, optimiser and
+epochs, batch size, samples per epoch, augmentation, splits, precision, evaluation); a disagreement is
+an error naming the key and the rows, before anything trains. What rows may differ in (recipe, sampler,
+loss, the recipe's own sections) is written per row, including how many augmented views of each
+sample a step sees (ECL's contrastive branch trains on two).
+
+**Resumable.** A run whose ``metrics.json`` exists next to this runner's ``compare.json`` marker for the
+same resolved config is not started again; any other run goes through the recipe, whose stage
+fingerprints skip finished stages and resume interrupted ones from their checkpoints.
+
+**Report** (``REPORT/<name>.json`` and ``.md``, ``REPORT`` = ``--report-dir``, default ``OUT``): per row
+the test top-1 for many / medium / few / overall as mean ± sample std over seeds, every seed's value,
+and per row the per-seed paired difference from the reference row (``--reference``, default the first
+row); plus the protocol (epochs, samples per epoch, augmentation, backbone, views per sample, machine
+and library versions) and every run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from lfme_fast.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Row", "ROWS", "PROTOCOL_KEYS", "COLUMNS", "register_row", "row_config", "check_protocol",
+           "describe_protocol", "run_rows", "summarise", "format_markdown", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+#: Report columns: the three subsets of ``eval`` and the overall top-1.
+COLUMNS = ("many", "medium", "few", "overall")
+#: Keys every row of one comparison must share (the protocol); dotted config keys or whole sections.
+PROTOCOL_KEYS = (
+    "data.root", "data.backend", "data.batch_size", "data.resolution", "data.augment", "data.train_split",
+    "data.val_split", "data.test_split", "model.arch", "model.kwargs", "model.pretrained", "optim",
+    "train.epoch_samples", "train.max_steps_per_epoch", "train.grad_accum", "precision", "eval",
+)
+MARKER = "compare.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison: ``config`` (relative to ``configs/``, or absolute) with ``overrides``."""
+
+    config: str
+    overrides: tuple[str, ...] = ()
+    label: str = ""
+    note: str = ""
+
+    @property
+    def path(self) -> Path:
+        p = Path(self.config)
+        return p if p.is_absolute() else CONFIG_DIR / p
+
+
+#: The registry of rows by name (:func:`register_row` adds one).
+ROWS: dict[str, Row] = {}
+
+
+def register_row(name: str, row: Row) -> Row:
+    """Add ``row`` to :data:`ROWS` under ``name`` (an existing name is an error: rows are results' keys)."""
+    if name in ROWS:
+        raise ValueError(f"row {name!r} is already registered ({ROWS[name]})")
+    ROWS[name] = row
+    return row
+
+
+_ECL = "fmnist_lt/ecl.yaml"
+register_row("ecl", Row(_ECL, label="ECL (full)", note="KD + re-weighting + feature KD + contrastive"))
+# Re-weighting only scales the distillation term, so without KD it has nothing to act on: off too.
+register_row("ecl_no_kd", Row(_ECL, ("ecl.kd=false", "ecl.reweight=false"), "ECL without KD",
+                              "no online distillation (so no re-weighting either)"))
+register_row("ecl_no_reweight", Row("fmnist_lt/ecl_no_reweight.yaml", label="ECL without re-weighting",
+                                    note="plain online distillation (omega = 1)"))
+register_row("ecl_no_feature_kd", Row(_ECL, ("ecl.feature_kd=false",), "ECL without feature KD"))
+register_row("ecl_no_contrastive", Row(_ECL, ("ecl.contrastive=false",), "ECL without contrastive",
+                                       "one view per sample"))
+register_row("balanced_softmax", Row("fmnist_lt/balanced_softmax.yaml", label="Balanced Softmax (one model)"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# configs and the protocol
+# ---------------------------------------------------------------------------------------------------
+
+
+def row_config(name: str, data: str | Path, seed: int, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """The resolved config of row ``name`` for ``seed`` in ``run_dir`` (row overrides, then ``overrides``)."""
+    from lfme_fast.config import load_config
+
+    row = get_row(name)
+    return load_config(row.path, [*row.overrides, f"data.root={json.dumps(str(data))}", *overrides,
+                                  f"seed={seed}", f"output_dir={json.dumps(str(run_dir))}"])
+
+
+def get_row(name: str) -> Row:
+    """The registered row ``name``; a clear error listing the known rows otherwise."""
+    try:
+        return ROWS[name]
+    except KeyError:
+        raise ValueError(f"unknown row {name!r}; known rows: {', '.join(ROWS)}") from None
+
+
+def _value(cfg: Any, dotted: str) -> Any:
+    from lfme_fast.config import config_to_dict
+
+    node: Any = config_to_dict(cfg)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_protocol(configs: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared values of :data:`PROTOCOL_KEYS` over ``configs`` (row name -> config).
+
+    Raises:
+        ValueError: rows disagree on a key; the message names the key and each row's value.
+    """
+    shared: dict[str, Any] = {}
+    for key in PROTOCOL_KEYS:
+        values = {name: _value(cfg, key) for name, cfg in configs.items()}
+        distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
+        if len(distinct) > 1:
+            detail = "; ".join(f"{n}: {json.dumps(v, sort_keys=True)}" for n, v in values.items())
+            raise ValueError(f"the rows do not share one protocol: {key} differs ({detail}); set it for all "
+                             f"rows with --set {key}=...")
+        shared[key] = next(iter(values.values()))
+    return shared
+
+
+def views_per_sample(cfg: Any) -> int:
+    """Augmented views of each sample one training step sees (2 for ECL's contrastive branch, else 1)."""
+    section = cfg.sections.get("ecl") if hasattr(cfg, "sections") else None
+    return 2 if section is not None and section.contrastive else 1
+
+
+def row_facts(cfg: Any) -> dict[str, Any]:
+    """What a row may differ in from the others: recipe, sampler, loss, models, views per sample."""
+    facts: dict[str, Any] = {"recipe": cfg.recipe, "sampler": cfg.train.sampler, "loss": cfg.train.loss,
+                             "views_per_sample": views_per_sample(cfg), "models": 1}
+    if "ecl" in cfg.sections:
+        e = cfg.ecl
+        facts["models"] = e.num_experts
+        facts["ecl"] = {k: getattr(e, k) for k in ("num_experts", "shared_stages", "kd", "reweight", "feature_kd",
+                                                   "contrastive")}
+    return facts
+
+
+def _train_size(root: str) -> int | None:
+    try:
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("splits", {}).get("train", {}).get("num_samples")
+
+
+def describe_protocol(shared: Mapping[str, Any], facts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The protocol in words and numbers (epochs, samples per epoch, augmentation, backbone, views, machine)."""
+    from lfme_fast.bench.common import machine_info
+
+    optim = shared["optim"]
+    size = _train_size(shared["data.root"])
+    samples = shared["train.epoch_samples"] or size
+    steps_cap = shared["train.max_steps_per_epoch"]
+    if steps_cap is not None and samples is not None:
+        samples = min(samples, steps_cap * shared["data.batch_size"] * shared["train.grad_accum"])
+    two = [n for n, f in facts.items() if f["views_per_sample"] == 2]
+    augment = shared["data.augment"]
+    aug_text = {"auto": "auto: pad-crop (4 px zero padding, random corner) + horizontal flip for images of at "
+                        "most 64 px such as Fashion-MNIST's 28 px, RandomResizedCrop + flip above",
+                "pad_crop": "pad-crop (4 px zero padding) + horizontal flip",
+                "imagenet": "RandomResizedCrop + horizontal flip", "none": "none"}.get(augment, augment)
+    views = ("every row trains on one augmented view per sample" if not two else
+             f"{', '.join(two)} train on two independently augmented views of each sample per step (the second "
+             f"view feeds only the contrastive loss), the other rows on one")
+    machine = machine_info()
+    gpu = machine.get("gpu") if machine.get("cuda_available") else None
+    return {
+        "epochs": optim["epochs"], "samples_per_epoch": samples,
+        "samples_per_epoch_source": ("train.epoch_samples" if shared["train.epoch_samples"] else
+                                     f"the training split ({size} images)"),
+        "batch_size": shared["data.batch_size"], "optimiser": optim, "augmentation": aug_text,
+        "backbone": shared["model.arch"], "views": views, "evaluation": shared["eval"],
+        "test_split": shared["data.test_split"], "data": shared["data.root"], "shared_keys": dict(shared),
+        "machine_text": f"{machine.get('cpu_count')}-core CPU ({machine.get('cpu_model')})"
+                        + (f", GPU {gpu}" if gpu else ", no GPU"),
+        "machine": machine,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------
+
+
+def _config_sha(cfg: Any) -> str:
+    from lfme_fast.config import config_to_dict
+
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _main_process() -> bool:
+    # Under ``accelerate launch`` every rank runs this loop; only rank 0 writes the runner's files.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _finished(run_dir: Path, sha: str) -> dict[str, Any] | None:
+    """The marker of a finished run of exactly this config, or None."""
+    try:
+        marker = json.loads((run_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if marker.get("config_sha") == sha and (run_dir / "metrics.json").exists() else None
+
+
+def _subset_row(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    subs = metrics["subsets"]
+    return {"many": subs.get("many", {}).get("top1"), "medium": subs.get("medium", {}).get("top1"),
+            "few": subs.get("few", {}).get("top1"), "overall": metrics.get("top1")}
+
+
+def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequence[int],
+             overrides: Sequence[str] = (), *, log: Callable[[str], None] = print,
+             runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Train and evaluate every (row, seed) not yet finished; returns the raw results.
+
+    ``{"rows": {row: {seed: {"many", "medium", "few", "overall"}}}, "seconds": {row: {seed: s}},
+    "configs": {row: cfg of the first seed}, "skipped": [...]}``. The protocol is checked first
+    (:func:`check_protocol`), so a mismatch fails before anything trains.
+    """
+    if runner is None:
+        from lfme_fast.recipes import run as runner
+    if not rows or not seeds:
+        raise ValueError("need at least one row and one seed")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"a row is named twice in {list(rows)}")
+    out = Path(out)
+    plan = {(r, s): row_config(r, data, s, out / r / f"seed{s}", overrides) for r in rows for s in seeds}
+    check_protocol({r: plan[(r, seeds[0])] for r in rows})
+    results: dict[str, dict[int, dict[str, float | None]]] = {r: {} for r in rows}
+    seconds: dict[str, dict[int, float]] = {r: {} for r in rows}
+    skipped: list[str] = []
+    t0 = time.perf_counter()
+    for i, seed in enumerate(seeds):  # seed-major: a partial comparison has every row for its first seeds
+        for j, name in enumerate(rows):
+            cfg = plan[(name, seed)]
+            run_dir, sha = Path(cfg.run_dir), _config_sha(cfg)
+            marker = _finished(run_dir, sha)
+            if marker is not None:
+                skipped.append(f"{name}/seed{seed}")
+                seconds[name][seed] = marker["seconds"]
+            else:
+                log(f"[compare] seed {seed} ({i + 1}/{len(seeds)}), row {name} ({j + 1}/{len(rows)}) in {run_dir} "
+                    f"({time.perf_counter() - t0:.0f} s so far)")
+                start = time.perf_counter()
+                runner(cfg)
+                seconds[name][seed] = round(time.perf_counter() - start, 1)
+                if _main_process():
+                    atomic_write_json(run_dir / MARKER, {"row": name, "seed": seed, "config_sha": sha,
+                                                         "seconds": seconds[name][seed]})
+            results[name][seed] = _subset_row(json.loads((run_dir / "metrics.json").read_text()))
+    return {"rows": results, "seconds": seconds, "configs": {r: plan[(r, seeds[0])] for r in rows},
+            "skipped": skipped, "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | None]:
+    return {"mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
+
+
+def summarise(results: Mapping[str, Mapping[int, Mapping[str, float | None]]], seeds: Sequence[int],
+              reference: str) -> dict[str, Any]:
+    """Per row and column: mean ± sample std over seeds (in %), and the per-seed paired difference
+    from ``reference`` (percentage points; only seeds both rows have)."""
+    if reference not in results:
+        raise ValueError(f"reference row {reference!r} is not among the rows {list(results)}")
+    out: dict[str, Any] = {}
+    ref = results[reference]
+    for name, per_seed in results.items():
+        entry: dict[str, Any] = {"per_seed": {str(s): {c: _pct(per_seed[s][c]) for c in COLUMNS}
+                                              for s in seeds if s in per_seed}}
+        for c in COLUMNS:
+            vals = [100.0 * per_seed[s][c] for s in seeds if s in per_seed and per_seed[s][c] is not None]
+            diffs = {str(s): 100.0 * (per_seed[s][c] - ref[s][c]) for s in seeds
+                     if s in per_seed and s in ref and per_seed[s][c] is not None and ref[s][c] is not None}
+            entry[c] = {**_stats(vals), "diff": {**_stats(list(diffs.values())), "per_seed": diffs}}
+        out[name] = entry
+    return out
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100.0 * x
+
+
+def _cell(s: Mapping[str, Any], signed: bool = False) -> str:
+    if s["mean"] is None:
+        return "–"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    text = fmt.format(s["mean"])
+    return text if s["std"] is None else f"{text} ± {s['std']:.2f}"
+
+
+def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequence[int], reference: str,
+                    protocol: Mapping[str, Any], facts: Mapping[str, Mapping[str, Any]], title: str,
+                    overrides: Sequence[str] = (), seconds: Mapping[str, Mapping[int, float]] | None = None,
+                    convention: str | None = None) -> str:
+    """The markdown page: protocol, the mean ± std table, the paired-difference table, per-seed values."""
+    n = len(seeds)
+    lines = [f"# {title}", "",
+             f"Test top-1 (%), mean ± sample std over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}). "
+             f"Subsets by training count: {convention or protocol['evaluation']}; many / medium / few are "
+             f"the mean of their classes' accuracies, overall is over all test images.", "",
+             "**Protocol (every row):** "
+             f"backbone {protocol['backbone']}; {protocol['epochs']} epochs of {protocol['samples_per_epoch']} "
+             f"samples ({protocol['samples_per_epoch_source']}), batch {protocol['batch_size']}, "
+             f"SGD lr {protocol['optimiser']['lr']} ({protocol['optimiser']['schedule']}), weight decay "
+             f"{protocol['optimiser']['weight_decay']}; augmentation {protocol['augmentation']}; {protocol['views']}; "
+             f"evaluated on the `{protocol['test_split']}` split. "
+             f"Overrides for every row: {' '.join(f'`{o}`' for o in overrides) if overrides else 'none'}. "
+             f"Machine: {protocol['machine_text']}.", "",
+             "| row | models | views | many | medium | few | overall |", "|---|---|---|---|---|---|---|"]
+    for name in rows:
+        f = facts[name]
+        cells = " | ".join(_cell(summary[name][c]) for c in COLUMNS)
+        lines.append(f"| {_label(name)} | {f['models']} | {f['views_per_sample']} | {cells} |")
+    lines += ["", f"**Paired difference from `{reference}`** (percentage points, the same seed for both rows; "
+                  "mean ± sample std of the per-seed differences):", "",
+              "| row | many | medium | few | overall | overall per seed |", "|---|---|---|---|---|---|"]
+    for name in rows:
+        if name == reference:
+            continue
+        cells = " | ".join(_cell(summary[name][c]["diff"], signed=True) for c in COLUMNS)
+        per = ", ".join(f"{v:+.2f}" for v in summary[name]["overall"]["diff"]["per_seed"].values())
+        lines.append(f"| {_label(name)} | {cells} | {per} |")
+    lines += ["", "**Rows:**", ""]
+    for name in rows:
+        row, f = ROWS.get(name), facts[name]
+        what = f"`configs/{row.config}`" + (f" with {' '.join(f'`{o}`' for o in row.overrides)}" if row.overrides else "")
+        note = f" ({row.note})" if row.note else ""
+        lines.append(f"- `{name}`: {what}{note}; recipe {f['recipe']}, {f['sampler']} sampling, loss {f['loss']}.")
+    if seconds:
+        total = sum(sum(v.values()) for v in seconds.values())
+        lines += ["", "Wall time per run (s, mean over seeds): " + ", ".join(
+            f"{n} {statistics.fmean(seconds[n].values()):.0f}" for n in rows if seconds.get(n))
+            + f"; {total / 60:.1f} min for all runs."]
+    return "\n".join(lines) + "\n"
+
+
+def _label(name: str) -> str:
+    row = ROWS.get(name)
+    return f"{row.label} (`{name}`)" if row is not None and row.label else f"`{name}`"
+
+
+def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequence[int],
+            overrides: Sequence[str] = (), *, reference: str | None = None, name: str = "comparison",
+            report_dir: str | Path | None = None, title: str | None = None,
+            log: Callable[[str], None] = print, runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json`` and ``.md``; returns the report."""
+    reference = reference or rows[0]
+    if reference not in rows:
+        raise ValueError(f"--reference {reference!r} must be one of the rows {list(rows)}")
+    raw = run_rows(data, out, rows, seeds, overrides, log=log, runner=runner)
+    configs = raw["configs"]
+    facts = {r: row_facts(cfg) for r, cfg in configs.items()}
+    protocol = describe_protocol(check_protocol(configs), facts)
+    summary = summarise(raw["rows"], seeds, reference)
+    convention = json.loads((Path(configs[rows[0]].run_dir) / "metrics.json").read_text()).get("convention")
+    title = title or f"Comparison: {', '.join(rows)}"
+    report = {"title": title, "data": str(data), "rows": list(rows), "seeds": list(seeds), "reference": reference,
+              "overrides": list(overrides), "convention": convention,
+              "metric": "test top-1 (%): per subset the mean of its classes' accuracies, overall over all images",
+              "protocol": protocol, "row_facts": facts,
+              "row_definitions": {r: {"config": ROWS[r].config, "overrides": list(ROWS[r].overrides),
+                                      "label": ROWS[r].label, "note": ROWS[r].note} for r in rows},
+              "results": summary, "run_seconds": {r: {str(s): v for s, v in d.items()} for r, d in raw["seconds"].items()},
+              "skipped_finished": raw["skipped"], "wall_seconds_this_invocation": raw["wall_seconds"],
+              "run_dirs": {r: str(Path(configs[r].run_dir).parent) for r in rows}}
+    page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
+                           convention)
+    if _main_process():
+        target = Path(report_dir) if report_dir is not None else Path(out)
+        atomic_write_json(target / f"{name}.json", report)
+        atomic_write_text(target / f"{name}.md", page)
+    log(page)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m lfme_fast.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="prepared dataset (python -m data_prep ...)")
+    parser.add_argument("--rows", required=True, help=f"comma-separated row names; known: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--out", required=True, help="folder of the run folders (OUT/<row>/seed<s>/)")
+    parser.add_argument("--reference", help="row the paired differences are taken from (default: the first row)")
+    parser.add_argument("--name", default="comparison", help="report file name, without suffix (default comparison)")
+    parser.add_argument("--report-dir", help="where <name>.json and .md go (default: --out)")
+    parser.add_argument("--title", help="the report's heading")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                        help="config override for every row (repeatable), e.g. --set optim.epochs=4")
+    args = parser.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    for r in rows:
+        get_row(r)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    compare(args.data, args.out, rows, seeds, args.overrides, reference=args.reference, name=args.name,
+            report_dir=args.report_dir, title=args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

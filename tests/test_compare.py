@@ -1,0 +1,151 @@
+"""The comparison runner (``python -m lfme_fast.compare``) on the tiny Fashion-MNIST-LT fixture: rows over
+seeds, mean ± std and paired differences that match the runs' own metrics, a re-run that trains nothing,
+a removed result that is redone alone, and a protocol mismatch refused before anything trains.
+
+Runs are one step of 16 images each (the point is the runner, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from lfme_fast import compare
+from lfme_fast.compare import ROWS, Row, check_protocol, row_config, summarise
+
+# The fixture has no test split (val stands in) and ~930 training images (374..4 per class).
+TINY = ["data.test_split=val", "eval.thresholds=[100, 20]", "optim.epochs=1", "train.max_steps_per_epoch=1",
+        "data.batch_size=16", "log.progress=false"]
+
+
+def _cli_args(data, out, rows: str, seeds: str = "0,1") -> list[str]:
+    args = ["--data", str(data), "--rows", rows, "--seeds", seeds, "--out", str(out), "--name", "tiny"]
+    for o in TINY:
+        args += ["--set", o]
+    return args
+
+
+def _metrics(out, row: str, seed: int) -> dict:
+    return json.loads((out / row / f"seed{seed}" / "metrics.json").read_text())
+
+
+def test_registry_has_the_ecl_ablation_rows():
+    for name in ("ecl", "ecl_no_kd", "ecl_no_reweight", "ecl_no_feature_kd", "ecl_no_contrastive",
+                 "balanced_softmax"):
+        assert ROWS[name].path.exists(), name
+    cfgs = {name: row_config(name, "DATA", 0, f"/tmp/{name}") for name in ROWS}
+    assert not cfgs["ecl_no_kd"].ecl.kd and not cfgs["ecl_no_kd"].ecl.reweight
+    assert not cfgs["ecl_no_reweight"].ecl.reweight and cfgs["ecl_no_reweight"].ecl.kd
+    assert not cfgs["ecl_no_feature_kd"].ecl.feature_kd and not cfgs["ecl_no_contrastive"].ecl.contrastive
+    assert cfgs["balanced_softmax"].recipe == "baseline" and cfgs["balanced_softmax"].train.loss == "balanced_softmax"
+    # the shipped configs already share one protocol: no override needed for these rows
+    shared = check_protocol(cfgs)
+    assert shared["data.augment"] == "auto" and shared["optim"]["epochs"] == 10
+    assert [compare.views_per_sample(c) for c in cfgs.values()] == [2, 2, 2, 2, 1, 1]
+
+
+def test_compare_end_to_end_resumes_and_pairs_seeds(fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare.main(_cli_args(fmnist_dir, out, "balanced_softmax,ecl_no_contrastive")) == 0
+    report = json.loads((out / "tiny.json").read_text())
+    page = (out / "tiny.md").read_text()
+    assert report["rows"] == ["balanced_softmax", "ecl_no_contrastive"] and report["seeds"] == [0, 1]
+    assert report["reference"] == "balanced_softmax" and report["skipped_finished"] == []
+
+    # the table's numbers are the runs' own metrics, and the differences are paired by seed
+    res = report["results"]
+    for row in report["rows"]:
+        for seed in (0, 1):
+            m = _metrics(out, row, seed)
+            assert res[row]["per_seed"][str(seed)]["overall"] == pytest.approx(100 * m["top1"])
+            assert res[row]["per_seed"][str(seed)]["few"] == pytest.approx(100 * m["subsets"]["few"]["top1"])
+        overall = [100 * _metrics(out, row, s)["top1"] for s in (0, 1)]
+        assert res[row]["overall"]["mean"] == pytest.approx(statistics.fmean(overall))
+        assert res[row]["overall"]["std"] == pytest.approx(statistics.stdev(overall))
+    diffs = [100 * (_metrics(out, "ecl_no_contrastive", s)["top1"] - _metrics(out, "balanced_softmax", s)["top1"])
+             for s in (0, 1)]
+    got = res["ecl_no_contrastive"]["overall"]["diff"]
+    assert list(got["per_seed"].values()) == pytest.approx(diffs)
+    assert got["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert res["balanced_softmax"]["overall"]["diff"]["mean"] == 0.0
+
+    # the protocol is written down, including who trains on two views, and the machine
+    proto = report["protocol"]
+    assert proto["epochs"] == 1 and proto["samples_per_epoch"] == 16 and proto["backbone"] == "resnet_small28"
+    assert "pad-crop" in proto["augmentation"] and "one augmented view" in proto["views"]
+    assert "-core CPU" in proto["machine_text"]
+    assert report["row_facts"]["ecl_no_contrastive"]["models"] == 3
+    assert "| Balanced Softmax (one model) (`balanced_softmax`) | 1 | 1 |" in page
+    assert "Paired difference from `balanced_softmax`" in page and proto["machine_text"] in page
+    assert set(report["run_seconds"]["ecl_no_contrastive"]) == {"0", "1"}
+
+    # a second invocation trains nothing: every run is finished for the same config
+    def refuse(cfg):
+        raise AssertionError(f"{cfg.run_dir} was re-run")
+
+    again = compare.compare(fmnist_dir, out, ["balanced_softmax", "ecl_no_contrastive"], [0, 1], TINY, name="tiny",
+                            runner=refuse, log=lambda m: None)
+    assert len(again["skipped_finished"]) == 4 and again["results"] == report["results"]
+
+    # a run whose result is gone is redone, and only that one; a changed config re-runs its row
+    (out / "ecl_no_contrastive" / "seed1" / "metrics.json").unlink()
+    calls = []
+
+    def counting(cfg):
+        from lfme_fast.recipes import run
+
+        calls.append(str(cfg.run_dir))
+        return run(cfg)
+
+    compare.compare(fmnist_dir, out, ["balanced_softmax", "ecl_no_contrastive"], [0, 1], TINY, name="tiny",
+                    runner=counting, log=lambda m: None)
+    assert calls == [str(out / "ecl_no_contrastive" / "seed1")]
+    assert (out / "ecl_no_contrastive" / "seed1" / "metrics.json").exists()
+    capsys.readouterr()
+
+
+def test_two_view_rows_are_named_in_the_protocol(fmnist_dir, tmp_path):
+    out = tmp_path / "cmp"
+    report = compare.compare(fmnist_dir, out, ["ecl", "balanced_softmax"], [0], TINY, name="two",
+                             reference="balanced_softmax", log=lambda m: None)
+    assert "ecl train on two independently augmented views" in report["protocol"]["views"]
+    assert report["row_facts"]["ecl"]["views_per_sample"] == 2
+    assert report["results"]["ecl"]["overall"]["std"] is None  # one seed: no spread claimed
+    assert "| ECL (full) (`ecl`) | 3 | 2 |" in (out / "two.md").read_text()
+
+
+def test_protocol_mismatch_is_refused_before_training(tmp_path):
+    compare.register_row("_test_more_epochs", Row("fmnist_lt/ecl.yaml", ("optim.epochs=3",)))
+    try:
+        def refuse(cfg):
+            raise AssertionError("trained despite the protocol mismatch")
+
+        with pytest.raises(ValueError, match=r"optim differs .*ecl: .*_test_more_epochs: .*--set optim"):
+            compare.run_rows("DATA", tmp_path, ["ecl", "_test_more_epochs"], [0], runner=refuse)
+        # one --set for every row makes them agree again
+        plan = {r: row_config(r, "DATA", 0, tmp_path / r, ["optim.epochs=3"]) for r in ("ecl", "_test_more_epochs")}
+        assert check_protocol(plan)["optim"]["epochs"] == 3
+    finally:
+        ROWS.pop("_test_more_epochs")
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown row 'nope'; known rows: ecl, "):
+        compare.main(["--data", "D", "--rows", "ecl,nope", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--reference 'ecl_no_kd' must be one of the rows"):
+        compare.compare("D", tmp_path, ["ecl"], [0], reference="ecl_no_kd")
+    with pytest.raises(ValueError, match="already registered"):
+        compare.register_row("ecl", ROWS["ecl"])
+
+
+def test_summarise_pairs_only_common_seeds():
+    def row(x):
+        return {"many": x, "medium": x, "few": None, "overall": x}
+
+    results = {"ref": {0: row(0.50), 1: row(0.60), 2: row(0.70)}, "b": {0: row(0.55), 2: row(0.90)}}
+    s = summarise(results, [0, 1, 2], "ref")
+    assert s["b"]["overall"]["diff"]["per_seed"] == pytest.approx({"0": 5.0, "2": 20.0})
+    assert s["b"]["overall"]["diff"]["mean"] == pytest.approx(12.5)
+    assert s["b"]["overall"]["mean"] == pytest.approx(72.5) and s["b"]["overall"]["n"] == 2
+    assert s["ref"]["few"]["mean"] is None and s["ref"]["few"]["diff"]["n"] == 0
