@@ -73,6 +73,22 @@ class TrainJob:
     final_meta: Callable[[TrainResult], Mapping[str, Any]] | None = None
 
 
+def _sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP keeps parameters in step, but each rank's last forward updated its own running statistics, so
+    without this the in-memory model of rank r > 0 differs from the saved ``model.pt`` (rank 0's), and
+    what a later stage computes with it on that rank (its share of an offline store, an evaluation)
+    would come from another model.
+    """
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 class Recipe:
     """Base recipe: owns the config, the Accelerator and the run folder; runs stages in order.
 
@@ -162,6 +178,7 @@ class Recipe:
                              forward_fn=parts.forward_fn, hooks=parts.hooks, fingerprint=job.fingerprint,
                              channels_last=self.ctx.channels_last, on_step=self.on_step)
         del parts
+        _sync_buffers(result.model, self.accelerator)
         extra = job.finish(result) if job.finish is not None else []
         if self.accelerator.is_main_process:
             meta = {**job.meta, "fingerprint": job.fingerprint, "global_step": result.global_step}

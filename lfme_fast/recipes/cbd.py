@@ -412,15 +412,6 @@ class CBDRecipe(Recipe):
                 "classifier": self.cfg.model.classifier, "teacher": teacher.to_json(), "seed": teacher.seed}
         return TrainJob(f"teacher-{teacher.name}", teacher.stage_dir, teacher.fingerprint, build, meta=meta)
 
-    def load_stage_model(self, stage_dir: Path, fp: str, build: Any, stage: str) -> nn.Module:
-        """As :meth:`Recipe.load_stage_model`, but from the saved file on every rank when there are
-        several: DDP keeps parameters in step, yet each rank's last forward updated its own BatchNorm
-        running statistics, so only the file (rank 0's model, the one the store header hashes) is the
-        same model everywhere."""
-        if self.accelerator.num_processes > 1:
-            self.trained.pop(Path(stage_dir), None)
-        return super().load_stage_model(stage_dir, fp, build, stage)
-
     def load_teacher(self, teacher: Teacher) -> nn.Module:
         """Teacher ``teacher``'s trained model, in eval mode on the run's device."""
         model = self.load_stage_model(teacher.stage_dir, teacher.fingerprint, lambda: self.build_teacher(teacher),
