@@ -11,13 +11,18 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 
 # Where datasets live; override on the command line, e.g. `make prep-imagenet-lt IMAGENET_ROOT=/data/imagenet`.
 DATA ?= data
-SPLITS ?= ../shared/data/splits
+# The public split lists ship in data_prep/splits (data_prep/splits/SOURCES.md). The ImageNet-LT and
+# iNaturalist-2018 training lists are not among them: give yours with IMAGENET_TRAIN_LIST / INAT_TRAIN_LIST
+# (or point IMAGENET_LISTS / INAT_LISTS at a folder holding every list).
+SPLITS ?= data_prep/splits
 IMAGENET_ROOT ?= /datasets/imagenet
 IMAGENET_LISTS ?= $(SPLITS)/ImageNet_LT
+IMAGENET_TRAIN_LIST ?=
 PLACES_ROOT ?= /datasets/places365
 PLACES_LISTS ?= $(SPLITS)/Places_LT
 INAT_ROOT ?= /datasets/inat2018
 INAT_LISTS ?= $(SPLITS)/iNaturalist18
+INAT_TRAIN_LIST ?=
 CIFAR10_ROOT ?= /datasets/cifar-10-batches-py
 CIFAR100_ROOT ?= /datasets/cifar-100-python
 FMNIST_ROOT ?= $(firstword $(wildcard /usr/share/datasets/fashion-mnist) ../shared/data/fashion-mnist)
@@ -31,7 +36,8 @@ PREP_ARGS ?=
 setup: $(STAMP)
 
 # Idempotent: apt only when a package is missing (and we are root), pip only when
-# pyproject.toml or constraints.txt changed since the last install.
+# pyproject.toml or constraints.txt changed since the last install. The extras keep the whole suite
+# running: [test] (pytest, tensorboard for the tracker test), [dali-cuda13] (the DALI CPU pipeline tests).
 $(STAMP): pyproject.toml constraints.txt
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -43,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e .
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,dali-cuda13]"
 	@touch $@
 
 test: setup
@@ -56,13 +62,15 @@ clean-venv:
 	rm -rf $(VENV)
 
 prep-imagenet-lt: setup
-	$(PY) -m data_prep imagenet-lt --root $(IMAGENET_ROOT) --lists $(IMAGENET_LISTS) --out $(DATA)/imagenet_lt $(PREP_ARGS)
+	$(PY) -m data_prep imagenet-lt --root $(IMAGENET_ROOT) --lists $(IMAGENET_LISTS) \
+	  $(if $(IMAGENET_TRAIN_LIST),--train $(IMAGENET_TRAIN_LIST)) --out $(DATA)/imagenet_lt $(PREP_ARGS)
 
 prep-places-lt: setup
 	$(PY) -m data_prep places-lt --root $(PLACES_ROOT) --lists $(PLACES_LISTS) --out $(DATA)/places_lt $(PREP_ARGS)
 
 prep-inat18: setup
-	$(PY) -m data_prep inat18 --root $(INAT_ROOT) --lists $(INAT_LISTS) --out $(DATA)/inat18 $(PREP_ARGS)
+	$(PY) -m data_prep inat18 --root $(INAT_ROOT) --lists $(INAT_LISTS) \
+	  $(if $(INAT_TRAIN_LIST),--train $(INAT_TRAIN_LIST)) --out $(DATA)/inat18 $(PREP_ARGS)
 
 prep-cifar10-lt: setup
 	$(PY) -m data_prep cifar10-lt --root $(CIFAR10_ROOT) --imbalance-ratio $(IR) --out $(DATA)/cifar10_lt_ir$(IR) $(PREP_ARGS)

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, title in LIST_DATASETS.items():
         p = sub.add_parser(name, help=f"{title}: image root + split lists ('relative/path label' lines)")
         p.add_argument("--root", required=True, type=Path, help="image root the list paths are relative to")
-        p.add_argument("--lists", type=Path, help="directory holding *_train.txt, *_val.txt, *_test.txt")
+        p.add_argument("--lists", type=Path, help="directory holding *_train.txt, *_val.txt, *_test.txt (or .txt.gz; "
+                                                  "the public lists ship in data_prep/splits/)")
         for split in ("train", "val", "test"):
             p.add_argument(f"--{split}", type=Path, help=f"{split} list (overrides --lists)")
         p.add_argument("--class-names", type=Path, help="classnames.txt or categories.json (default: found in "
@@ -92,7 +93,7 @@ def _list_source(args):
         raise SourceError("no training list: pass --lists DIR or --train FILE")
     names = args.class_names
     if names is None and args.lists:
-        for candidate in ("classnames.txt", "categories.json"):
+        for candidate in ("classnames.txt", "categories.json", "classnames.txt.gz", "categories.json.gz"):
             if (args.lists / candidate).exists():
                 names = args.lists / candidate
     return list_dataset(args.dataset, args.root, lists, class_names_file=names, strict=args.strict)

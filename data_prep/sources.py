@@ -84,11 +84,20 @@ class ListEntry:
     line: int
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The text of ``path``, gunzipped when it ends in ``.gz`` (the shipped lists in ``data_prep/splits``)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
 def parse_split_list(list_file: Path) -> list[ListEntry]:
-    """Parse "relative/path label" lines; a malformed line is an error naming file and line."""
+    """Parse "relative/path label" lines (plain or ``.gz``); a malformed line is an error naming file and line."""
     entries = []
     try:
-        text = Path(list_file).read_text()
+        text = read_text(list_file)
     except OSError as exc:
         raise SourceError(f"cannot read split list {list_file}: {exc}") from exc
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -105,7 +114,8 @@ def parse_split_list(list_file: Path) -> list[ListEntry]:
 
 
 def find_split_lists(lists_dir: Path, skip: Collection[str] = ()) -> dict[str, Path]:
-    """Find ``*_train.txt``, ``*_val.txt``, ``*_test.txt`` in ``lists_dir`` (open-set lists are ignored).
+    """Find ``*_train.txt``, ``*_val.txt``, ``*_test.txt`` (or ``.txt.gz``) in ``lists_dir`` (open-set lists
+    are ignored).
 
     Splits in ``skip`` (lists the user gave explicitly) are not looked for.
     """
@@ -113,13 +123,15 @@ def find_split_lists(lists_dir: Path, skip: Collection[str] = ()) -> dict[str, P
     for split in SPLIT_NAMES:
         if split in skip:
             continue
-        matches = sorted(Path(lists_dir).glob(f"*_{split}.txt"))
+        matches = sorted([*Path(lists_dir).glob(f"*_{split}.txt"), *Path(lists_dir).glob(f"*_{split}.txt.gz")])
         if len(matches) > 1:
             raise SourceError(f"{lists_dir}: several {split} lists {[m.name for m in matches]}; pass them explicitly")
         if matches:
             found[split] = matches[0]
     if "train" not in found and "train" not in skip:
-        raise SourceError(f"{lists_dir}: no *_train.txt split list (the training list must be given by the user)")
+        raise SourceError(f"{lists_dir}: no *_train.txt split list; give yours with --train FILE (the ImageNet-LT "
+                          "and iNaturalist-2018 training lists are not shipped: data_prep/splits/SOURCES.md says "
+                          "where to get them)")
     return found
 
 
@@ -166,15 +178,16 @@ def _class_names_from_paths(entries: list[ListEntry], num_classes: int) -> list[
 
 
 def load_class_names(path: Path, num_classes: int) -> list[str]:
-    """Class names from ``classnames.txt`` ("id name" per line, in label order) or iNat ``categories.json``."""
-    if path.suffix == ".json":
-        cats = json.loads(path.read_text())
+    """Class names from ``classnames.txt`` ("id name" per line, in label order) or iNat ``categories.json``
+    (either may be ``.gz``)."""
+    if path.name.endswith((".json", ".json.gz")):
+        cats = json.loads(read_text(path))
         names = [f"class_{i}" for i in range(num_classes)]
         for c in cats:
             if 0 <= int(c["id"]) < num_classes:
                 names[int(c["id"])] = c["name"]
         return names
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
     if len(lines) != num_classes:
         raise SourceError(f"{path}: {len(lines)} class names for {num_classes} classes")
     return [ln.split(maxsplit=1)[-1] for ln in lines]

@@ -16,6 +16,7 @@ dataset directory holding ``manifest.json``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -79,13 +80,14 @@ def imbalance_metrics(counts: Any) -> dict[str, Any]:
 
 
 def load_split_list_counts(path: str | os.PathLike) -> np.ndarray:
-    """Per-class counts of a split list file with lines ``relative/path label``.
+    """Per-class counts of a split list file (plain or ``.gz``) with lines ``relative/path label``.
 
     Labels must be integers 0..C-1 with every class present; blank lines are ignored.
     """
     path = Path(path)
     labels: list[int] = []
-    with open(path, "r", encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open  # the shipped lists are gzipped
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             stripped = line.strip()
             if not stripped:

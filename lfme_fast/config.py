@@ -40,7 +40,9 @@ key            meaning
                ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off)
 ``precision``  ``mixed_precision`` (no | bf16 | fp16), ``channels_last`` (true | false | auto = on GPU)
 ``eval``       ``convention`` (lfme | strict) and ``thresholds`` for the many/medium/few report
-``log``        ``tensorboard``, ``progress`` (tqdm bar on the main process)
+``log``        ``trackers`` (Accelerate trackers: tensorboard, wandb, mlflow, ...; optional packages,
+               ``pip install lfme_fast[log]``), ``tensorboard`` (deprecated: same as listing
+               ``tensorboard`` in ``trackers``), ``progress`` (tqdm bar on the main process)
 =============  =========================================================================================
 
 Recipe sections
@@ -89,6 +91,8 @@ __all__ = [
     "fingerprint",
     "missing_keys",
     "parse_override",
+    "known_trackers",
+    "config_help",
 ]
 
 class ConfigError(ValueError):
@@ -165,6 +169,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
+    #: Accelerate experiment trackers (``log_with``): tensorboard, wandb, mlflow, comet_ml, aim, ...
+    trackers: tuple[str, ...] = ()
+    #: Deprecated: ``true`` is the same as listing ``tensorboard`` in ``trackers``.
     tensorboard: bool = False
     progress: bool = True
 
@@ -488,6 +495,29 @@ def _recipes_with_section(name: str) -> list[str]:
         return []
 
 
+def known_trackers() -> list[str]:
+    """Tracker names ``log.trackers`` accepts: Accelerate's built-in ones (whether or not their package is
+    installed; that is checked when a run starts) and any class registered with
+    ``accelerate.tracking.register_tracker_class``."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import LoggerType
+
+    return sorted(set(LoggerType.list()) | set(LOGGER_TYPE_TO_CLASS))
+
+
+def _resolve_trackers(log: LogConfig, sources: Mapping[str, str]) -> tuple[str, ...]:
+    """``log.trackers`` checked (known names, no repeats), plus ``tensorboard`` when the deprecated
+    ``log.tensorboard`` is true (so both spellings run the same tracker, once)."""
+    known = known_trackers()
+    for name in log.trackers:
+        _check(name in known, "log.trackers", f"unknown tracker {name!r}; known: {', '.join(known)}", sources)
+    _check(len(set(log.trackers)) == len(log.trackers), "log.trackers",
+           f"lists a tracker twice: {list(log.trackers)}", sources)
+    if log.tensorboard and "tensorboard" not in log.trackers:
+        return (*log.trackers, "tensorboard")
+    return tuple(log.trackers)
+
+
 def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     """Check values (ranges, cross-field rules) and fill derived defaults; return the resolved config."""
     from lfme_fast.subsets import resolve_thresholds
@@ -548,11 +578,14 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     except ValueError as exc:
         raise ConfigError(f"eval.thresholds: {exc} ({_source('eval.thresholds', sources)})") from None
 
+    trackers = _resolve_trackers(cfg.log, sources)
+
     cfg = dataclasses.replace(
         cfg,
         stages=stages,
         output_dir=cfg.output_dir if cfg.output_dir is not None else f"runs/{cfg.name}",
         data=dataclasses.replace(d, eval_batch_size=d.eval_batch_size or d.batch_size),
+        log=dataclasses.replace(cfg.log, trackers=trackers),
     )
     # Recipe sections last: their derived defaults may read the resolved common sections.
     check = Check(sources)
@@ -674,3 +707,58 @@ def missing_keys(path: str | os.PathLike) -> list[str]:
         return out
 
     return walk(Config, raw, "")
+
+
+def _default_text(value: Any) -> str:
+    """A default as it would be written in the YAML file (``null``, ``[]``, ``{}``, ``0.1``, ``imagenet``)."""
+    return yaml.safe_dump(config_to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _section_lines(cls: type, prefix: str) -> list[str]:
+    """``prefix.key = default  (type)`` for every field of the dataclass ``cls``, nested sections flattened."""
+    try:
+        instance = cls()
+    except TypeError:  # a section with required fields: show the fields without defaults
+        instance = None
+    hints = _hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name == "sections":
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(_section_lines(tp, f"{prefix}{f.name}."))
+            continue
+        default = _default_text(getattr(instance, f.name)) if instance is not None else "(required)"
+        item = _record_list_item(tp)
+        kind = f"list of {item.__name__} records" if item is not None else _type_name(tp)
+        lines.append(f"  {prefix}{f.name} = {default}".ljust(44) + f"  ({kind})")
+    return lines
+
+
+def config_help() -> str:
+    """Every config key with its default and type, generated from the dataclasses: the common sections,
+    then each registered recipe's own sections (a recipe that cannot be imported is named, not fatal).
+    ``lfme-train --help`` prints it."""
+    from lfme_fast.recipes import RECIPES, get_recipe
+
+    lines = ["config keys (section.key = default  (type)); set them in the YAML file or as key=value overrides:"]
+    lines += _section_lines(Config, "")
+    owners: dict[str, list[str]] = {}
+    classes: dict[str, type] = {}
+    problems = []
+    for name in sorted(RECIPES):
+        try:
+            recipe = get_recipe(name)
+        except Exception as exc:  # help must still print while one recipe module is broken
+            problems.append(f"  recipe {name!r} cannot be loaded: {exc}")
+            continue
+        for section, cls in recipe.SECTIONS.items():
+            owners.setdefault(section, []).append(name)
+            classes[section] = cls
+    for section in sorted(classes):
+        lines += ["", f"section {section!r} (recipe {', '.join(owners[section])}; only in such a config):"]
+        lines += _section_lines(classes[section], f"{section}.")
+    if problems:
+        lines += [""] + problems
+    return "\n".join(lines)

@@ -210,34 +210,72 @@ def metrics_markdown(metrics: dict[str, Any], title: str = "Results", class_name
     return "\n".join(lines) + "\n"
 
 
+def _rolling_nanmean(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving mean over ``window`` entries, ignoring NaN (a class without test images)."""
+    ok = ~np.isnan(values)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    count = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+#: Up to this many classes each class is a bar; above it a dot, with a moving mean drawn through them.
+BAR_CLASSES = 120
+
+
 def plot_per_class_accuracy(path: str | Path, metrics: dict[str, Any], subsets: list[Subset],
                             title: str = "") -> None:
-    """Per-class accuracy against training class frequency (log x), one colour per subset, the subsets'
-    count ranges shaded."""
+    """Per-class top-1 with classes sorted by training images (most first), readable from 10 to 8,000+
+    classes: one bar per class up to :data:`BAR_CLASSES`, beyond that one small dot per class plus a
+    moving mean (black). Each subset's classes are shaded in its colour, with its mean (the mean of its
+    classes' accuracies, as ``metrics["subsets"]``) as a thick horizontal line labelled in the legend. The
+    dashed grey line (right axis, log) is the training image count of each class."""
     from lfme_fast.plots import _plt, _save
 
     plt = _plt()
     counts = np.asarray(metrics["train_class_counts"], dtype=np.float64)
     acc = np.array([np.nan if a is None else 100 * a for a in metrics["per_class_top1"]])
-    fig, ax = plt.subplots(figsize=(9, 4))
+    num = counts.size
+    order = np.argsort(-counts, kind="stable")  # rank 0: the class with the most training images
+    rank = np.empty(num, dtype=np.int64)
+    rank[order] = np.arange(num)
+    fig, ax = plt.subplots(figsize=(11, 4.4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lo_all, hi_all = max(counts.min(), 1) / 1.5, counts.max() * 1.5
+    dot = max(1.0, 14.0 - 3.5 * np.log10(max(num, 1)))  # ~7 at 100 classes, ~1 at 8,000
     for k, s in enumerate(subsets):
+        if not len(s):
+            continue
         colour = colours[k % len(colours)]
-        lo = s.lower if s.lower is not None else lo_all
-        hi = s.upper + 1 if s.upper is not None else hi_all
-        ax.axvspan(max(lo, lo_all), min(hi, hi_all), color=colour, alpha=0.08, lw=0)
-        if len(s):
-            ax.scatter(counts[s.classes], acc[s.classes], color=colour, s=14,
-                       label=f"{s.name} ({s.range_text()}, {len(s)} cl.)")
-    ax.set_xscale("log")
-    ax.set_xlim(lo_all, hi_all)
+        ranks = rank[s.classes]
+        lo, hi = ranks.min() - 0.5, ranks.max() + 0.5
+        ax.axvspan(lo, hi, color=colour, alpha=0.08, lw=0)
+        if num <= BAR_CLASSES:
+            ax.bar(ranks, np.nan_to_num(acc[s.classes]), width=0.85, color=colour, alpha=0.55, lw=0)
+        else:
+            ax.scatter(ranks, acc[s.classes], s=dot, color=colour, alpha=0.45, lw=0, rasterized=True)
+        vals = acc[s.classes][~np.isnan(acc[s.classes])]
+        mean = float(vals.mean()) if vals.size else np.nan
+        ax.hlines(mean, lo, hi, colors=colour, lw=3, zorder=4,
+                  label=f"{s.name} ({s.range_text()}, {len(s)} cl.): mean {mean:.1f}%")
+    if num > BAR_CLASSES:
+        window = max(5, num // 40)
+        ax.plot(np.arange(num), _rolling_nanmean(acc[order], window), color="black", lw=1.2, zorder=5,
+                label=f"moving mean over {window} classes")
+    ax.set_xlim(-0.5, num - 0.5)
     ax.set_ylim(-2, 102)
-    ax.set_xlabel("training images per class (log)")
+    ax.set_xlabel(f"{num} classes, sorted by training images (most to fewest)")
     ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax2 = ax.twinx()
+    ax2.plot(np.arange(num), counts[order], color="0.45", lw=1.2, ls="--", label="training images (right)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("training images per class (log)", color="0.35")
+    lines, labels = ax.get_legend_handles_labels()
+    lines2, labels2 = ax2.get_legend_handles_labels()
+    ax.legend(lines + lines2, labels + labels2, fontsize=8, loc="upper left", bbox_to_anchor=(1.07, 1.0),
+              borderaxespad=0)
     ax.set_title(title or f"per-class accuracy ({metrics['convention']})", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 

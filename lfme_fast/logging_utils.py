@@ -19,7 +19,11 @@ from typing import Any, Callable
 
 from lfme_fast.io import atomic_write_text
 
-__all__ = ["JsonlLog", "Console", "ProgressBar", "TensorBoardWriter", "read_jsonl"]
+__all__ = ["JsonlLog", "Console", "LogFile", "ProgressBar", "TensorBoardWriter", "read_jsonl", "check_trackers",
+           "tracker_values", "flat_config", "tracker_init_kwargs"]
+
+#: Open ``RUN/train.log`` files (:class:`LogFile`) every main-process :class:`Console` line is copied to.
+_LOG_FILES: list[Any] = []
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -81,7 +85,8 @@ class JsonlLog:
 
 
 class Console:
-    """Prints to stdout on the main process only, with a ``[tag]`` prefix."""
+    """Prints to stdout on the main process only, with a ``[tag]`` prefix; every line is also copied to
+    the open :class:`LogFile` (``RUN/train.log``), whichever Console printed it."""
 
     def __init__(self, enabled: bool = True, tag: str = "lfme"):
         self.enabled = enabled
@@ -89,7 +94,49 @@ class Console:
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
-            print(f"[{self.tag}] {msg}", flush=True)
+            line = f"[{self.tag}] {msg}"
+            print(line, flush=True)
+            for f in _LOG_FILES:
+                f.write(line + "\n")
+
+
+class LogFile:
+    """``RUN/train.log``: a copy of what the console printed, opened by a recipe once its checks pass.
+
+    The file is appended to (a resumed or repeated run continues it, after a header line with the date),
+    and each line is flushed as it is written: unlike result files it is not written atomically, because a
+    log that grows line by line is what shows how far a killed run got. A no-op when ``enabled`` is false
+    (non-main processes).
+    """
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+
+    def open(self, header: str = "") -> None:
+        """Start copying Console lines into the file."""
+        if not self.enabled or self._file is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # line-buffered
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write(f"==== {stamp} {header}".rstrip() + "\n")
+        _LOG_FILES.append(self._file)
+
+    def write(self, line: str) -> None:
+        """A line for the file only (e.g. why a run stopped), not the console."""
+        if self._file is not None:
+            self._file.write(line.rstrip("\n") + "\n")
+
+    def close(self) -> None:
+        """Stop copying and close the file (idempotent)."""
+        if self._file is None:
+            return
+        if self._file in _LOG_FILES:
+            _LOG_FILES.remove(self._file)
+        self._file.close()
+        self._file = None
 
 
 class ProgressBar:
@@ -153,6 +200,86 @@ class TensorBoardWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# experiment trackers (Accelerate's ``log_with``)
+# ---------------------------------------------------------------------------------------------------
+
+#: pip package of each Accelerate tracker whose name differs from its package (for install hints).
+_TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+def check_trackers(names: Any) -> None:
+    """Every tracker in ``names`` (``log.trackers``) can start: its package is installed.
+
+    Accelerate silently drops a tracker whose package is missing, so a run would train without the
+    logging it was asked for; this says so before anything is written.
+
+    Raises:
+        lfme_fast.config.ConfigError: naming ``log.trackers``, the tracker and how to install it.
+    """
+    names = [str(n) for n in names]
+    if not names:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    from lfme_fast.config import ConfigError
+
+    available = {str(t) for t in get_available_trackers()}
+    built_in = set(LoggerType.list())
+    for name in names:
+        # "all" takes whatever is installed; a class registered with register_tracker_class needs nothing
+        if name == "all" or name in available or name not in built_in:
+            continue
+        pkg = _TRACKER_PACKAGES.get(name, name)
+        raise ConfigError(f"log.trackers: {name!r} needs the {pkg!r} package, which is not installed "
+                          f"(pip install {pkg}, or pip install 'lfme_fast[log]' for tensorboard and wandb)")
+
+
+def tracker_values(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numeric fields of a log record as flat tracker scalars ``prefix/key``; a per-subset dict
+    (``{"many": 0.5, ...}``) becomes ``prefix/key/many``, a per-expert list ``prefix/key/0``. Booleans,
+    strings, None and non-finite values are left out (trackers plot numbers)."""
+    out: dict[str, float] = {}
+
+    def add(key: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                add(f"{key}/{k}", x)
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                add(f"{key}/{i}", x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+
+    for k, v in record.items():
+        if k not in ("time", "event"):
+            add(f"{prefix}/{k}", v)
+    return out
+
+
+def flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"optim.lr": 0.1, ...}`` with scalar values only (lists and None become
+    text), the shape trackers accept as hyperparameters (TensorBoard's ``add_hparams`` refuses lists)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat_config(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v)
+    return out
+
+
+def tracker_init_kwargs(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Per-tracker ``init_kwargs`` for ``accelerator.init_trackers``: wandb writes under
+    ``RUN/trackers`` and runs offline unless ``WANDB_MODE`` says otherwise (training nodes often have no
+    internet; ``wandb sync RUN/trackers/wandb/offline-run-*`` uploads later)."""
+    return {"wandb": {"dir": str(Path(run_dir) / "trackers"), "mode": os.environ.get("WANDB_MODE", "offline")}}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -506,6 +506,11 @@ def build_model(name: str, num_classes: int, pretrained_path: str | os.PathLike 
     model = MODELS[name](num_classes, **kw)
     if classifier == "cosine":
         setattr(model, model.classifier_name, CosineClassifier(model.feature_dim, num_classes, cosine_scale))
+    # How to build this model again without its weights (the export's model.json records it; the
+    # pretrained path is left out: exported weights replace it).
+    model.build_spec = {"builder": "build_model", "args": {"name": name, "num_classes": num_classes,
+                                                           "classifier": classifier,
+                                                           "cosine_scale": float(cosine_scale), **kw}}
     if pretrained_path is not None:
         load_pretrained(model, pretrained_path)
     return model
@@ -568,7 +573,8 @@ def load_pretrained(
 ) -> LoadReport:
     """Load a local checkpoint into ``model``; return a ``LoadReport``.
 
-    Accepts a plain ``state_dict`` or a dict holding one under ``"state_dict"`` or ``"model"``; strips
+    Accepts a plain ``state_dict`` or a dict holding one under ``"state_dict"`` or ``"model"`` (a
+    ``torch.save`` file), or a ``.safetensors`` file (timm's Hugging Face weights, our own exports); strips
     ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes.
 
     The classifier (``model.classifier_name``: ``fc`` for ImageNet ResNets, ``linear`` for ResNet-32)
@@ -592,10 +598,16 @@ def load_pretrained(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # weights_only: never execute pickled code from a downloaded checkpoint.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            # weights_only: never execute pickled code from a downloaded checkpoint.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): {e}") from e
+        raise ValueError(f"cannot read checkpoint {path!r} (torch.load(weights_only=True) or safetensors): {e}") \
+            from e
     ckpt = _extract_state_dict(obj, path)
     own = model.state_dict()
     head = getattr(model, "classifier_name", "fc") + "."
@@ -793,6 +805,12 @@ class MultiExpert(nn.Module):
         self.shared_stages, self.num_stages = shared_stages, num_stages
         self.feature_dim, self.proj_dim = feature_dim, proj_dim
         self.has_kd_head, self.has_proj_head = kd_head, proj_head
+        # Constructor arguments for rebuilding it around exported weights (see build_model's build_spec).
+        self.build_spec = {"builder": "MultiExpert", "forward": "inference_logits",
+                           "args": {"backbone": backbone, "num_classes": num_classes, "num_experts": num_experts,
+                                    "shared_stages": shared_stages, "feature_dim": feature_dim,
+                                    "projection": projection, "proj_dim": proj_dim, "proj_hidden": proj_hidden,
+                                    "kd_head": kd_head, "proj_head": proj_head, **backbone_kw}}
 
     def _expert_ids(self, experts: Sequence[int] | None) -> list[int]:
         if experts is None:

@@ -17,7 +17,12 @@ import numpy as np
 from lfme_fast.io import atomic_path
 from lfme_fast.schedules import SCHEDULE_KINDS, instance_weight
 
-__all__ = ["plot_expert_weights", "plot_instance_schedules", "plot_run"]
+__all__ = ["plot_expert_weights", "plot_instance_schedules", "plot_run", "plot_training_curves"]
+
+#: Marker and line style per series, so lines that coincide (two experts at the same weight) stay
+#: distinguishable: different markers, dash patterns and hollow/filled faces.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_DASHES = ("-", "--", "-.", ":")
 
 
 def _plt():
@@ -63,8 +68,11 @@ def plot_expert_weights(path: str | Path, records: Sequence[dict[str, Any]], tit
     plt = _plt()
     epochs, series = _series(records, "lfme_w")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, ys in series.items():
-        ax.plot(epochs, ys, marker="o", ms=3, label=f"expert {name}")
+    for j, (name, ys) in enumerate(series.items()):
+        # later experts drawn thinner and hollow on top: where weights coincide both stay visible
+        ax.plot(epochs, ys, marker=_MARKERS[j % len(_MARKERS)], ms=7 - 1.5 * min(j, 3), lw=2.2 - 0.5 * min(j, 3),
+                ls=_DASHES[j % len(_DASHES)], mfc="none" if j % 2 else None, label=f"expert {name}",
+                zorder=2 + j)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(_integer_locator())
     ax.set_ylabel("SpES weight $w_l$")
@@ -118,3 +126,36 @@ def plot_run(run_dir: str | Path, records: Sequence[dict[str, Any]], kind: str, 
     return [plot_expert_weights(run_dir / "spes_weights.png", epochs, f"{name}: SpES weights (LFME Fig. 5)"),
             plot_instance_schedules(run_dir / "spis_schedules.png", epochs, kind,
                                     title=f"{name}: SpIS (LFME Fig. 4)")]
+
+
+def plot_training_curves(path: str | Path, logs: dict[str, Sequence[dict[str, Any]]], title: str = "") -> Path:
+    """``RUN/curves.png``: training loss (left) and learning rate (right) per epoch, one line per stage.
+
+    ``logs`` maps a stage name to its epoch records (``event == "epoch"`` lines of ``STAGE/log.jsonl``);
+    a stage without records yet is listed in the legend as such. With many stages (one expert per
+    subset) colours repeat with other dash patterns.
+    """
+    plt = _plt()
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, (stage, records) in enumerate(logs.items()):
+        epochs = [int(r["epoch"]) + 1 for r in records if "epoch" in r]
+        style = {"color": colours[j % len(colours)], "ls": _DASHES[(j // len(colours)) % len(_DASHES)],
+                 "marker": _MARKERS[j % len(_MARKERS)], "ms": 3}
+        if not epochs:
+            ax_loss.plot([], [], label=f"{stage} (no epoch yet)", **style)
+            continue
+        loss = [np.nan if r.get("loss") is None else float(r["loss"]) for r in records if "epoch" in r]
+        lr = [np.nan if r.get("lr") is None else float(r["lr"]) for r in records if "epoch" in r]
+        ax_loss.plot(epochs, loss, label=stage, **style)
+        ax_lr.plot(epochs, lr, label=stage, **style)
+    ax_loss.set_ylabel("training loss (epoch mean)")
+    ax_lr.set_ylabel("learning rate (end of epoch)")
+    for ax in (ax_loss, ax_lr):
+        ax.set_xlabel("epoch of the stage")
+        ax.xaxis.set_major_locator(_integer_locator())
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7, ncol=1 + len(logs) // 8)
+    fig.suptitle(f"{title}: training curves per stage" if title else "training curves per stage", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

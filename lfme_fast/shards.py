@@ -19,6 +19,11 @@ class DatasetLayoutError(FileNotFoundError):
     """A prepared-dataset directory is missing a file or is inconsistent."""
 
 
+class DataError(ValueError):
+    """The prepared dataset does not fit the run's config (no such split, loader settings it cannot
+    serve, ...); the message names the config key. The command line reports it in one line."""
+
+
 def load_manifest(root: str | Path) -> dict:
     """Read ``DIR/manifest.json`` with a clear error when DIR is not a prepared dataset."""
     path = Path(root) / MANIFEST

@@ -1,6 +1,8 @@
 """Command line: ``accelerate launch lfme_fast/train.py --config CONFIG [--output-dir DIR] [key=value ...]``.
 
-``python lfme_fast/train.py ...`` and ``python -m lfme_fast.train ...`` run the same on one process.
+``lfme-train ...`` (console script), ``python lfme_fast/train.py ...`` and ``python -m lfme_fast.train ...`` run
+the same on one process. ``--help`` lists every config key with its default (from the config dataclasses).
+A config, data or argument error is one line on stderr and exit code 2 (``--debug`` shows the traceback).
 This file is the command line only: the config is read by :mod:`lfme_fast.config`, the recipe named by
 its ``recipe`` key comes from :mod:`lfme_fast.recipes` (one module per method) and runs its stages.
 
@@ -39,35 +41,91 @@ from typing import Sequence
 
 from lfme_fast.recipes import run
 
-__all__ = ["main", "parse_args", "run"]
+__all__ = ["main", "parse_args", "build_parser", "run"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (``PROG: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _help_epilog() -> str:
+    from lfme_fast.config import config_help
+
+    return ("examples:\n"
+            "  lfme-train --config configs/smoke.yaml data.root=data/fmnist_lt_ir100\n"
+            "  accelerate launch lfme_fast/train.py --config configs/imagenet_lt/lfme.yaml optim.epochs=2\n\n"
+            + config_help())
+
+
+def build_parser(with_keys: bool = True) -> argparse.ArgumentParser:
+    """The ``lfme-train`` parser; ``with_keys`` adds every config key with its default to ``--help`` (it
+    imports the registered recipes, so parsing alone leaves it out)."""
+    parser = _OneLineParser(
+        prog="lfme-train",
+        description="Train and evaluate one experiment (one YAML config). Overrides are section.key=value, the "
+                    "value parsed as YAML, e.g. data.root=data/fmnist_lt optim.epochs=2 "
+                    "experts.thresholds=[1000,200]. Config, data and argument errors are one line on stderr "
+                    "with exit code 2; nothing is written to the run folder before the checks pass.",
+        epilog=_help_epilog() if with_keys else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (configs/<dataset>/<recipe>.yaml)")
+    parser.add_argument("--output-dir", help="run folder (overrides output_dir; default runs/<name>)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a config or data error")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (keys below)")
+    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="lfme_fast/train.py",
-        description="Train and evaluate one experiment. Overrides are section.key=value (value parsed as YAML), "
-                    "e.g. data.root=data/fmnist_lt optim.epochs=2 experts.thresholds=[1000,200].")
-    parser.add_argument("--config", required=True, help="YAML file in configs/")
-    parser.add_argument("--output-dir", help="run folder (overrides output_dir; default runs/<name>)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_intermixed_args(argv)
+    """Parse the command line; ``--help`` lists every config key with its default."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    return build_parser(with_keys=wants_help).parse_intermixed_args(argv)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user fixes in the config, the data or the environment (reported in one line)."""
+    from lfme_fast.config import ConfigError
+    from lfme_fast.export import ExportError
+    from lfme_fast.recipes import RecipeNotFound
+    from lfme_fast.shards import DataError, DatasetLayoutError
+
+    return ConfigError, DataError, DatasetLayoutError, RecipeNotFound, ExportError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lfme_fast.config import config_to_dict, load_config
-
+    """``lfme-train``: returns the exit code (0 done, 2 a config, data or argument error)."""
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"lfme-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from lfme_fast.config import ConfigError, config_to_dict, load_config
+    from lfme_fast.recipes import get_recipe
+
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"output_dir={json.dumps(str(args.output_dir))}")
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except FileNotFoundError as exc:  # only the config file itself can be missing here
+        raise ConfigError(str(exc)) from None
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    run(cfg)
+    recipe = get_recipe(cfg.recipe)(cfg)
+    recipe.setup()  # every check; the run folder is written only when they pass
+    recipe.run_stages()  # errors from here on are bugs or failures of a running job: full traceback
     return 0
 
 

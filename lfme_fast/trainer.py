@@ -84,7 +84,9 @@ class LoopSettings:
     """How one :func:`train_model` call loops (everything except the optimizer settings).
 
     ``max_steps_per_epoch`` caps an epoch's optimizer steps (smoke runs); ``checkpoint_every_steps``
-    adds mid-epoch checkpoints; ``desc`` names the stage in logs and the progress bar.
+    adds mid-epoch checkpoints; ``desc`` names the stage in logs and the progress bar. ``tensorboard``
+    writes ``STAGE/tensorboard`` for a direct :func:`train_model` call; recipes log through the
+    Accelerate trackers of ``log.trackers`` instead (``from_config`` leaves it off).
     """
 
     epochs: int
@@ -102,7 +104,7 @@ class LoopSettings:
         t = cfg.train
         return cls(epochs=epochs if epochs is not None else cfg.optim.epochs, grad_accum=t.grad_accum,
                    max_steps_per_epoch=t.max_steps_per_epoch, checkpoint_every_steps=t.checkpoint_every_steps,
-                   log_every=t.log_every, progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, desc=desc)
+                   log_every=t.log_every, progress=cfg.log.progress, desc=desc)
 
 
 class TrainHooks:
@@ -219,7 +221,7 @@ class _Loop:
     """State of one :func:`train_model` call (kept in an object so each piece stays short)."""
 
     def __init__(self, model, loader, loss_fn, *, accelerator, optim, loop, stage_dir, lr, forward_fn, hooks,
-                 fingerprint, channels_last, on_step):
+                 fingerprint, channels_last, on_step, on_epoch=None):
         self.acc = accelerator
         self.loader = loader
         self.loss_fn = loss_fn
@@ -230,6 +232,7 @@ class _Loop:
         self.ckpt_dir = self.stage_dir / "checkpoints"
         self.fingerprint = fingerprint
         self.on_step = on_step
+        self.on_epoch = on_epoch
         self.main = accelerator.is_main_process
         self.console = Console(self.main, loop.desc)
         self.log = JsonlLog(self.stage_dir / "log.jsonl", enabled=self.main)
@@ -378,6 +381,8 @@ class _Loop:
         self.log.write(rec)  # before the checkpoint: a resume drops records newer than its checkpoint
         self._checkpoint(epoch, self.n_batches, epoch_rng)
         self.tb.scalars(rec, epoch, f"{loop.desc}/epoch/")
+        if self.on_epoch is not None:
+            self.on_epoch(rec)
         self.console(f"epoch {epoch + 1}/{loop.epochs} loss {rec['loss']:.4f} "
                      f"{rec['samples_per_s']:.0f} img/s ({acc.num_processes} proc)"
                      + "".join(f" {k} {v:.4f}" for k, v in extra.items() if isinstance(v, float)))
@@ -455,6 +460,7 @@ def train_model(
     fingerprint: str | None = None,
     channels_last: bool = False,
     on_step: Callable[[int, str], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``loop.epochs`` epochs over ``loader``, resuming from ``stage_dir/checkpoints``.
 
@@ -473,13 +479,15 @@ def train_model(
         channels_last: convert the model to channels_last (the loader must deliver channels_last too).
         on_step: called as ``on_step(global_step, desc)`` after every optimizer step (after any
             mid-epoch checkpoint); :class:`InterruptAfter` uses it to simulate a killed job in tests.
+        on_epoch: called with each epoch's log record (after it is written, on every process); recipes
+            send it to the experiment trackers.
 
     Returns:
         :class:`TrainResult`; the model is left in train mode on the accelerator's device.
     """
     state = _Loop(model, loader, loss_fn, accelerator=accelerator, optim=optim, loop=loop, stage_dir=stage_dir,
                   lr=lr, forward_fn=forward_fn, hooks=hooks, fingerprint=fingerprint, channels_last=channels_last,
-                  on_step=on_step)
+                  on_step=on_step, on_epoch=on_epoch)
     try:
         return state.run()
     finally:
@@ -507,13 +515,25 @@ def build_accelerator(cfg: Config) -> Any:
     The scheduler is stepped by the trainer once per optimizer step: Accelerate's default
     (``step_scheduler_with_optimizer=True``) steps it ``num_processes`` times per call, which assumes a
     prepared loader whose length shrank with the process count; ours shard themselves.
+
+    ``log.trackers`` become Accelerate's ``log_with`` (checked first: a tracker whose package is missing
+    is a :class:`~lfme_fast.config.ConfigError`, where Accelerate would drop it silently), logging under
+    ``RUN/trackers``. Nothing is written here: trackers start in ``Recipe.setup`` once every check passed.
     """
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from lfme_fast.config import ConfigError
+    from lfme_fast.logging_utils import check_trackers
 
     mp = cfg.precision.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
-        raise ValueError("precision.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
-    return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False)
+        raise ConfigError("precision.mixed_precision: fp16 needs a GPU; use bf16 or no on CPU")
+    trackers = list(cfg.log.trackers)
+    check_trackers(trackers)
+    project = ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "trackers"))
+    return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, log_with=trackers or None,
+                       project_config=project)
 
 
 class RunContext:
@@ -524,10 +544,10 @@ class RunContext:
     """
 
     def __init__(self, cfg: Config, accelerator: Any):
-        from lfme_fast.shards import load_manifest
+        from lfme_fast.shards import DataError, load_manifest
 
         if cfg.data.root is None:
-            raise ValueError("data.root is not set: pass data.root=PATH (a dataset prepared with python -m data_prep)")
+            raise DataError("data.root is not set: pass data.root=PATH (a dataset prepared with python -m data_prep)")
         self.cfg = cfg
         self.accelerator = accelerator
         self.root = Path(cfg.data.root)
@@ -536,7 +556,7 @@ class RunContext:
         for key in ("train_split", "val_split", "test_split"):
             split = getattr(cfg.data, key)
             if split is not None and split not in splits:
-                raise ValueError(f"data.{key}={split!r}: {self.root} has no such split (has {sorted(splits)})")
+                raise DataError(f"data.{key}={split!r}: {self.root} has no such split (has {sorted(splits)})")
         self.num_classes = int(self.manifest["num_classes"])
         self.class_names = list(self.manifest.get("class_names") or [])
         self.train_counts = np.asarray(splits[cfg.data.train_split]["class_counts"], dtype=np.int64)

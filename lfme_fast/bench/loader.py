@@ -453,7 +453,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lfme_fast.bench loader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="split of --data to read (default train)")
     parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock,ffcv_2views",
                         help="comma list of ffcv, dali, torch, torch_fullsize (the torch back end over the "
                              "full-size twin), the two-view rows ffcv_2views, dali_2views and torch_2views, "
@@ -464,13 +464,16 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     parser.add_argument("--settle-rounds", type=int, default=1,
                         help="untimed interleaved rounds after every contender's warm-up epoch (default 1)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--resolution", type=int, default=224, help="RandomResizedCrop output side (default 224)")
     parser.add_argument("--workers", type=int, default=0, help="loader workers/threads (default: all cores)")
     parser.add_argument("--scale", type=float, default=0.05, help="synthetic set size when --data is absent")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--ffcv-batches-ahead", type=int, default=3)
-    parser.add_argument("--json-out", default="results/bench_loader.json")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"where the synthetic sets are prepared once and reused (default {DEFAULT_CACHE})")
+    parser.add_argument("--ffcv-batches-ahead", type=int, default=3,
+                        help="ffcv Loader's batches_ahead (prefetch depth, default 3)")
+    parser.add_argument("--json-out", default="results/bench_loader.json",
+                        help="where to write the JSON result (default results/bench_loader.json)")
     args = parser.parse_args(argv)
 
     import numba

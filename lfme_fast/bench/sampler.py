@@ -44,6 +44,7 @@ def load_imagenet_lt_histogram() -> tuple[np.ndarray, str]:
     candidates = [
         _REPO_ROOT.parent / _SHARED_HISTOGRAM,
         Path.cwd().parent / _SHARED_HISTOGRAM,
+        _REPO_ROOT / "data_prep" / "splits" / "ImageNet_LT" / "class_count_ImageNet_LT.npy",  # shipped copy
         _REPO_ROOT / _PACKAGED_HISTOGRAM,
     ]
     try:  # the installed data_prep package, wherever it lives

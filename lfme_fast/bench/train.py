@@ -73,12 +73,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lfme_fast.bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--json-out", help="write the results here (e.g. results/bench_train.json)")
     parser.add_argument("--cases", nargs="+", type=_parse_case, default=[_parse_case(c) for c in DEFAULT_CASES],
-                        metavar="MODEL@RES")
+                        metavar="MODEL@RES", help=f"model and input side per case (default: {' '.join(DEFAULT_CASES)})")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 CPU, 10 GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="one batch size for every case")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
-    parser.add_argument("--cpu-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--cpu-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="precisions timed on the CPU (default: fp32 bf16; bf16 = autocast)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a shared 2-core machine 1 thread can be "
                              "much faster than 2, which stall each other when another job holds a core)")

@@ -24,7 +24,7 @@ from lfme_fast.loaders.base import (
 )
 
 __all__ = ["BACKENDS", "Batch", "BatchLoader", "EpochPlan", "FixedViews", "LoaderOptions", "LoaderSpec",
-           "build_loader", "register_backend", "resolve_spec"]
+           "backend_missing", "build_loader", "register_backend", "resolve_spec"]
 
 #: name -> ``"module:Class"`` (imported on first use) or the loader class / factory itself. A back end
 #: is called as ``factory(spec: LoaderSpec, **backend_options)`` and returns a :class:`BatchLoader`.
@@ -33,6 +33,8 @@ _REGISTRY: dict[str, str | Callable[..., BatchLoader]] = {
     "dali": "lfme_fast.loaders.dali_backend:DALILoader",
     "torch": "lfme_fast.loaders.torch_backend:TorchLoader",
 }
+
+_BUILT_IN = dict(_REGISTRY)
 
 #: The registered back-end names: a live view (``"torch" in BACKENDS``, ``list(BACKENDS)``) that
 #: includes back ends added later with :func:`register_backend`.
@@ -60,6 +62,29 @@ def register_backend(name: str, target: str | Callable[..., BatchLoader], *, rep
     _REGISTRY[name] = target
 
 
+#: The package each built-in back end needs and how to install it (``backend_missing``).
+_REQUIREMENTS = {
+    "ffcv": ("ffcv", "pip install ffcv==1.0.2 (it compiles against OpenCV and libjpeg-turbo: README, 'Install')"),
+    "dali": ("nvidia.dali", "pip install 'lfme_fast[dali-cuda13]' (NVIDIA driver >= 580) or "
+                            "'lfme_fast[dali-cuda12]' (CUDA 12 drivers); or choose data.backend: ffcv | torch"),
+}
+
+
+def backend_missing(name: str) -> str | None:
+    """Why back end ``name`` cannot run here (its package is not installed, and how to install it), or
+    None. Looks the package up without importing it (importing ffcv compiles numba code for seconds)."""
+    import importlib.util
+
+    if name not in _REQUIREMENTS or _REGISTRY.get(name) != _BUILT_IN.get(name):
+        return None  # not a built-in back end (or replaced by register_backend): nothing known to check
+    module, hint = _REQUIREMENTS[name]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package (nvidia) is absent
+        found = False
+    return None if found else f"the {name!r} back end needs the {module!r} package, which is not installed: {hint}"
+
+
 def _backend_factory(name: str) -> Callable[..., BatchLoader]:
     """The registered factory of back end ``name``, importing it on first use."""
     if name not in _REGISTRY:
@@ -67,6 +92,9 @@ def _backend_factory(name: str) -> Callable[..., BatchLoader]:
     target = _REGISTRY[name]
     if not isinstance(target, str):
         return target
+    missing = backend_missing(name)
+    if missing:
+        raise ImportError(missing)
     module, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)

@@ -208,6 +208,11 @@ class DALILoader(BatchLoader):
     """
 
     def __init__(self, spec: LoaderSpec, prefetch_queue_depth: int = 2):
+        from lfme_fast.loaders import backend_missing
+
+        missing = backend_missing("dali")
+        if missing:  # DALI is an optional extra: say which one to install, not just "No module named nvidia"
+            raise ImportError(missing)
         from nvidia.dali import types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

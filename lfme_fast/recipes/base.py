@@ -7,7 +7,12 @@ the one place that
 1. skips the stage when ``STAGE/done.json`` holds the same fingerprint,
 2. resumes from ``STAGE/checkpoints`` (inside :func:`lfme_fast.trainer.train_model`),
 3. trains with the recipe's step hook (``on_step``: the tests' :class:`~lfme_fast.trainer.InterruptAfter`),
-4. saves ``STAGE/model.pt`` with its fingerprint, writes the done-marker and removes the checkpoints.
+4. saves ``STAGE/model.pt`` with its fingerprint, exports it (``STAGE/model.safetensors`` +
+   ``STAGE/model.json``, :mod:`lfme_fast.export`), writes the done-marker and removes the checkpoints,
+5. sends every epoch record to the experiment trackers (``log.trackers``) and redraws ``RUN/curves.png``.
+
+:meth:`Recipe.setup` checks everything a run needs (:meth:`Recipe.check`) before it writes anything:
+``RUN/config.yaml``, ``RUN/train.log`` (a copy of the console) and the trackers start only then.
 
 :meth:`Recipe.load_stage_model` loads a finished stage's model for a later stage (refusing one
 trained under another fingerprint) and :meth:`Recipe.eval_stage` is the common ``eval`` stage
@@ -23,12 +28,15 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
-from lfme_fast.config import Config, fingerprint, save_config
+from lfme_fast.config import Config, ConfigError, config_to_dict, fingerprint, save_config
 from lfme_fast.evaluate import classification_metrics, predict, write_reports
-from lfme_fast.logging_utils import Console
+from lfme_fast.logging_utils import Console, LogFile, flat_config, read_jsonl, tracker_init_kwargs, tracker_values
 from lfme_fast.trainer import LoopSettings, RunContext, TrainResult, build_accelerator, train_model
 
 __all__ = ["Recipe", "TrainJob", "TrainParts"]
+
+#: Epoch-record fields not sent to the trackers (bookkeeping, not measurements).
+_NOT_CURVES = frozenset({"shards", "world_size", "batches_done", "resumed_at_batch", "global_step"})
 
 
 @dataclass
@@ -115,12 +123,22 @@ class Recipe:
         self.console = Console(True)
         #: models trained in this process, by stage folder (a later stage uses them without reloading)
         self.trained: dict[Path, torch.nn.Module] = {}
+        self.log_file = LogFile(self.run_dir / "train.log", enabled=False)
+        #: training stages of this run so far, name -> folder (their logs make RUN/curves.png)
+        self.curve_stages: dict[str, Path] = {}
+        self._tracker_step = 0
+        self._preprocess: dict[str, Any] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Create the Accelerator (unless given), the run folder and ``config.yaml``; read the dataset.
+        """Check what the run needs, then create the run folder, ``config.yaml``, ``train.log`` and the trackers.
 
-        The dataset is read before anything is written, so a run that cannot start leaves no folder.
+        The Accelerator (unless given; it checks ``log.trackers``), the dataset (:class:`RunContext`) and
+        :meth:`check` come first, so a run that cannot start writes nothing.
+
+        Raises:
+            ConfigError, lfme_fast.shards.DataError, lfme_fast.shards.DatasetLayoutError: the config, the
+                dataset or an installed package does not allow the run (the command line prints one line).
         """
         from accelerate.utils import set_seed
 
@@ -130,12 +148,50 @@ class Recipe:
         self.console = Console(acc.is_main_process, self.cfg.name)
         set_seed(self.cfg.seed)
         self.ctx = RunContext(self.cfg, acc)
+        self.check()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+        self.log_file = LogFile(self.run_dir / "train.log", enabled=acc.is_main_process)
+        self.log_file.open(f"{self.cfg.name}: recipe {self.cfg.recipe}")
         acc.wait_for_everyone()
+        if self.cfg.log.trackers:
+            acc.init_trackers(self.cfg.name, config=flat_config(config_to_dict(self.cfg)),
+                              init_kwargs=tracker_init_kwargs(self.run_dir))
         self.console(f"recipe {self.cfg.recipe}, stages {list(self.cfg.stages)}, {acc.num_processes} process(es) "
                      f"on {acc.device}, mixed precision {acc.mixed_precision}, run folder {self.run_dir}")
+        if self.cfg.log.tensorboard:
+            self.console("log.tensorboard is deprecated: write log.trackers: [tensorboard] (it does the same)")
+        if self.cfg.log.trackers:
+            self.console(f"trackers {list(self.cfg.log.trackers)} logging under {self.run_dir / 'trackers'}")
+
+    def check(self) -> None:
+        """Checks that need the dataset or installed packages and write nothing; run by :meth:`setup`
+        before the run folder is made. A recipe with checks of its own extends it (``super().check()``).
+
+        Base checks: ``model.pretrained`` is a file; the loader back end is installed; the training split
+        can be served with the data settings (resolution, augmentation); the trackers are in the
+        Accelerator (one given to the recipe must have been built with them).
+        """
+        from lfme_fast.loaders import backend_missing, resolve_spec
+        from lfme_fast.shards import DataError
+
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
+            raise ConfigError(f"model.pretrained: {cfg.model.pretrained} is not a file (README, 'Pretrained "
+                              "weights', says where to get one)")
+        missing = backend_missing(cfg.data.backend)
+        if missing:
+            raise ConfigError(f"data.backend: {missing}")
+        try:
+            resolve_spec(ctx.loader_options(cfg.data.train_split, train=True, batch_size=cfg.data.batch_size))
+        except ValueError as exc:
+            raise DataError(f"data (split {cfg.data.train_split!r} of {ctx.root}): {exc}") from None
+        given = {str(t) for t in (getattr(self.accelerator, "log_with", None) or [])}
+        absent = [t for t in cfg.log.trackers if t not in given]
+        if absent:
+            raise ConfigError(f"log.trackers: {absent} are not in the Accelerator given to the recipe; build it "
+                              "with lfme_fast.trainer.build_accelerator(cfg)")
 
     def train(self) -> None:
         """Run the configured stages in the recipe's order."""
@@ -143,18 +199,55 @@ class Recipe:
             getattr(self, f"stage_{stage}")()
 
     def cleanup(self) -> None:
-        """Wait for every process; release Accelerate's state."""
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-            self.accelerator.end_training()
+        """Wait for every process; end the trackers; close ``train.log``."""
+        try:
+            if self.accelerator is not None:
+                self.accelerator.wait_for_everyone()
+                self.accelerator.end_training()
+        finally:
+            self.log_file.close()
 
     def run(self) -> None:
-        """``setup(); train(); cleanup()``."""
+        """``setup()`` then :meth:`run_stages`."""
         self.setup()
+        self.run_stages()
+
+    def run_stages(self) -> None:
+        """``train(); cleanup()``; a failure is noted in ``train.log`` before it propagates."""
         try:
             self.train()
+        except BaseException as exc:
+            self.log_file.write(f"[{self.cfg.name}] stopped: {type(exc).__name__}: {exc}")
+            raise
         finally:
             self.cleanup()
+
+    # ---- trackers and curves ---------------------------------------------------------------------
+    def log_metrics(self, stage: str, record: Mapping[str, Any]) -> None:
+        """Send a record's numbers to the trackers as ``<stage>/<key>`` (nested per-subset values as
+        ``<stage>/<key>/<subset>``), with the record's own ``<stage>/epoch`` when it has one.
+
+        The tracker step counts the records logged by this run so far, across stages: each stage's own
+        epoch counter restarts at 0, and trackers such as wandb ignore a step that goes back.
+        """
+        if not self.cfg.log.trackers:
+            return
+        # bookkeeping fields of the epoch record (shard audit, process count) are not curves
+        values = tracker_values({k: v for k, v in record.items() if k not in _NOT_CURVES}, stage)
+        if "epoch" in record:
+            values[f"{stage}/epoch"] = float(record["epoch"]) + 1
+        self._tracker_step += 1
+        self.accelerator.log(values, step=self._tracker_step)
+
+    def write_curves(self) -> None:
+        """``RUN/curves.png``: loss and learning rate per epoch of every training stage so far (main process)."""
+        if not self.accelerator.is_main_process or not self.curve_stages:
+            return
+        from lfme_fast.plots import plot_training_curves
+
+        logs = {name: [r for r in read_jsonl(Path(d) / "log.jsonl") if r.get("event") == "epoch"]
+                for name, d in self.curve_stages.items()}
+        plot_training_curves(self.run_dir / "curves.png", logs, title=self.cfg.name)
 
     # ---- stage machinery -------------------------------------------------------------------------
     def skip_if_done(self, stage_dir: Path, fp: str, what: str) -> bool:
@@ -169,6 +262,7 @@ class Recipe:
 
         Every process must call it. The trained model is kept in :attr:`trained` under the stage folder.
         """
+        self.curve_stages[job.name] = Path(job.stage_dir)
         if self.skip_if_done(job.stage_dir, job.fingerprint, job.name):
             return None
         parts = job.build()
@@ -176,7 +270,8 @@ class Recipe:
         result = train_model(parts.model, parts.loader, parts.loss_fn, accelerator=self.accelerator,
                              optim=self.cfg.optim, lr=parts.lr, loop=loop, stage_dir=job.stage_dir,
                              forward_fn=parts.forward_fn, hooks=parts.hooks, fingerprint=job.fingerprint,
-                             channels_last=self.ctx.channels_last, on_step=self.on_step)
+                             channels_last=self.ctx.channels_last, on_step=self.on_step,
+                             on_epoch=lambda rec: self.log_metrics(job.name, rec))
         del parts
         _sync_buffers(result.model, self.accelerator)
         extra = job.finish(result) if job.finish is not None else []
@@ -185,11 +280,45 @@ class Recipe:
             if job.final_meta is not None:
                 meta.update(job.final_meta(result))
             save_model_file(job.stage_dir / "model.pt", result.model, meta)
-            write_done(job.stage_dir, job.fingerprint, ["model.pt", "log.jsonl", *extra])
+            exported = self.export_stage_model(job, result.model, meta)
+            write_done(job.stage_dir, job.fingerprint, ["model.pt", *exported, "log.jsonl", *extra])
             remove_checkpoints(job.stage_dir)
+            self.write_curves()
         self.accelerator.wait_for_everyone()
         self.trained[Path(job.stage_dir)] = result.model
         return result
+
+    def eval_preprocess(self) -> dict[str, Any]:
+        """The preprocessing of this run's evaluation (resolution, centre crop or resize, mean/std) as
+        :func:`lfme_fast.export.preprocess_info` records it (resolved once per run)."""
+        if self._preprocess is None:
+            from lfme_fast.export import preprocess_info
+            from lfme_fast.loaders import resolve_spec
+
+            split = self.cfg.data.test_split
+            spec = resolve_spec(self.ctx.loader_options(split, train=False, batch_size=1))
+            self._preprocess = preprocess_info(spec)
+        return self._preprocess
+
+    def export_stage_model(self, job: TrainJob, model: torch.nn.Module, meta: Mapping[str, Any]) -> list[str]:
+        """Write ``STAGE/model.safetensors`` + ``STAGE/model.json`` (:func:`lfme_fast.export.export_model`)
+        for a stage's trained model; returns the file names. A model over a class subset (an LFME expert:
+        ``meta["subset"]``) records the dataset classes of its output columns and their names."""
+        from lfme_fast.export import config_sha256, export_model
+
+        ctx = self.ctx
+        subset = meta.get("subset")
+        classes = list(subset["classes"]) if isinstance(subset, Mapping) else list(range(ctx.num_classes))
+        names = ctx.class_names if len(ctx.class_names) == ctx.num_classes else [str(c) for c in
+                                                                                   range(ctx.num_classes)]
+        training = {"recipe": self.cfg.recipe, "stage": job.name, "run_name": self.cfg.name,
+                    "config_sha256": config_sha256(self.cfg), "stage_fingerprint": job.fingerprint,
+                    "dataset": ctx.manifest.get("dataset"), "data_root": str(ctx.root),
+                    "train_split": self.cfg.data.train_split,
+                    "train_split_fingerprint": ctx.split_fingerprint(self.cfg.data.train_split),
+                    "global_step": meta.get("global_step")}
+        return export_model(job.stage_dir, model, classes=classes, class_names=[names[c] for c in classes],
+                            preprocess=self.eval_preprocess(), training=training)
 
     def load_stage_model(self, stage_dir: Path, fp: str, build: Callable[[], torch.nn.Module],
                          stage: str) -> torch.nn.Module:
@@ -262,6 +391,11 @@ class Recipe:
             files = write_reports(self.run_dir, metrics, title=title, class_names=self.ctx.class_names,
                                   convention=self.cfg.eval.convention, thresholds=self.cfg.eval.thresholds)
             write_done(self.run_dir / "eval", fp, [f"../{f}" for f in files])
+            summary = {"top1": metrics["top1"], "mean_class_top1": metrics.get("mean_class_top1"),
+                       **{f"top1_{name}": s["top1"] for name, s in metrics["subsets"].items()}}
+            if "val" in metrics:
+                summary["val_top1"] = metrics["val"]["top1"]
+            self.log_metrics("eval", summary)
             parts = [f"{name} " + ("-" if s["top1"] is None else f"{100 * s['top1']:.2f}%")
                      for name, s in metrics["subsets"].items()]
             self.console(f"test top-1 {100 * metrics['top1']:.2f}% | " + " | ".join(parts)
