@@ -20,7 +20,9 @@ Every training stage writes both next to its ``model.pt`` (:meth:`lfme_fast.reci
     ``resolution``), ``crop_ratio``, ``mean``/``std`` (on 0..1 RGB), ``interpolation``;
   - ``training``: recipe, stage, run name, ``config_sha256`` (the resolved config), the stage
     fingerprint, dataset name and training-split fingerprint, optimizer steps;
-  - ``weights``/``weights_sha256``: the weight file's name and checksum.
+  - ``weights``/``weights_sha256``: the weight file's name and checksum;
+  - ``exported_module``: null, or the attribute of a training wrapper that was exported because it alone
+    gives the wrapper's logits (CBD's student: ``backbone``; the distillation projection is left out).
 
 :func:`load_exported` rebuilds the model from ``model.json`` and loads the weights strictly;
 :class:`ExportedModel` returns logits whatever the architecture. ``python -m lfme_fast.predict`` uses them.
@@ -38,8 +40,8 @@ import torch
 
 from lfme_fast.io import atomic_path, atomic_write_json
 
-__all__ = ["FORMAT", "WEIGHTS", "INFO", "export_model", "preprocess_info", "config_sha256", "read_model_info",
-           "build_exported", "load_exported", "ExportedModel", "ExportError"]
+__all__ = ["FORMAT", "WEIGHTS", "INFO", "export_model", "inference_part", "preprocess_info", "config_sha256",
+           "read_model_info", "build_exported", "load_exported", "ExportedModel", "ExportError"]
 
 FORMAT = "lfme_fast.model/1"
 WEIGHTS = "model.safetensors"
@@ -91,6 +93,38 @@ def _architecture(model: torch.nn.Module) -> dict[str, Any] | None:
     return arch
 
 
+@torch.no_grad()
+def _same_logits(model: torch.nn.Module, part: torch.nn.Module, resolution: int) -> bool:
+    """Whether ``model`` and its submodule ``part`` give the same logits (eval mode, two random images)."""
+    param = next(model.parameters(), None)
+    x = torch.randn(2, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+    x = x.to(param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()  # and no running statistic moves: eval mode, no grad
+    try:
+        a, b = model(x), part(x)
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+            torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    finally:
+        model.train(was_training)
+
+
+def inference_part(model: torch.nn.Module, resolution: int) -> tuple[torch.nn.Module, str]:
+    """The module to export and its attribute path (``""``: the model itself).
+
+    A model built by :mod:`lfme_fast.models` is exported whole. A training wrapper without a build
+    recipe (CBD's student: a backbone plus a projection used only by the distillation loss) is exported
+    as its one child that has one, when that child alone gives the wrapper's logits (checked on random
+    images): the export then loads into a plain backbone.
+    """
+    if isinstance(getattr(model, "build_spec", None), Mapping):
+        return model, ""
+    kids = [(n, m) for n, m in model.named_children() if isinstance(getattr(m, "build_spec", None), Mapping)]
+    if len(kids) == 1 and _same_logits(model, kids[0][1], resolution):
+        return kids[0][1], kids[0][0]
+    return model, ""
+
+
 def export_model(stage_dir: str | os.PathLike, model: torch.nn.Module, *, classes: Sequence[int],
                  class_names: Sequence[str], preprocess: Mapping[str, Any],
                  training: Mapping[str, Any]) -> list[str]:
@@ -98,8 +132,10 @@ def export_model(stage_dir: str | os.PathLike, model: torch.nn.Module, *, classe
 
     Args:
         model: the trained model; its ``build_spec`` (set by :func:`lfme_fast.models.build_model` and
-            :class:`~lfme_fast.models.MultiExpert`) says how to rebuild it. A model without one is still
-            exported, with ``architecture: null`` (:func:`load_exported` then refuses it).
+            :class:`~lfme_fast.models.MultiExpert`) says how to rebuild it. A wrapper is exported as the
+            part that computes its logits (:func:`inference_part`, recorded as ``exported_module``); a
+            model with no rebuildable part is still exported, with ``architecture: null``
+            (:func:`load_exported` then refuses it).
         classes: the dataset class id of each output column.
         class_names: one name per output column.
         preprocess: :func:`preprocess_info` of the run's eval loader.
@@ -111,6 +147,7 @@ def export_model(stage_dir: str | os.PathLike, model: torch.nn.Module, *, classe
     from safetensors.torch import save_file
 
     stage_dir = Path(stage_dir)
+    model, part = inference_part(model, int(preprocess.get("resolution", 32)))
     # clone(): safetensors refuses tensors that share storage (modules shared between experts) and
     # non-contiguous ones; every key is written on its own.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -123,7 +160,7 @@ def export_model(stage_dir: str | os.PathLike, model: torch.nn.Module, *, classe
     info = {"format": FORMAT, "weights": WEIGHTS, "weights_sha256": _sha256(stage_dir / WEIGHTS),
             "architecture": arch, "num_classes": num_classes, "classes": [int(c) for c in classes],
             "class_names": [str(n) for n in class_names], "preprocess": dict(preprocess),
-            "training": dict(training)}
+            "exported_module": part or None, "training": dict(training)}
     atomic_write_json(stage_dir / INFO, info)
     return [WEIGHTS, INFO]
 

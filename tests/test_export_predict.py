@@ -125,6 +125,46 @@ def test_export_torchvision_names_and_multi_expert(tmp_path):
     assert back.class_names == list("vwxyz") and back.info["classes"] == [3, 4, 5, 6, 7]
 
 
+class _Wrapper(torch.nn.Module):
+    """A training wrapper like CBD's student: a backbone plus a head only the loss uses."""
+
+    def __init__(self, backbone, same_logits=True):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = torch.nn.Linear(backbone.feature_dim, 8)
+        self.same_logits = same_logits
+
+    def forward(self, x):
+        logits = self.backbone(x)
+        return logits if self.same_logits else logits + self.projection(self.backbone.forward_features(x)).sum()
+
+
+def test_export_of_a_training_wrapper_is_its_backbone(tmp_path):
+    from lfme_fast.export import export_model, load_exported, read_model_info
+    from lfme_fast.models import build_model
+
+    prep = {"resolution": 28, "resize": "resize", "crop_ratio": None, "mean": [0.5] * 3, "std": [0.25] * 3}
+    wrapper = _Wrapper(build_model("resnet_small28", 4)).train()
+    before = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    export_model(tmp_path / "w", wrapper, classes=range(4), class_names=list("abcd"), preprocess=prep, training={})
+    assert wrapper.training and all(torch.equal(before[k], v) for k, v in wrapper.state_dict().items())
+    info = read_model_info(tmp_path / "w")
+    assert info["exported_module"] == "backbone" and info["architecture"]["args"]["name"] == "resnet_small28"
+    assert set(load_file(str(tmp_path / "w" / "model.safetensors"))) == set(wrapper.backbone.state_dict())
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "w")(x), wrapper.eval()(x))
+
+    # a wrapper whose logits are not its backbone's is exported whole, and cannot be rebuilt
+    other = _Wrapper(build_model("resnet_small28", 4), same_logits=False)
+    export_model(tmp_path / "o", other, classes=range(4), class_names=list("abcd"), preprocess=prep, training={})
+    assert read_model_info(tmp_path / "o")["architecture"] is None
+    from lfme_fast.export import ExportError
+
+    with pytest.raises(ExportError, match="no architecture recorded"):
+        load_exported(tmp_path / "o")
+
+
 def test_load_exported_refuses_damaged_weights(smoke_run, tmp_path):
     import shutil
 
