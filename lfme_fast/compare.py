@@ -94,6 +94,13 @@ register_row("ecl_no_contrastive", Row(_ECL, ("ecl.contrastive=false",), "ECL wi
                                        "one view per sample"))
 register_row("balanced_softmax", Row("fmnist_lt/balanced_softmax.yaml", label="Balanced Softmax (one model)"))
 
+# CBD rows: the reference is the same recipe with alpha = 0 (class-balanced CE on the same stored views,
+# cosine classifier), so the rows differ only in the distillation term.
+register_row("cbd_ce", Row("fmnist_lt/cbd.yaml", ("cbd.alpha=0.0",), "Class-balanced CE (CBD student, alpha 0)",
+                           "same sampler, stored views and cosine classifier as CBD; no distillation"))
+register_row("cbd", Row("fmnist_lt/cbd.yaml", label="CBD (1 standard teacher)"))
+register_row("cbd_ens", Row("fmnist_lt/cbd_ens.yaml", label="CBD-ENS (2 standard + 2 strong teachers)"))
+
 
 # ---------------------------------------------------------------------------------------------------
 # configs and the protocol
