@@ -711,7 +711,8 @@ def missing_keys(path: str | os.PathLike) -> list[str]:
 
 def _default_text(value: Any) -> str:
     """A default as it would be written in the YAML file (``null``, ``[]``, ``{}``, ``0.1``, ``imagenet``)."""
-    return yaml.safe_dump(config_to_dict(value), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(config_to_dict(value), default_flow_style=True, width=10_000)
+    return text.strip().removesuffix("...").strip()  # a bare scalar document ends with '...'
 
 
 def _section_lines(cls: type, prefix: str) -> list[str]:
