@@ -31,7 +31,7 @@ SCALE ?= 0.02
 PREP_ARGS ?=
 
 .PHONY: setup test demo clean-venv prep-imagenet-lt prep-places-lt prep-inat18 prep-cifar10-lt \
-        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep
+        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep bench bench-gpu bench-report
 
 setup: $(STAMP)
 
@@ -86,3 +86,30 @@ prep-synthetic-lt: setup
 
 bench-prep: setup
 	$(PY) -m data_prep.bench --scale $(SCALE) --json-out results/bench_prep.json
+
+# `make bench`: every CPU benchmark, each writing its results/bench_*.json (machine and versions inside),
+# then results/BENCHMARKS.md with its plots. About 20-25 minutes on a quiet 2-core machine; run it
+# on a machine with nothing else running (wall-clock figures move with other load). BENCH_SCALE sizes
+# the synthetic ImageNet-LT-shaped set (0.05: 5,847 images, prepared once into ~/.cache/lfme_fast).
+BENCH_SCALE ?= 0.05
+BENCH_LOADERS ?= ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock,ffcv_2views,dali_2views,torch_2views
+
+bench: setup
+	$(PY) -m data_prep.bench --scale $(BENCH_SCALE) --json-out results/bench_prep.json
+	$(PY) -m lfme_fast.bench sampler --json-out results/bench_sampler.json
+	$(PY) -m lfme_fast.bench loader --scale $(BENCH_SCALE) --backends $(BENCH_LOADERS) --json-out results/bench_loader.json
+	$(PY) -m lfme_fast.bench train --devices cpu --json-out results/bench_train.json
+	$(PY) -m lfme_fast.bench step --device cpu --json-out results/bench_step.json
+	$(PY) -m lfme_fast.bench epoch --scale $(BENCH_SCALE) --json-out results/bench_epoch.json
+	$(PY) -m lfme_fast.bench memory --scale $(BENCH_SCALE) --json-out results/bench_memory.json
+	$(PY) -m lfme_fast.bench report
+
+# `make bench-gpu`: the GPU path in one script (within 8 minutes on one H100/H200-class GPU), then the
+# page. Without CUDA it runs its tiny CPU fallback, which says so and measures nothing about a GPU.
+bench-gpu: setup
+	$(PY) -m lfme_fast.bench gpu --json-out results/bench_gpu.json
+	$(PY) -m lfme_fast.bench report
+
+# The page alone, from the JSONs already in results/.
+bench-report: setup
+	$(PY) -m lfme_fast.bench report

@@ -34,7 +34,8 @@ def test_bench_step_tiny(tmp_path, capsys, synthetic_dir):
                 "ecl_step_with_loading_s", "plain_step_with_loading_s", "ratio_ecl_over_plain_with_loading"):
         assert isinstance(res[key], float), key
     assert res["ecl_experts"] == 3 and res["ecl_views"] == 2
-    assert set(res["all_times_s"]) == {"plain_ce", "offline_kd", "live_kd", "ecl", "ecl_one_view"}
+    assert set(res["all_times_s"]) == {"plain_ce", "offline_kd", "live_kd", "ecl", "ecl_one_view", "cbd_offline",
+                                       "cbd_live"}
     assert res["ratio_ecl_over_plain"] == res["ecl_s"] / res["plain_ce_s"]
     assert res["ecl_backward_opt_s"] == pytest.approx(res["ecl_s"] - res["ecl_forward_s"] - res["ecl_losses_s"])
     assert res["ecl_step_with_loading_s"] == pytest.approx(res["ecl_s"] + res["loader_two_views_batch_s"])
@@ -42,11 +43,18 @@ def test_bench_step_tiny(tmp_path, capsys, synthetic_dir):
     # 41 training images in batches of 4 (drop_last): 10 batches an epoch, one timed epoch per loader
     assert res["loader_batches_per_epoch"] == 10 and len(res["loader_per_batch_s"]["2"]) == 1
 
+    # the CBD rows: stored teacher features vs live teachers (4 x ResNet-10 features of 512, float16, 2 views)
+    for key in ("cbd_offline_s", "cbd_offline_min_s", "cbd_live_s", "cbd_live_min_s"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["cbd_teachers"] == 4 and res["cbd_teacher_width"] == 512
+    assert res["cbd_store_bytes_per_image"] == 4 * 512 * 2 * 2
+    assert res["ratio_cbd_offline_over_plain"] == res["cbd_offline_s"] / res["plain_ce_s"]
+
 
 def test_bench_step_without_ecl_keeps_the_original_keys(tmp_path, capsys):
     out = tmp_path / "bench_step.json"
     step.main(["--json-out", str(out), "--device", "cpu", "--batch-size", "2", "--resolution", "32", "--repeats", "1",
-               "--warmup", "0", "--store-samples", "16", "--no-ecl"])
+               "--warmup", "0", "--store-samples", "16", "--no-ecl", "--no-cbd"])
     res = json.loads(out.read_text())
     assert set(res["all_times_s"]) == {"plain_ce", "offline_kd", "live_kd"}
     assert "ecl_s" not in res and "loader_second_view_s" not in res and res["offline_kd_s"] > 0

@@ -1,1 +1,2 @@
-"""Benchmarks: ``python -m lfme_fast.bench {sampler,loader,train,step} ...``; each writes a JSON result."""
+"""Benchmarks: ``python -m lfme_fast.bench {sampler,loader,train,step,epoch,memory,gpu,report} ...``; each
+writes a JSON result under ``results/`` and ``report`` turns them into ``results/BENCHMARKS.md``."""

@@ -18,7 +18,14 @@ BENCHMARKS = {
               "process (default: a synthetic ImageNet-LT-shaped set)",
     "train": "training-step throughput on synthetic tensors (ResNet-10 @224, ResNet-32 @32; CPU fp32/bf16, "
              "GPU bf16 when present)",
-    "step": "student step cost: plain CE vs. LFME on stored offline logits vs. LFME with live expert forwards",
+    "step": "student step cost: plain CE vs. LFME on stored offline logits vs. LFME with live expert forwards "
+            "(+ ECL, CBD rows)",
+    "epoch": "a training epoch end to end per loader back end and its data-wait fraction (time in next(iterator) "
+             "over the epoch time)",
+    "memory": "host memory (RSS, PSS) against 1, 2, 4 loader processes over one prepared dataset",
+    "gpu": "the GPU path in one script (DALI mixed decode, ffcv uint8 normalised on the GPU, ResNet-10/50 bf16 "
+           "fed by each back end, step costs); a tiny CPU fallback without CUDA",
+    "report": "results/BENCHMARKS.md with plots from whatever bench_*.json exist",
 }
 
 

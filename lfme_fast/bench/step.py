@@ -21,10 +21,17 @@ channels_last, batch 256 at 224 px):
   loader with one vs two views per sample on the same data, ``--loader-data``, default a small
   synthetic ImageNet-LT-shaped set at the step's resolution; ``--no-loader`` skips it). ``--no-ecl``
   leaves the ECL rows out.
+* ``cbd_offline`` / ``cbd_live``: a CBD student step (:mod:`lfme_fast.bench.cbd_step`: backbone +
+  projection, ``(1 - alpha) CE + alpha * beta * cosine distance`` to the concatenated teacher
+  features) with ``--cbd-teachers`` (default 4, CBD-ENS) teachers' float16 features gathered from a
+  generic offline store through the recipe's ``CBDLoss``, and with those teachers run forward on the
+  batch instead. ``--no-cbd`` leaves the CBD rows out.
 
-The three kinds of step are interleaved (rotating order) and repeated ``--repeats`` times, so machine
-noise (easily 8 % between identical steps) hits all three alike; the median and minimum per kind are
-reported, with ``offline/plain`` and ``live/offline`` ratios. Goal: offline <= 1.05 x plain.
+Each step is timed with :class:`lfme_fast.bench.common.Stopwatch` (CUDA events on a GPU) between
+device synchronisations. The kinds of step are interleaved (rotating order) and repeated
+``--repeats`` times, so machine noise (easily 8 % between identical steps) hits all of them alike;
+the median and minimum per kind are reported, with ``offline/plain`` and ``live/offline`` ratios.
+Goal: offline <= 1.05 x plain.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from lfme_fast.bench.common import machine_info, write_result
+from lfme_fast.bench.common import Stopwatch, machine_info, write_result
 
 #: ImageNet-LT under the lfme convention: many / medium / few class counts.
 IMAGENET_LT_SUBSETS = (391, 463, 146)
@@ -87,7 +94,7 @@ def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequenc
 def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: int, store_samples: int,
         views: int, arch: str = "resnet10", threads: int | None = None,
         store_load: str | None = None, ecl: bool = True, ecl_experts: int = 3,
-        loader: dict[str, Any] | None = None) -> dict[str, Any]:
+        loader: dict[str, Any] | None = None, cbd: bool = True, cbd_teachers: int = 4) -> dict[str, Any]:
     """Time the kinds of step; returns the result dict (see the module docstring). ``loader``: keyword
     arguments of :func:`lfme_fast.bench.ecl_step.loader_view_cost` (root, backend, workers, rounds), or
     None to skip the loading measurement."""
@@ -162,22 +169,33 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         ecl_step = ECLStep(arch, num_classes, ecl_experts, x, x2, y, dev, fmt, autocast)
         kinds["ecl"] = ecl_step.step
         kinds["ecl_one_view"] = lambda: ecl_step.step(two_views=False)
+    cbd_step = None
+    if cbd:
+        from lfme_fast.bench.cbd_step import CBDStep
+
+        cbd_step = CBDStep(arch, num_classes, cbd_teachers, x, y, dev, fmt, autocast, store_dir=Path(tmp.name) / "cbd",
+                           store_samples=store_samples, views=views, store_load=load, batch_ids=ids)
+        kinds["cbd_offline"] = cbd_step.offline
+        kinds["cbd_live"] = cbd_step.live
     names = list(kinds)
     for _ in range(warmup):
         for fn in kinds.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in names}
+    watch = Stopwatch(dev)
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate which kind goes first
         for k in order:
             _synchronize(dev)
-            t0 = time.perf_counter()
+            watch.start()
             kinds[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(watch.stop())
     loss_only = _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats=max(50, repeats))
     tmp.cleanup()
     extra = _ecl_results(ecl_step, times, model, x, dev, autocast, repeats, ecl_experts, loader,
                          batch_size, resolution, loss_only["loss_only_ce_s"]) if ecl_step is not None else {}
+    if cbd_step is not None:
+        extra.update(_cbd_results(cbd_step, times))
     med = {k: statistics.median(t) for k, t in times.items()}
     mins = {k: min(t) for k, t in times.items()}
     return {
@@ -204,6 +222,18 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         / med["plain_ce"],
         **extra,
         "repeats": repeats, "warmup": warmup, "all_times_s": times, "machine": machine_info(),
+    }
+
+
+def _cbd_results(cbd_step, times: dict[str, list[float]]) -> dict[str, Any]:
+    """The CBD keys of the result: offline and live steps against plain CE and each other."""
+    med = {k: statistics.median(times[k]) for k in ("plain_ce", "cbd_offline", "cbd_live")}
+    return {
+        **cbd_step.describe(),
+        "cbd_offline_s": med["cbd_offline"], "cbd_offline_min_s": min(times["cbd_offline"]),
+        "cbd_live_s": med["cbd_live"], "cbd_live_min_s": min(times["cbd_live"]),
+        "ratio_cbd_offline_over_plain": med["cbd_offline"] / med["plain_ce"],
+        "ratio_cbd_live_over_offline": med["cbd_live"] / med["cbd_offline"],
     }
 
 
@@ -285,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-ecl", action="store_true", help="leave out the ECL rows")
     parser.add_argument("--ecl-experts", type=int, default=3, help="experts of the ECL step (default 3)")
+    parser.add_argument("--no-cbd", action="store_true", help="leave out the CBD rows")
+    parser.add_argument("--cbd-teachers", type=int, default=4, help="teachers of the CBD step (default 4, CBD-ENS)")
     parser.add_argument("--no-loader", action="store_true", help="skip the one- vs two-view loader measurement")
     parser.add_argument("--loader-data", default=None,
                         help="prepared dataset for the loader measurement (default: a synthetic ImageNet-LT-shaped "
@@ -300,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  resolution=args.resolution or (224 if gpu else 112), repeats=args.repeats or (50 if gpu else 15),
                  warmup=args.warmup, store_samples=args.store_samples, views=args.views, arch=args.arch,
                  threads=args.threads, store_load=args.store_load, ecl=not args.no_ecl,
-                 ecl_experts=args.ecl_experts, loader=None if args.no_ecl or args.no_loader else _loader_args(args))
+                 ecl_experts=args.ecl_experts, cbd=not args.no_cbd, cbd_teachers=args.cbd_teachers,
+                 loader=None if args.no_ecl or args.no_loader else _loader_args(args))
     write_result(args.json_out, result)
 
 

@@ -1,0 +1,302 @@
+"""The benchmark suite's new parts at tiny sizes: the epoch / data-wait measurement, host memory against
+loader processes, the GPU script's CPU fallback, the CBD step rows and the results page. No figure is
+asserted here (those come from ``make bench`` writing JSON); what is asserted is that each part measures
+what it says: waits against steps, shared pages, the page's contents from given JSONs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lfme_fast.bench import common, epoch, gpu, memory, report
+
+# ---- the timing loop, on a fake clock ----------------------------------------------------------------
+
+
+class _Clock:
+    """A perf_counter that only moves when the fake loader or step says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_timed_loop_splits_waits_from_steps(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+
+    def batches():
+        for k in range(4):
+            clock.now += 3.0 if k == 0 else 2.0  # the first batch fills the pipeline
+            yield torch.zeros(5)
+        clock.now += 0.5  # the loader's end of epoch
+
+    def step(batch):
+        clock.now += 1.0
+        return len(batch)
+
+    r = epoch.timed_loop(batches(), step, "cpu")
+    assert r["batches"] == 4 and r["samples"] == 20
+    assert r["epoch_s"] == pytest.approx(3 + 3 * 2 + 4 * 1 + 0.5)
+    assert r["data_wait_s"] == pytest.approx(3 + 3 * 2 + 0.5)
+    assert r["data_wait_fraction"] == pytest.approx(9.5 / 13.5)
+    assert r["data_wait_fraction_after_first_batch"] == pytest.approx(6.5 / 10.5)
+    assert r["first_batch_wait_s"] == 3.0 and r["end_of_epoch_wait_s"] == 0.5 and r["step_median_s"] == 1.0
+    assert r["samples_per_s"] == pytest.approx(20 / 13.5)
+    # max_batches stops the loop early without counting the unread rest
+    assert epoch.timed_loop(batches(), step, "cpu", max_batches=2)["batches"] == 2
+
+
+def test_timed_loop_without_batches_is_an_error():
+    with pytest.raises(ValueError, match="no batch"):
+        epoch.timed_loop([], lambda b: 1, "cpu")
+
+
+# ---- common helpers --------------------------------------------------------------------------------
+
+
+def test_run_isolated_returns_and_reports_the_childs_error():
+    assert common.run_isolated(math.sqrt, 4.0) == 2.0
+    with pytest.raises(common.IsolatedError, match="ValueError: math domain error") as info:
+        common.run_isolated(math.sqrt, -1.0)
+    assert "Traceback" in info.value.detail
+    record = common.error_record(info.value)
+    assert record["error"].startswith("ValueError") and "Traceback" in record["traceback"]
+
+
+def test_mapped_file_memory_sees_a_touched_mapping(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.arange(64 * 4096, dtype=np.uint8).tobytes())
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mm[::4096].astype(np.int64).sum()) >= 0  # touch every page
+    import os
+
+    m = common.mapped_file_memory(os.getpid(), tmp_path)
+    assert m["files"] == [str(path.resolve())]
+    assert m["rss"] == 64 * 4096 and m["pss"] == m["rss"]  # mapped by this process alone
+    total = common.process_memory(os.getpid())
+    assert total["Rss"] >= m["rss"] and total["Pss"] <= total["Rss"]
+    del mm
+
+
+# ---- the epoch benchmark -----------------------------------------------------------------------------
+
+
+def test_epoch_bench_tiny(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "bench_epoch.json"
+    epoch.main(["--data", str(synthetic_dir), "--backends", "synthetic,torch", "--resolution", "32",
+                "--batch-size", "8", "--workers", "1", "--warmup-steps", "1", "--ceiling-steps", "2", "--no-isolate",
+                "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "epoch" and "cpu_count" in res["machine"] and res["dataset"]["num_images"] == 41
+    for name in ("synthetic", "torch"):
+        row = res["backends"][name]
+        assert "error" not in row, row.get("traceback")
+        assert row["batches"] == 41 // 8 and row["samples"] == 40  # drop_last: one whole epoch
+        assert 0.0 <= row["data_wait_fraction"] < 1.0 and row["ceiling_samples_per_s"] > 0
+        assert row["data_wait_s"] <= row["epoch_s"] and row["ratio_to_ceiling"] > 0
+    assert res["backends"]["torch"]["warmup_epoch_s"] > 0
+
+
+def test_epoch_bench_records_a_failing_backend(synthetic_dir):
+    cfg = epoch.EpochConfig(root=str(synthetic_dir), resolution=32, batch_size=8, workers=1)
+    rows = epoch.run(["no_such_backend"], cfg, isolate=False, log=lambda m: None)
+    assert "unknown loader backend" in rows["no_such_backend"]["error"]
+
+
+# ---- host memory against loader processes ---------------------------------------------------------
+
+
+def test_memory_bench_two_processes_share_one_copy(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "bench_memory.json"
+    memory.main(["--data", str(synthetic_dir), "--backend", "torch", "--workers", "0", "--processes", "2",
+                 "--batch-size", "8", "--resolution", "32", "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    row = res["counts"]["2"]
+    assert "error" not in row, row.get("traceback")
+    assert row["processes"] == 2 and [p["images_read"] for p in row["per_process"]] == [41, 41]
+    shard_bytes = res["dataset_files"]["bytes"]
+    for p in row["per_process"]:
+        # each process has the whole (small) shard resident, but pays for half of it: the pages are shared
+        assert p["dataset_rss"] == pytest.approx(shard_bytes, rel=0.05)
+        assert p["dataset_pss"] == pytest.approx(p["dataset_rss"] / 2, rel=0.05)
+        assert p["pss"] < p["rss"]
+    assert row["dataset_copies"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_memory_summary_counts_private_copies():
+    one = {"rss": 10, "pss": 10, "anonymous": 5, "dataset_rss": 100, "dataset_pss": 100}
+    shared = memory.summarise([{**one, "dataset_pss": 50}, {**one, "dataset_pss": 50}])
+    private = memory.summarise([one, one])  # what a copy per process would look like
+    assert shared["dataset_copies"] == 1.0 and private["dataset_copies"] == 2.0
+    assert shared["pss_total"] == 20 and shared["dataset_pss_total"] == 100
+
+
+# ---- the GPU script's CPU fallback -------------------------------------------------------------------
+
+
+def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "bench_gpu.json"
+    # ResNet-10 only: ResNet-50 goes through the same code with another arch and would double the time
+    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+              "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu-fallback" and "CPU fallback" in res["note"]
+    assert res["config"]["batch_size"] == gpu.FALLBACK_SIZES.batch_size
+    assert {"torch_version", "dali_version", "cuda_available"} <= set(res["gpu"])
+    for backend in ("dali", "ffcv"):
+        row = res["decode"][backend]
+        assert "error" not in row, row.get("traceback")
+        assert row["images_per_s"] > 0 and row["batches_per_epoch"] == gpu.FALLBACK_SIZES.max_batches
+    for arch in ("resnet10",):
+        for feed in ("synthetic", "dali", "ffcv"):
+            row = res["train"][arch][feed]
+            assert "error" not in row, row.get("traceback")
+            assert row["batches"] == gpu.FALLBACK_SIZES.max_batches and 0 <= row["data_wait_fraction"] < 1
+    for key in ("plain_ce_s", "offline_kd_s", "live_kd_s", "ecl_s", "cbd_offline_s", "cbd_live_s"):
+        assert res["step"][key] > 0, key
+
+
+# ---- the CBD step rows ---------------------------------------------------------------------------
+
+
+def test_cbd_step_reads_the_stored_features_through_the_recipes_loss(tmp_path):
+    from lfme_fast.bench.cbd_step import CBDStep
+    from lfme_fast.recipes.cbd import CBDLoss
+
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    ids = [(torch.tensor([3, 5]), torch.tensor([1, 0]))]
+    s = CBDStep("resnet10", 10, 2, x, y, torch.device("cpu"), torch.contiguous_format,
+                lambda: torch.autocast("cpu", enabled=False), store_dir=tmp_path / "cbd", store_samples=8, views=2,
+                store_load="ram", batch_ids=ids)
+    assert isinstance(s.loss, CBDLoss) and s.describe()["cbd_store_bytes_per_image"] == 2 * 512 * 2 * 2
+    feats = s.loss.teacher_features(*ids[0])
+    raw = [np.asarray(s.store.raw(f"teacher{k}.features")[0]) for k in range(2)]
+    want = np.concatenate([r[[3, 5], [1, 0]] for r in raw], axis=1)
+    np.testing.assert_array_equal(feats.numpy(), want)
+    assert np.allclose(np.linalg.norm(raw[0][3, 1].astype(np.float32)), 1.0, atol=1e-2)  # unit-norm features
+    before = [p.detach().clone() for p in s.student.parameters()]
+    s.offline()
+    s.live()
+    assert any(not torch.equal(a, b) for a, b in zip(before, s.student.parameters()))
+
+
+# ---- the results page ------------------------------------------------------------------------------
+
+
+MACHINE = {"cpu_count": 2, "cpu_model": "Test CPU", "date_utc": "2026-01-01T00:00:00Z", "torch_version": "2.x"}
+
+
+def _fake_results(d: Path, gpu_device: str = "cuda") -> None:
+    def put(name, obj):
+        (d / name).write_text(json.dumps(obj))
+
+    put("bench_prep.json", {"images": 100, "workers": 2, "source_mean_bytes": 110000, "settings": {"max_side": 256},
+                            "images_per_s": {"wds_phase": 489.4, "ffcv_phase": 523.0, "total": 250.0},
+                            "seconds": {"wds_phase": 1.0, "ffcv_phase": 1.0, "total": 2.0, "ffcv_import_untimed": 9.3},
+                            "storage": {"wds_bytes_per_image": 27500, "beton_bytes_per_image": 26600,
+                                        "projected_imagenet_lt_wds_gb": 3.19, "projected_imagenet_lt_beton_gb": 3.08},
+                            "machine": MACHINE})
+    put("bench_sampler.json", {"repeats": 20, "machine": MACHINE, "cases": {"imagenet_lt": {
+        "num_samples": 115846, "numba_class_balanced": {"indices": {"median_s": 0.00047},
+                                                        "indices_and_weights": {"median_s": 0.00061}},
+        "python_oltr_class_aware": {"median_s": 0.129}, "speedup_vs_python": {"indices_median": 274.6,
+                                                                             "indices_and_weights_median": 213.7}}}})
+    put("bench_loader.json", {"machine": MACHINE, "config": {"batch_size": 256, "resolution": 224, "workers": 2,
+                                                             "epochs": 6, "dtype": "float32"},
+                              "dataset": {"num_images": 5847, "stored_max_side": 256},
+                              "raw_limit": {"images_per_s": 4304.0, "images_per_cpu_s": 2329.0},
+                              "backends": {"ffcv": {"images_per_s": 4135.0, "images_per_cpu_s": 2286.0,
+                                                    "ratio_to_raw_limit": 0.9606},
+                                           "ffcv_2views": {"images_per_s": 3900.0, "images_per_cpu_s": 2100.0},
+                                           "dali": {"error": "ImportError: no DALI"}},
+                              "summary": {"ratio_ffcv_to_torch_fullsize": 5.9977}})
+    put("bench_train.json", {"machine": MACHINE, "torch_threads_used": 2, "results": [
+        {"model": "resnet10", "resolution": 224, "device": "cpu", "precision": "fp32", "batch_size": 32,
+         "supported": True, "samples_per_s": 7.45}]})
+    put("bench_step.json", {"machine": MACHINE, "model": "resnet10", "batch_size": 64, "resolution": 112,
+                            "device": "cpu", "precision": "fp32", "num_classes": 1000, "repeats": 15,
+                            "plain_ce_s": 0.969, "offline_kd_s": 0.933, "live_kd_s": 1.995, "ecl_s": 2.5,
+                            "ecl_one_view_s": 1.9, "cbd_offline_s": 1.01, "cbd_live_s": 3.2,
+                            "ratio_offline_over_plain": 0.9625, "ratio_live_over_offline": 2.138})
+    epoch_rows = {"ffcv": {"samples_per_s": 55.5, "ceiling_samples_per_s": 60.0, "ratio_to_ceiling": 0.925,
+                           "data_wait_fraction": 0.0412, "data_wait_fraction_after_first_batch": 0.03,
+                           "first_batch_wait_s": 0.2},
+                  "torch": {"error": "RuntimeError: boom"}}
+    put("bench_epoch.json", {"machine": MACHINE, "dataset": {"num_images": 5847},
+                             "config": {"arch": "resnet10", "resolution": 112, "batch_size": 64, "device": "cpu",
+                                        "precision": "fp32", "workers": 2}, "backends": epoch_rows})
+    per = {"rss": 400 * 2**20, "pss": 250 * 2**20}
+    put("bench_memory.json", {"machine": MACHINE, "config": {"backend": "ffcv", "workers_per_process": 1,
+                                                             "batch_size": 64, "resolution": 224},
+                              "dataset_files": {"bytes": 155 * 2**20},
+                              "counts": {str(n): {"rss_mean": per["rss"], "pss_mean": per["pss"],
+                                                  "pss_total": n * per["pss"],
+                                                  "dataset_rss_per_process_max": 150 * 2**20,
+                                                  "dataset_pss_total": 150 * 2**20, "dataset_copies": 1.0}
+                                         for n in (1, 2, 4)}})
+    put("bench_gpu.json", {"device": gpu_device, "machine": MACHINE,
+                           "gpu": {"gpu": "NVIDIA Test GPU", "driver_version": "999.1", "cuda_version": "13.0",
+                                   "torch_version": "2.x", "dali_version": "2.4.0"},
+                           "config": {"batch_size": 256, "resolution": 224, "workers": 16, "precision": "bf16"},
+                           "decode": {"dali": {"images_per_s": 12345.0, "best_epoch_images_per_s": 13000.0},
+                                      "ffcv": {"images_per_s": 8000.0}},
+                           "train": {"resnet10": {"synthetic": {**epoch_rows["ffcv"], "samples_per_s": 20000.0},
+                                                  "dali": {**epoch_rows["ffcv"], "samples_per_s": 11111.0}}},
+                           "step": {"plain_ce_s": 0.05, "offline_kd_s": 0.051, "live_kd_s": 0.09,
+                                    "model": "resnet10", "batch_size": 256, "resolution": 224}})
+
+
+def test_report_renders_every_section_from_fake_results(tmp_path):
+    _fake_results(tmp_path)
+    page = report.write_page(tmp_path)
+    text = page.read_text()
+    assert page == tmp_path / "BENCHMARKS.md"
+    for snippet in ("489", "275×", "**4,304**", "4,135", "96%", "6.00×", "failed: ImportError",
+                    "LFME on stored float16 logits | 0.933", "CBD with live teacher forwards | 3.200",
+                    "**4.1%**", "failed: RuntimeError: boom", "1.00", "12,345", "NVIDIA Test GPU", "driver 999.1",
+                    "11,111.0", "Test CPU"):
+        assert snippet in text, snippet
+    assert "not measured yet" not in text
+    # every JSON is there; only the GPU step result lacks its ECL/CBD rows, and the page says so
+    missing = text.split("## Missing figures")[1].split("\n## ")[0].strip().splitlines()
+    assert missing == ["- GPU student step: no CBD, ECL rows"]
+    for png in report.PLOTS:
+        assert (tmp_path / png).stat().st_size > 1000, png
+        assert f"]({png})" in text, png
+
+
+def test_report_lists_missing_figures_and_drops_stale_plots(tmp_path):
+    _fake_results(tmp_path, gpu_device="cpu-fallback")
+    report.write_page(tmp_path)
+    for name in ("bench_memory.json", "bench_epoch.json", "bench_loader.json"):
+        (tmp_path / name).unlink()
+    step = json.loads((tmp_path / "bench_step.json").read_text())
+    for key in ("cbd_offline_s", "cbd_live_s"):
+        del step[key]
+    (tmp_path / "bench_step.json").write_text(json.dumps(step))
+    text = report.write_page(tmp_path).read_text()
+    missing = text.split("## Missing figures")[1].split("\n## ")[0]
+    for name in ("bench_memory.json", "bench_epoch.json", "bench_loader.json", "no CBD rows", "CPU fallback"):
+        assert name in missing, name
+    assert "**The GPU figures are not measured yet**" in text
+    for png in ("memory.png", "data_wait.png", "loader.png", "gpu_decode.png", "gpu_train.png", "data_wait_gpu.png"):
+        assert not (tmp_path / png).exists(), png
+    assert (tmp_path / "step_costs.png").exists()
+
+
+def test_report_rejects_a_broken_json(tmp_path):
+    (tmp_path / "bench_step.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bench_step.json is not valid JSON"):
+        report.render(tmp_path)
