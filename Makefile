@@ -93,13 +93,16 @@ bench-prep: setup
 # the synthetic ImageNet-LT-shaped set (0.05: 5,847 images, prepared once into ~/.cache/lfme_fast).
 BENCH_SCALE ?= 0.05
 BENCH_LOADERS ?= ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock,ffcv_2views,dali_2views,torch_2views
+# Rounds of the step benchmark (its default is 15): 10 keeps `make bench` within 25 minutes with the ECL and
+# CBD rows (one round of all seven kinds: an estimated ~15 s on a quiet 2-core machine).
+BENCH_STEP_REPEATS ?= 10
 
 bench: setup
 	$(PY) -m data_prep.bench --scale $(BENCH_SCALE) --json-out results/bench_prep.json
 	$(PY) -m lfme_fast.bench sampler --json-out results/bench_sampler.json
 	$(PY) -m lfme_fast.bench loader --scale $(BENCH_SCALE) --backends $(BENCH_LOADERS) --json-out results/bench_loader.json
 	$(PY) -m lfme_fast.bench train --devices cpu --json-out results/bench_train.json
-	$(PY) -m lfme_fast.bench step --device cpu --json-out results/bench_step.json
+	$(PY) -m lfme_fast.bench step --device cpu --repeats $(BENCH_STEP_REPEATS) --json-out results/bench_step.json
 	$(PY) -m lfme_fast.bench epoch --scale $(BENCH_SCALE) --json-out results/bench_epoch.json
 	$(PY) -m lfme_fast.bench memory --scale $(BENCH_SCALE) --json-out results/bench_memory.json
 	$(PY) -m lfme_fast.bench report

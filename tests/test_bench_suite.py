@@ -168,6 +168,15 @@ def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
         assert res["step"][key] > 0, key
 
 
+def test_gpu_budget_skips_what_would_start_late():
+    late = gpu._Budget(-1.0, lambda m: None).run("part", dict, isolate=False)
+    assert "over the time budget" in late["skipped"]
+    on_time = gpu._Budget(60.0, lambda m: None).run("part", dict, isolate=False)
+    assert "skipped" not in on_time and on_time["wall_s"] >= 0
+    failed = gpu._Budget(60.0, lambda m: None).run("part", math.sqrt, -1.0, isolate=False)
+    assert failed["error"].startswith("ValueError")  # recorded, the script goes on
+
+
 # ---- the CBD step rows ---------------------------------------------------------------------------
 
 
