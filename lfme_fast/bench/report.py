@@ -40,7 +40,7 @@ SOURCES = {
     "step": ("bench_step.json", "python -m lfme_fast.bench step --json-out results/bench_step.json"),
     "epoch": ("bench_epoch.json", "python -m lfme_fast.bench epoch"),
     "memory": ("bench_memory.json", "python -m lfme_fast.bench memory"),
-    "gpu": ("bench_gpu.json", "make bench-gpu (python -m lfme_fast.bench gpu) on a GPU machine"),
+    "gpu": ("bench_gpu.json", "make bench-gpu"),
 }
 
 
@@ -541,7 +541,7 @@ def gpu_section(results: Path, out: Path) -> Section:
                 "measures DALI `mixed` decode and the ffcv uint8 path normalised on the GPU (images/s at batch 256, "
                 "RRC 224), ResNet-10 and ResNet-50 at 224 in bf16 channels_last fed by each back end and by an "
                 "on-GPU tensor with the data-wait fraction, and the student step costs on the GPU.")
-        return Section(title, body, missing=[f"GPU figures: {why} (`{SOURCES['gpu'][1]}`)"])
+        return Section(title, body, missing=[f"GPU figures: {why} (run `{SOURCES['gpu'][1]}` on a GPU machine)"])
     g, cfg = r.get("gpu", {}), r.get("config", {})
     parts = [f"`{SOURCES['gpu'][0]}`: {g.get('gpu')}, driver {g.get('driver_version')}, CUDA {g.get('cuda_version')}, "
              f"cuDNN {g.get('cudnn_version')}, torch {g.get('torch_version')}, DALI {g.get('dali_version')}; batch "
