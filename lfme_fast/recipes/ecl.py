@@ -2,7 +2,7 @@
 
 ECL is "Towards Effective Collaborative Learning in Long-Tailed Recognition" (Xu et al., arXiv 2305.03378,
 IEEE TMM 2023). **Only its abstract is public.** The equations implemented here are OUR READING of that
-abstract, fixed in ``../shared/REFERENCE.md`` Sec. 1 "ECL"; no formula is the paper's own. NCL (Li et
+abstract, written down before the code (README, "ECL"); no formula is the paper's own. NCL (Li et
 al., CVPR 2022, official code Bazinga699/NCL) is the closest public relative and supplies the defaults;
 BCL (Zhu et al., CVPR 2022) supplies the contrastive loss. Every component is switchable
 (``ecl.kd``, ``ecl.reweight``, ``ecl.feature_kd``, ``ecl.contrastive``) so that its effect can be measured.
