@@ -1,7 +1,7 @@
 """Compare named rows (a config file plus overrides) over seeds under one protocol.
 
 ``python -m lfme_fast.compare --data DIR --rows ecl,ecl_no_kd,balanced_softmax --seeds 0,1,2 --out DIR
-[--reference ROW] [--name NAME] [--report-dir DIR] [--set key=value ...]``
+[--reference ROW] [--name NAME] [--report-dir DIR] [--title TEXT] [--note TEXT ...] [--set key=value ...]``
 
 A **row** is a named ``(config file, overrides)`` pair from :data:`ROWS` (start: the ECL ablation and the
 balanced-softmax single model on Fashion-MNIST-LT). Every run is ``OUT/<row>/seed<s>/``, a normal run
@@ -16,7 +16,8 @@ sample a step sees (ECL's contrastive branch trains on two).
 
 **Resumable.** A run whose ``metrics.json`` exists next to this runner's ``compare.json`` marker for the
 same resolved config is not started again; any other run goes through the recipe, whose stage
-fingerprints skip finished stages and resume interrupted ones from their checkpoints.
+fingerprints skip finished stages and resume interrupted ones from their checkpoints (the page names
+the resumed runs: their wall time covers the last invocation only).
 
 **Report** (``REPORT/<name>.json`` and ``.md``, ``REPORT`` = ``--report-dir``, default ``OUT``): per row
 the test top-1 for many / medium / few / overall as mean ± sample std over seeds, every seed's value,
@@ -263,6 +264,7 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
     results: dict[str, dict[int, dict[str, float | None]]] = {r: {} for r in rows}
     seconds: dict[str, dict[int, float]] = {r: {} for r in rows}
     skipped: list[str] = []
+    resumed: list[str] = []
     t0 = time.perf_counter()
     for i, seed in enumerate(seeds):  # seed-major: a partial comparison has every row for its first seeds
         for j, name in enumerate(rows):
@@ -272,7 +274,11 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
             if marker is not None:
                 skipped.append(f"{name}/seed{seed}")
                 seconds[name][seed] = marker["seconds"]
+                if marker.get("resumed"):
+                    resumed.append(f"{name}/seed{seed}")
             else:
+                # An interrupted run resumes from its checkpoint: its time then covers this invocation only.
+                was_started = any(run_dir.glob("*/checkpoints/latest.json"))
                 log(f"[compare] seed {seed} ({i + 1}/{len(seeds)}), row {name} ({j + 1}/{len(rows)}) in {run_dir} "
                     f"({time.perf_counter() - t0:.0f} s so far)")
                 start = time.perf_counter()
@@ -280,10 +286,12 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                 seconds[name][seed] = round(time.perf_counter() - start, 1)
                 if _main_process():
                     atomic_write_json(run_dir / MARKER, {"row": name, "seed": seed, "config_sha": sha,
-                                                         "seconds": seconds[name][seed]})
+                                                         "seconds": seconds[name][seed], "resumed": was_started})
+                if was_started:
+                    resumed.append(f"{name}/seed{seed}")
             results[name][seed] = _subset_row(json.loads((run_dir / "metrics.json").read_text()))
     return {"rows": results, "seconds": seconds, "configs": {r: plan[(r, seeds[0])] for r in rows},
-            "skipped": skipped, "wall_seconds": round(time.perf_counter() - t0, 1)}
+            "skipped": skipped, "resumed": resumed, "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,7 +339,7 @@ def _cell(s: Mapping[str, Any], signed: bool = False) -> str:
 def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequence[int], reference: str,
                     protocol: Mapping[str, Any], facts: Mapping[str, Mapping[str, Any]], title: str,
                     overrides: Sequence[str] = (), seconds: Mapping[str, Mapping[int, float]] | None = None,
-                    convention: str | None = None) -> str:
+                    convention: str | None = None, resumed: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     """The markdown page: protocol, the mean ± std table, the paired-difference table, per-seed values."""
     n = len(seeds)
     lines = [f"# {title}", "",
@@ -346,6 +354,7 @@ def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequ
              f"evaluated on the `{protocol['test_split']}` split. "
              f"Overrides for every row: {' '.join(f'`{o}`' for o in overrides) if overrides else 'none'}. "
              f"Machine: {protocol['machine_text']}.", "",
+             *([*(f"- {n}" for n in notes), ""] if notes else []),
              "| row | models | views | many | medium | few | overall |", "|---|---|---|---|---|---|---|"]
     for name in rows:
         f = facts[name]
@@ -371,6 +380,9 @@ def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequ
         lines += ["", "Wall time per run (s, mean over seeds): " + ", ".join(
             f"{n} {statistics.fmean(seconds[n].values()):.0f}" for n in rows if seconds.get(n))
             + f"; {total / 60:.1f} min for all runs."]
+        if resumed:
+            lines.append(f"Resumed from a checkpoint after an interruption, so their time covers the last "
+                         f"invocation only: {', '.join(resumed)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -381,9 +393,11 @@ def _label(name: str) -> str:
 
 def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequence[int],
             overrides: Sequence[str] = (), *, reference: str | None = None, name: str = "comparison",
-            report_dir: str | Path | None = None, title: str | None = None,
+            report_dir: str | Path | None = None, title: str | None = None, notes: Sequence[str] = (),
             log: Callable[[str], None] = print, runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json`` and ``.md``; returns the report."""
+    """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json`` and ``.md``; returns the report.
+
+    ``notes``: free sentences for the page and the JSON (e.g. what else ran on the machine)."""
     reference = reference or rows[0]
     if reference not in rows:
         raise ValueError(f"--reference {reference!r} must be one of the rows {list(rows)}")
@@ -401,10 +415,11 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
               "row_definitions": {r: {"config": ROWS[r].config, "overrides": list(ROWS[r].overrides),
                                       "label": ROWS[r].label, "note": ROWS[r].note} for r in rows},
               "results": summary, "run_seconds": {r: {str(s): v for s, v in d.items()} for r, d in raw["seconds"].items()},
-              "skipped_finished": raw["skipped"], "wall_seconds_this_invocation": raw["wall_seconds"],
+              "skipped_finished": raw["skipped"], "resumed_runs": raw["resumed"], "notes": list(notes),
+              "wall_seconds_this_invocation": raw["wall_seconds"],
               "run_dirs": {r: str(Path(configs[r].run_dir).parent) for r in rows}}
     page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
-                           convention)
+                           convention, raw["resumed"], notes)
     if _main_process():
         target = Path(report_dir) if report_dir is not None else Path(out)
         atomic_write_json(target / f"{name}.json", report)
@@ -424,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="comparison", help="report file name, without suffix (default comparison)")
     parser.add_argument("--report-dir", help="where <name>.json and .md go (default: --out)")
     parser.add_argument("--title", help="the report's heading")
+    parser.add_argument("--note", dest="notes", action="append", default=[], metavar="TEXT",
+                        help="a sentence for the report (repeatable), e.g. what else ran on the machine")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                         help="config override for every row (repeatable), e.g. --set optim.epochs=4")
     args = parser.parse_args(argv)
@@ -435,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     compare(args.data, args.out, rows, seeds, args.overrides, reference=args.reference, name=args.name,
-            report_dir=args.report_dir, title=args.title)
+            report_dir=args.report_dir, title=args.title, notes=args.notes)
     return 0
 
 

@@ -30,11 +30,13 @@ def _metrics(out, row: str, seed: int) -> dict:
     return json.loads((out / row / f"seed{seed}" / "metrics.json").read_text())
 
 
+ECL_ABLATION = ("ecl", "ecl_no_kd", "ecl_no_reweight", "ecl_no_feature_kd", "ecl_no_contrastive", "balanced_softmax")
+
+
 def test_registry_has_the_ecl_ablation_rows():
-    for name in ("ecl", "ecl_no_kd", "ecl_no_reweight", "ecl_no_feature_kd", "ecl_no_contrastive",
-                 "balanced_softmax"):
+    for name in ECL_ABLATION:
         assert ROWS[name].path.exists(), name
-    cfgs = {name: row_config(name, "DATA", 0, f"/tmp/{name}") for name in ROWS}
+    cfgs = {name: row_config(name, "DATA", 0, f"/tmp/{name}") for name in ECL_ABLATION}
     assert not cfgs["ecl_no_kd"].ecl.kd and not cfgs["ecl_no_kd"].ecl.reweight
     assert not cfgs["ecl_no_reweight"].ecl.reweight and cfgs["ecl_no_reweight"].ecl.kd
     assert not cfgs["ecl_no_feature_kd"].ecl.feature_kd and not cfgs["ecl_no_contrastive"].ecl.contrastive
@@ -102,6 +104,26 @@ def test_compare_end_to_end_resumes_and_pairs_seeds(fmnist_dir, tmp_path, capsys
                     runner=counting, log=lambda m: None)
     assert calls == [str(out / "ecl_no_contrastive" / "seed1")]
     assert (out / "ecl_no_contrastive" / "seed1" / "metrics.json").exists()
+    marker = json.loads((out / "ecl_no_contrastive" / "seed1" / "compare.json").read_text())
+    assert marker["resumed"] is False and marker["seconds"] > 0
+
+    # an interrupted run (a checkpoint left, no result) is recorded as resumed, and the page says so
+    run_dir = out / "balanced_softmax" / "seed0"
+    metrics = (run_dir / "metrics.json").read_text()
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "train" / "checkpoints").mkdir()
+    (run_dir / "train" / "checkpoints" / "latest.json").write_text("{}")
+
+    def finish_interrupted(cfg):  # stands in for the recipe resuming from the checkpoint
+        (run_dir / "train" / "checkpoints" / "latest.json").unlink()
+        (run_dir / "metrics.json").write_text(metrics)
+
+    report = compare.compare(fmnist_dir, out, ["balanced_softmax", "ecl_no_contrastive"], [0, 1], TINY, name="tiny",
+                             runner=finish_interrupted, log=lambda m: None, notes=["Shared with another job."])
+    assert report["resumed_runs"] == ["balanced_softmax/seed0"] and report["notes"] == ["Shared with another job."]
+    page = (out / "tiny.md").read_text()
+    assert "time covers the last invocation only: balanced_softmax/seed0." in page
+    assert "- Shared with another job." in page
     capsys.readouterr()
 
 
