@@ -8,10 +8,13 @@ the figures are those of the code that trains.
 
 The split:
 
-* **forward**: ``ECLLoss.forward`` (both views through the three experts, autograd on);
-* **losses**: the ECL loss terms forward and backward to the network's outputs (outputs detached, so
-  the network is left out), against CE's;
-* **backward + optimiser**: what remains of the whole step;
+* **forward**: ``ECLLoss.forward`` (both views through the three experts, autograd on), against a
+  plain model's forward;
+* **losses**: the ECL loss terms' forward (and the EMA update); separately, their forward and backward
+  on detached outputs (the network left out) against CE's;
+* **backward + optimiser**: backward through the losses and the network, and the SGD step;
+
+forward, losses and backward are timed inside the same steps whose total is reported (medians);
 * **second view, compute**: the whole step against the same step with the contrastive branch off
   (one view);
 * **second view, loading**: the training loader (:func:`loader_view_cost`) on the same data and order
@@ -30,20 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["ECLStep", "loader_view_cost", "lt_counts", "median_seconds"]
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one untimed warm-up call."""
-    times = []
-    for r in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+__all__ = ["ECLStep", "loader_view_cost", "lt_counts"]
 
 
 def lt_counts(num_classes: int, most: int = 1280, fewest: int = 5) -> torch.Tensor:
@@ -80,33 +70,49 @@ class ECLStep:
                                      ECLAccuracyEMA(num_classes, num_experts, device=device))
         self.batch = SimpleNamespace(images=x, images2=x2, labels=y)
         self.device, self.autocast = device, autocast
+        #: per-step ``(forward, losses, backward + SGD)`` seconds, by ``two_views``
+        self.records: dict[bool, list[tuple[float, float, float]]] = {True: [], False: []}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def step(self, two_views: bool = True) -> None:
-        """Forward, ECL loss, backward, SGD step (``two_views=False``: the contrastive branch off)."""
+        """Forward, ECL loss, backward, SGD step (``two_views=False``: the contrastive branch off).
+
+        Each call appends its parts' seconds to :attr:`records` (``(forward, losses, backward + SGD)``
+        under key ``two_views``): the split is timed inside the very steps whose total is reported, so
+        machine noise cannot make the parts disagree with the whole.
+        """
         loss = self.loss if two_views else self.loss_one_view
+        self._sync()
+        t0 = time.perf_counter()
         with self.autocast():
             out = loss.forward(self.model, self.batch)
+        self._sync()
+        t1 = time.perf_counter()
         parts = loss(self.batch, _as_float(out))
+        self._sync()
+        t2 = time.perf_counter()
         parts.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._sync()
+        self.records[two_views].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
-    def forward_only(self) -> None:
-        """The step's forward (both views, autograd on); the graph is dropped."""
-        with self.autocast():
-            out = self.loss.forward(self.model, self.batch)
-        self._sync()
-        del out
+    def split(self, last: int, two_views: bool = True) -> dict[str, float]:
+        """Medians over the ``last`` recorded steps: ``ecl_forward_s`` (both views through the experts,
+        autograd on), ``ecl_losses_s`` (the loss terms' forward and the EMA update) and
+        ``ecl_backward_opt_s`` (backward through losses and network, SGD step)."""
+        recs = self.records[two_views][-last:]
+        if not recs:
+            raise ValueError("no recorded ECL step: call step() first")
+        return {key: statistics.median(r[i] for r in recs)
+                for i, key in enumerate(("ecl_forward_s", "ecl_losses_s", "ecl_backward_opt_s"))}
 
-    def split(self, repeats: int) -> dict[str, float]:
-        """Median seconds of the forward (``ecl_forward_s``) and of the losses alone, forward + backward
-        on detached outputs (``ecl_losses_s``), over ``repeats`` (after one warm-up)."""
-        forward = median_seconds(self.forward_only, repeats, self._sync)
+    def losses_only(self, repeats: int) -> dict[str, float]:
+        """Median seconds of the loss terms alone, forward + backward on detached outputs (the network
+        left out; compare ``loss_only_ce_s``), over ``repeats`` after one warm-up."""
         with torch.no_grad(), self.autocast():
             base = _as_float(self.loss.forward(self.model, self.batch))
         losses: list[float] = []
@@ -119,7 +125,7 @@ class ECLStep:
             self._sync()
             if r:
                 losses.append(time.perf_counter() - t0)
-        return {"ecl_forward_s": forward, "ecl_losses_s": statistics.median(losses)}
+        return {"ecl_losses_only_s": statistics.median(losses)}
 
 
 def _as_float(out: Any) -> Any:

@@ -15,8 +15,10 @@ channels_last, batch 256 at 224 px):
   on the batch: what training would cost without the offline store.
 * ``ecl``: an ECL step (:mod:`lfme_fast.bench.ecl_step`): three experts of the same backbone trained
   together on two views of the batch, every ECL term on; ``ecl_one_view``: the same with the
-  contrastive branch off (one view). Split into forward (``ecl_forward_s`` vs ``plain_forward_s``),
-  losses (``ecl_losses_s`` vs ``loss_only_ce_s``), backward + optimiser (the rest) and the second
+  contrastive branch off (one view). Split, timed inside the timed ECL steps, into forward
+  (``ecl_forward_s``, against ``plain_forward_s``, the plain model's forward interleaved as kind
+  ``plain_forward``), losses (``ecl_losses_s``; ``ecl_losses_only_s`` against ``loss_only_ce_s``) and
+  backward + optimiser (``ecl_backward_opt_s``), plus the second
   view's compute (``ecl_second_view_compute_s``) and loading (``loader_second_view_s``: the training
   loader with one vs two views per sample on the same data, ``--loader-data``, default a small
   synthetic ImageNet-LT-shaped set at the step's resolution; ``--no-loader`` skips it). ``--no-ecl``
@@ -169,6 +171,12 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
         ecl_step = ECLStep(arch, num_classes, ecl_experts, x, x2, y, dev, fmt, autocast)
         kinds["ecl"] = ecl_step.step
         kinds["ecl_one_view"] = lambda: ecl_step.step(two_views=False)
+
+        def plain_forward() -> None:  # the plain model's forward alone, against the ECL step's forward
+            with autocast():
+                model(x)
+
+        kinds["plain_forward"] = plain_forward
     cbd_step = None
     if cbd:
         from lfme_fast.bench.cbd_step import CBDStep
@@ -192,8 +200,8 @@ def run(*, device: str, batch_size: int, resolution: int, repeats: int, warmup: 
             times[k].append(watch.stop())
     loss_only = _loss_only_timings(store, ids, model, x, y, v, subsets, w, dev, autocast, repeats=max(50, repeats))
     tmp.cleanup()
-    extra = _ecl_results(ecl_step, times, model, x, dev, autocast, repeats, ecl_experts, loader,
-                         batch_size, resolution, loss_only["loss_only_ce_s"]) if ecl_step is not None else {}
+    extra = _ecl_results(ecl_step, times, repeats, ecl_experts, loader, batch_size, resolution,
+                         loss_only["loss_only_ce_s"]) if ecl_step is not None else {}
     if cbd_step is not None:
         extra.update(_cbd_results(cbd_step, times))
     med = {k: statistics.median(t) for k, t in times.items()}
@@ -237,31 +245,29 @@ def _cbd_results(cbd_step, times: dict[str, list[float]]) -> dict[str, Any]:
     }
 
 
-def _ecl_results(ecl_step, times, model, x, dev, autocast, repeats: int, num_experts: int,
-                 loader: dict[str, Any] | None, batch_size: int, resolution: int, ce_loss_s: float) -> dict[str, Any]:
+def _ecl_results(ecl_step, times, repeats: int, num_experts: int, loader: dict[str, Any] | None,
+                 batch_size: int, resolution: int, ce_loss_s: float) -> dict[str, Any]:
     """The ECL keys of the result: whole steps, their split, and the second view's loading."""
-    from lfme_fast.bench.ecl_step import loader_view_cost, median_seconds
+    from lfme_fast.bench.ecl_step import loader_view_cost
 
-    def plain_forward() -> None:
-        with autocast():
-            model(x)
-
-    med = {k: statistics.median(times[k]) for k in ("plain_ce", "ecl", "ecl_one_view")}
-    split = ecl_step.split(repeats)
-    plain_fwd = median_seconds(plain_forward, repeats, lambda: _synchronize(dev))
+    med = {k: statistics.median(times[k]) for k in ("plain_ce", "ecl", "ecl_one_view", "plain_forward")}
+    split = ecl_step.split(repeats)  # the timed steps' own parts (the warm-up steps come first)
+    plain_fwd = med["plain_forward"]
     out: dict[str, Any] = {
         "ecl_experts": num_experts, "ecl_views": 2,
         "ecl_s": med["ecl"], "ecl_min_s": min(times["ecl"]),
         "ecl_one_view_s": med["ecl_one_view"], "ecl_one_view_min_s": min(times["ecl_one_view"]),
         "ratio_ecl_over_plain": med["ecl"] / med["plain_ce"],
         "ratio_ecl_over_plain_min": min(times["ecl"]) / min(times["plain_ce"]),
-        "plain_forward_s": plain_fwd, **split,
-        "ecl_backward_opt_s": med["ecl"] - split["ecl_forward_s"] - split["ecl_losses_s"],
+        "plain_forward_s": plain_fwd, **split, **ecl_step.losses_only(max(50, repeats)),
         "plain_backward_opt_s": med["plain_ce"] - plain_fwd - ce_loss_s,
         "ratio_ecl_forward_over_plain_forward": split["ecl_forward_s"] / plain_fwd,
         "ecl_second_view_compute_s": med["ecl"] - med["ecl_one_view"],
-        "ecl_split_note": "forward (both views, 3 experts, autograd on) + losses (forward+backward on detached "
-                          "outputs) + backward_opt (the rest of the median step); plain likewise with CE",
+        "ecl_split_note": "ecl_forward_s (both views, 3 experts, autograd on), ecl_losses_s (loss terms' forward "
+                          "+ EMA update), ecl_backward_opt_s (backward + SGD): medians timed inside the timed ECL "
+                          "steps; ecl_losses_only_s: loss terms' forward + backward on detached outputs (compare "
+                          "loss_only_ce_s); plain_forward_s: the plain model's forward, interleaved with the steps; "
+                          "plain_backward_opt_s = plain_ce_s - plain_forward_s - loss_only_ce_s",
     }
     if loader is not None:
         cost = loader_view_cost(batch_size=batch_size, resolution=resolution, **loader)
