@@ -16,5 +16,8 @@ from lfme_fast.recipes.experts import (  # noqa: F401  (re-exported)
     train_experts,
 )
 
+__all__ = ["EXPERT_KEYS", "ExpertInfo", "ExpertsConfig", "compare_with_model", "expert_subsets", "label_map",
+           "load_experts", "main", "train_experts"]
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -132,6 +132,6 @@ def _main(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     # Delegate to the package module so there is one copy of the recipe registry (this file also runs
     # as __main__).
-    from lfme_fast.train import main as _main
+    from lfme_fast.train import main as _package_main
 
-    sys.exit(_main())
+    sys.exit(_package_main())

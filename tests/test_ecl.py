@@ -19,7 +19,7 @@ from lfme_fast.losses import (
     ecl_online_kd,
     ecl_raw_class_weights,
 )
-from lfme_fast.models import MultiExpert, count_parameters, resnet10, resnet32, resnet_small28
+from lfme_fast.models import MultiExpert, count_parameters, resnet10, resnet_small28
 
 M, N, C, D, P = 3, 8, 5, 6, 4
 

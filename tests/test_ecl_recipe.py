@@ -26,7 +26,6 @@ from lfme_fast.recipes.ecl import (
     ECLRecipe,
     _stacked_label_logits,
     ensemble_predictions,
-    loader_two_views,
 )
 from lfme_fast.trainer import InterruptAfter, TrainingInterrupted
 
@@ -37,22 +36,20 @@ ECL_YAML = REPO / "configs" / "fmnist_lt" / "ecl.yaml"
 SMOKE_ECL = REPO / "configs" / "smoke_ecl.yaml"
 # The fixture has ~930 training images (374..4 per class): these thresholds give three non-empty subsets.
 SUBSETS = ["eval.thresholds=[100, 20]"]
-# The contrastive branch needs the loaders' two views per sample; without them the runs below leave it off.
-TWO_VIEWS = loader_two_views()
-NO_CON = [] if TWO_VIEWS else ["ecl.contrastive=false"]
-ON_TERMS = ("bs", "kd", "feat", "con") if TWO_VIEWS else ("bs", "kd", "feat")
+#: Loss terms logged with every component on.
+ON_TERMS = ("bs", "kd", "feat", "con")
 
 
 def ecl_cfg(root: Path, out: Path, *extra: str):
     return load_config(ECL_YAML, [
         f"data.root={root}", f"output_dir={out}", "data.test_split=val", "data.batch_size=16",
         "data.eval_batch_size=256", "optim.epochs=1", "train.max_steps_per_epoch=2", "train.log_every=1",
-        "log.progress=false", *SUBSETS, *NO_CON, *extra])
+        "log.progress=false", *SUBSETS, *extra])
 
 
 def smoke_args(root: Path, *extra: str) -> list[str]:
     """Overrides of the smoke config for the fixture (no test split: val stands in; its subsets)."""
-    return [f"data.root={root}", "data.test_split=val", *SUBSETS, *NO_CON, *extra]
+    return [f"data.root={root}", "data.test_split=val", *SUBSETS, *extra]
 
 
 def smoke_cfg(root: Path, out: Path, *extra: str):
@@ -134,8 +131,6 @@ def test_switches_change_logged_parts(fmnist_dir, tmp_path, switches, absent, re
     out = tmp_path / "run"
     run(ecl_cfg(fmnist_dir, out, "stages=[train]", "train.max_steps_per_epoch=1", *switches))
     (step,) = step_records(out)
-    if not TWO_VIEWS:
-        absent = sorted(set(absent) | {"con"})
     for key in ("bs", "kd", "feat", "con"):
         assert (key in step) == (key not in absent), key
         assert (f"{key}_per_expert" in step) == (key not in absent), key
@@ -295,14 +290,6 @@ def test_contrastive_needs_two_different_views():
 def test_one_expert_without_distillation_is_allowed():
     cfg = load_config(ECL_YAML, ["ecl.num_experts=1", "ecl.kd=false", "ecl.feature_kd=false"])
     assert cfg.ecl.num_experts == 1
-
-
-@pytest.mark.skipif(TWO_VIEWS, reason="the loaders offer two views: the contrastive branch can run")
-def test_contrastive_without_two_view_loaders_is_refused(fmnist_dir, tmp_path):
-    cfg = load_config(ECL_YAML, [f"data.root={fmnist_dir}", f"output_dir={tmp_path / 'run'}", "log.progress=false",
-                                 "data.test_split=val", "stages=[train]"])
-    with pytest.raises(ValueError, match="ecl.contrastive"):
-        run(cfg)
 
 
 def test_smoke_ecl_two_process_cpu_run(fmnist_dir, tmp_path):

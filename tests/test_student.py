@@ -21,7 +21,7 @@ from lfme_fast.shards import ShardReader
 from lfme_fast.recipes.lfme import SpESHook, StudentLoss, mean_weight_per_subset, spis_initial_weights
 from lfme_fast.subsets import Subset
 
-from test_offline import SUBSETS, build_store, make_experts
+from test_offline import SUBSETS, build_store
 
 REPO_CONFIG = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 

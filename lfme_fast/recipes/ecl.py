@@ -72,7 +72,7 @@ from lfme_fast.subsets import Subset, split_classes
 from lfme_fast.trainer import MODEL_KEYS, TrainHooks
 
 __all__ = ["ECLConfig", "ECLRecipe", "ECLHook", "ECLLoss", "ECL_TRAIN_KEYS", "build_multi_expert",
-           "backbone_stages", "expert_metrics", "ensemble_predictions", "loader_two_views"]
+           "backbone_stages", "expert_metrics", "ensemble_predictions"]
 
 
 @dataclass(frozen=True)
@@ -176,17 +176,6 @@ def build_multi_expert(cfg: Config, num_classes: int) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------
 # two views per sample (the contrastive branch)
 # ---------------------------------------------------------------------------------------------------
-
-
-def loader_two_views() -> bool:
-    """Whether this checkout's loaders can yield two augmented views per sample
-    (``LoaderOptions(views_per_sample=2)`` filling ``Batch.images2``)."""
-    from lfme_fast.loaders.base import Batch, LoaderOptions
-
-    def names(cls: type) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    return "views_per_sample" in names(LoaderOptions) and "images2" in names(Batch)
 
 
 def second_view(batch: Any) -> torch.Tensor:
@@ -361,14 +350,7 @@ class ECLRecipe(Recipe):
         cfg, ctx, acc = self.cfg, self.ctx, self.accelerator
         e, epochs = cfg.ecl, cfg.optim.epochs
         sampler = ctx.build_sampler(cfg.train.sampler, ctx.labels(cfg.data.train_split), epochs)
-        if e.contrastive:
-            if not loader_two_views():
-                raise ValueError("ecl.contrastive: the contrastive branch needs two views per sample from the "
-                                 "training loader, which this checkout's loaders do not offer; set "
-                                 "ecl.contrastive=false")
-            loader = ctx.train_loader(sampler, epochs, views_per_sample=2)
-        else:
-            loader = ctx.train_loader(sampler, epochs)
+        loader = ctx.train_loader(sampler, epochs, views_per_sample=2 if e.contrastive else 1)
         hook = ema = None
         if e.kd and e.reweight:
             ema = ECLAccuracyEMA(ctx.num_classes, e.num_experts, e.ema_momentum, device=ctx.device)

@@ -43,7 +43,6 @@ concave), ``kd``, ``views`` (K stored views per image, or ``all``: every distinc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -80,7 +79,7 @@ from lfme_fast.schedules import (
     official_instance_weight,
 )
 from lfme_fast.subsets import Subset
-from lfme_fast.trainer import MODEL_KEYS, RunContext, TrainHooks
+from lfme_fast.trainer import MODEL_KEYS, TrainHooks
 
 __all__ = ["LFMEConfig", "LFMERecipe", "SpESHook", "spis_initial_weights", "mean_weight_per_subset", "StudentLoss",
            "STUDENT_KEYS"]
