@@ -145,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     plots = {name: str((out / "lfme" / name).resolve()) for name in ("spes_weights.png", "spis_schedules.png",
                                                                       "per_class_accuracy.png")}
     plots["baseline per_class_accuracy.png"] = str((out / "cb_ce" / "per_class_accuracy.png").resolve())
+    from lfme_fast.plots import plot_per_class_overlay
+
+    overlay = plot_per_class_overlay(out / "per_class_overlay.png",
+                                     {name: m["per_class_top1"] for name, m in zip(rows, (lfme_m, base_m))},
+                                     lfme_m["train_class_counts"], json.loads((root / "manifest.json").read_text())
+                                     .get("class_names"), title="LFME student vs class-balanced CE, per class")
+    plots["both rows per class (overlay)"] = str(overlay.resolve())
     total = time.perf_counter() - t0
     notes = [f"Settings: resnet_small28; experts {args.expert_epochs} epoch(s); student and baseline {args.epochs} "
              f"epoch(s) of {args.epoch_samples or 'all'} class-balanced draws, batch 128; both rows replay the same "

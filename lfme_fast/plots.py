@@ -17,7 +17,8 @@ import numpy as np
 from lfme_fast.io import atomic_path
 from lfme_fast.schedules import SCHEDULE_KINDS, instance_weight
 
-__all__ = ["plot_expert_weights", "plot_instance_schedules", "plot_run", "plot_training_curves"]
+__all__ = ["plot_expert_weights", "plot_instance_schedules", "plot_run", "plot_training_curves",
+           "plot_per_class_overlay"]
 
 #: Marker and line style per series, so lines that coincide (two experts at the same weight) stay
 #: distinguishable: different markers, dash patterns and hollow/filled faces.
@@ -157,5 +158,34 @@ def plot_training_curves(path: str | Path, logs: dict[str, Sequence[dict[str, An
         ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=7, ncol=1 + len(logs) // 8)
     fig.suptitle(f"{title}: training curves per stage" if title else "training curves per stage", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_per_class_overlay(path: str | Path, rows: dict[str, Sequence[float | None]], train_counts: Sequence[int],
+                           class_names: Sequence[str] | None = None, title: str = "") -> Path:
+    """Per-class test top-1 of several models on one figure, classes ordered by training images (head
+    left, tail right): grouped bars up to 40 classes, lines with markers beyond. ``rows`` maps a model
+    name to its per-class accuracies (fractions; None for a class without test images)."""
+    plt = _plt()
+    counts = np.asarray(train_counts)
+    order = np.argsort(-counts, kind="stable")
+    x = np.arange(order.size)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.45 * order.size + 3)), 4.2))
+    width = 0.8 / max(1, len(rows))
+    for i, (name, acc) in enumerate(rows.items()):
+        y = np.array([np.nan if a is None else 100.0 * a for a in acc], dtype=float)[order]
+        if order.size <= 40:
+            ax.bar(x + (i - (len(rows) - 1) / 2) * width, y, width, label=name)
+        else:
+            ax.plot(x, y, _MARKERS[i % len(_MARKERS)], linestyle=_DASHES[i % len(_DASHES)], markersize=3, label=name)
+    if order.size <= 40:
+        names = [class_names[c] if class_names else str(c) for c in order]
+        ax.set_xticks(x, [f"{n}\n({counts[c]})" for n, c in zip(names, order)], fontsize=7)
+    ax.set_xlabel("class (training images), most to fewest")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title or "per-class test top-1")
     fig.tight_layout()
     return _save(fig, path)
