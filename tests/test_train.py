@@ -53,6 +53,8 @@ def test_smoke_run_layout_and_skip(fmnist_dir, tmp_path):
     epochs = events(out / "train" / "log.jsonl", "epoch")
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all(e["world_size"] == 1 and e["samples"] == 4 * 64 for e in epochs)
+    # the validation curve: every epoch scored on data.val_split
+    assert all(0.0 <= e["val_top1"] <= 1.0 and 0.0 <= e["val_mean_class_top1"] <= 1.0 for e in epochs)
     steps = events(out / "train" / "log.jsonl", "step")
     assert [s["global_step"] for s in steps] == list(range(1, 9))
     assert all(np.isfinite(s["loss"]) for s in steps)

@@ -31,9 +31,9 @@ from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model
 from lfme_fast.config import Config, ConfigError, config_to_dict, fingerprint, save_config
 from lfme_fast.evaluate import classification_metrics, predict, write_reports
 from lfme_fast.logging_utils import Console, LogFile, flat_config, read_jsonl, tracker_init_kwargs, tracker_values
-from lfme_fast.trainer import LoopSettings, RunContext, TrainResult, build_accelerator, train_model
+from lfme_fast.trainer import LoopSettings, RunContext, TrainHooks, TrainResult, build_accelerator, train_model
 
-__all__ = ["Recipe", "TrainJob", "TrainParts"]
+__all__ = ["Recipe", "TrainJob", "TrainParts", "ValAccuracyHook"]
 
 #: Epoch-record fields not sent to the trackers (bookkeeping, not measurements).
 _NOT_CURVES = frozenset({"shards", "world_size", "batches_done", "resumed_at_batch", "global_step"})
@@ -79,6 +79,25 @@ class TrainJob:
     meta: Mapping[str, Any] = field(default_factory=dict)
     finish: Callable[[TrainResult], list[str]] | None = None
     final_meta: Callable[[TrainResult], Mapping[str, Any]] | None = None
+
+
+class ValAccuracyHook(TrainHooks):
+    """Adds ``val_top1`` and ``val_mean_class_top1`` (fractions) to every epoch record: the model scored
+    on ``data.val_split`` after the epoch (a collective; the model goes back to train mode). Recipes
+    whose model predicts over all classes use it so each run folder holds its validation curve."""
+
+    def __init__(self, recipe: "Recipe"):
+        self.recipe = recipe
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> dict[str, Any]:
+        ctx, split = self.recipe.ctx, self.recipe.cfg.data.val_split
+        if split is None:
+            return {}
+        preds = predict(model, ctx.eval_loader(split), self.recipe.accelerator, keep_logits=True)
+        model.train()
+        m = classification_metrics(preds, ctx.train_counts, self.recipe.cfg.eval.convention,
+                                   self.recipe.cfg.eval.thresholds, split=split)
+        return {"val_top1": m["top1"], "val_mean_class_top1": m["mean_class_top1"]}
 
 
 def _sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:

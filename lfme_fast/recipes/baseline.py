@@ -4,7 +4,8 @@ Losses: ``ce`` (cross-entropy), ``balanced_softmax`` (logits + log prior), ``log
 (``tau`` x log prior added during training). Samplers: ``instance``, ``class_balanced``, ``sqrt``,
 ``progressive``. No sections of its own: everything is in the common sections.
 
-Stages: ``train`` -> ``RUN/train/model.pt``; ``eval`` -> ``RUN/metrics.*``.
+Stages: ``train`` -> ``RUN/train/model.pt`` (each epoch record in ``RUN/train/log.jsonl`` carries
+``val_top1`` when ``data.val_split`` is set); ``eval`` -> ``RUN/metrics.*``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from lfme_fast.config import fingerprint
 from lfme_fast.losses import balanced_softmax_loss, logit_adjusted_loss, weighted_cross_entropy
-from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts, ValAccuracyHook
 from lfme_fast.trainer import MODEL_KEYS
 
 __all__ = ["BaselineRecipe", "baseline_loss"]
@@ -53,7 +54,7 @@ class BaselineRecipe(Recipe):
         sampler = ctx.build_sampler(cfg.train.sampler, ctx.labels(cfg.data.train_split), epochs)
         counts = torch.as_tensor(ctx.train_counts, device=ctx.device)
         return TrainParts(model=ctx.build_model(ctx.num_classes), loader=ctx.train_loader(sampler, epochs),
-                          loss_fn=baseline_loss(cfg.train.loss, counts, cfg.train.tau))
+                          loss_fn=baseline_loss(cfg.train.loss, counts, cfg.train.tau), hooks=ValAccuracyHook(self))
 
     def stage_train(self) -> None:
         cfg = self.cfg
