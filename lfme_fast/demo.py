@@ -166,7 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n\nPlots:\n" + "\n".join(f"- {k}: {v}" for k, v in plots.items()) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "demo.md", text)
+    from lfme_fast.bench.common import machine_info
+
     atomic_write_json(out / "demo.json", {"rows": rows, "convention": lfme_m["convention"], "plots": plots,
+                                          "machine": machine_info(),
                                           "experts": experts, "timings_s": {**timings, "total": round(total, 1)},
                                           "settings": vars(args), "storage": storage})
     print("\n" + text, flush=True)

@@ -42,3 +42,13 @@ def fmnist_dir(tmp_path_factory) -> Path:
     train = source.splits["train"]
     train.keep = train.positions()[::16]
     return _prepare(source, tmp_path_factory.mktemp("fmnist_lt"), "raw")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free local TCP port for a multi-process launch (other jobs on the machine may hold 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -14,10 +14,10 @@ from lfme_fast.logging_utils import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_two_process_cpu_smoke(fmnist_dir, tmp_path):
+def test_two_process_cpu_smoke(fmnist_dir, tmp_path, free_port):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port),
            "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config", "configs/smoke.yaml",
            f"data.root={fmnist_dir}", "data.test_split=val", "--output-dir", str(out)]
     # ACCELERATE_USE_CPU + --multi_gpu is what gives two real gloo processes on CPU (--cpu alone runs one);

@@ -292,7 +292,7 @@ def test_one_expert_without_distillation_is_allowed():
     assert cfg.ecl.num_experts == 1
 
 
-def test_smoke_ecl_two_process_cpu_run(fmnist_dir, tmp_path):
+def test_smoke_ecl_two_process_cpu_run(fmnist_dir, tmp_path, free_port):
     """``configs/smoke_ecl.yaml`` on 2 gloo processes through ``accelerate launch``: DDP over the
     multi-expert model (no unused parameter), the EMA statistics all-reduced in the loss, predictions
     gathered from both ranks."""
@@ -302,7 +302,7 @@ def test_smoke_ecl_two_process_cpu_run(fmnist_dir, tmp_path):
 
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port),
            "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config",
            "configs/smoke_ecl.yaml", *smoke_args(fmnist_dir), "--output-dir", str(out)]
     # ACCELERATE_USE_CPU + --multi_gpu gives two real gloo processes on CPU; one thread each.

@@ -235,7 +235,7 @@ def test_ablation_table_mean_std():
     assert "mean ± std over 2 seeds" in table
 
 
-def test_two_process_lfme_store_equals_single_process(fmnist_dir, tmp_path):
+def test_two_process_lfme_store_equals_single_process(fmnist_dir, tmp_path, free_port):
     """A real 2-process CPU job (gloo, accelerate launch) runs the whole recipe; each rank writes its
     share of the store's rows, and the result is bit-identical to a single-process pass."""
     import os
@@ -252,7 +252,7 @@ def test_two_process_lfme_store_equals_single_process(fmnist_dir, tmp_path):
               "train.max_steps_per_epoch=2", "lfme.views=2", "log.progress=false", "experts.eval_test=false"]
     dist = tmp_path / "dist"
     accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port),
            "--mixed_precision", "no", "--dynamo_backend", "no", "lfme_fast/train.py", "--config",
            "configs/fmnist_lt/lfme.yaml", "--output-dir", str(dist), *common]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
