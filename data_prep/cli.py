@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="balanced val images per class held out of the training pool before the LT "
                             "profile (0: exact standard profile, no val split)")
         p.add_argument("--seed", type=int, default=0)
+        if name == "fmnist-lt":
+            p.add_argument("--class-order", type=int, metavar="SEED",
+                           help="give the profile's counts to a seeded permutation of the classes (recorded in "
+                                "the manifest) instead of label order, whose tail holds two easy classes")
         _add_common(p, name)
     p = sub.add_parser("synthetic-lt", help="SYNTHETIC seeded JPEGs following a class histogram (benchmarks)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the histogram (1.0: 115,846 images)")
@@ -106,7 +110,8 @@ def build_source(args):
     if args.dataset in LIST_DATASETS:
         return _list_source(args)
     if args.dataset == "fmnist-lt":
-        return sources.fmnist_dataset(args.root, args.imbalance_ratio, args.val_per_class, args.seed)
+        return sources.fmnist_dataset(args.root, args.imbalance_ratio, args.val_per_class, args.seed,
+                                      args.class_order)
     if args.dataset in ("cifar10-lt", "cifar100-lt"):
         return sources.cifar_dataset(args.root, 10 if args.dataset == "cifar10-lt" else 100,
                                      args.imbalance_ratio, args.val_per_class, args.seed)

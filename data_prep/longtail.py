@@ -34,10 +34,19 @@ def lt_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> np.ndarra
     )
 
 
-def select_lt_indices(labels: Any, imbalance_ratio: float = 100, seed: int = 0) -> np.ndarray:
+def class_order_permutation(num_classes: int, seed: int) -> np.ndarray:
+    """The seeded class order of ``--class-order SEED``: ``perm[r]`` is the class given the ``r``-th
+    largest count of the profile (rank 0 = the head)."""
+    return np.random.default_rng(seed).permutation(num_classes).astype(np.int64)
+
+
+def select_lt_indices(labels: Any, imbalance_ratio: float = 100, seed: int = 0,
+                      class_order: Any = None) -> np.ndarray:
     """Indices of a long-tailed subset of a dataset with integer ``labels`` 0..C-1.
 
-    ``n_max`` is the largest class size; class ``i`` keeps ``lt_counts(n_max, C, IR)[i]`` images. One
+    ``n_max`` is the largest class size; class ``i`` keeps ``lt_counts(n_max, C, IR)[i]`` images, or,
+    with ``class_order`` (a permutation of the classes, head first), class ``class_order[r]`` keeps the
+    ``r``-th count. One
     ``np.random.default_rng(seed)`` is drawn from class by class in label order: each class's indices are
     permuted and the first ``n_i`` kept. The result is sorted ascending so the original file order is kept.
     """
@@ -52,6 +61,13 @@ def select_lt_indices(labels: Any, imbalance_ratio: float = 100, seed: int = 0) 
     sizes = np.bincount(arr)
     num_classes = sizes.size
     targets = lt_counts(int(sizes.max()), num_classes, imbalance_ratio)
+    if class_order is not None:
+        perm = np.asarray(class_order, dtype=np.int64)
+        if sorted(perm.tolist()) != list(range(num_classes)):
+            raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {perm.tolist()}")
+        by_class = np.empty_like(targets)
+        by_class[perm] = targets
+        targets = by_class
     short = np.flatnonzero(sizes < targets)
     if short.size:
         c = int(short[0])

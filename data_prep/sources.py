@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Union
+from typing import Any, Callable, Collection, Union
 
 import numpy as np
 
@@ -235,7 +235,8 @@ def _array_fetcher(images: np.ndarray) -> Callable[[int], np.ndarray]:
     return lambda p: images[p]
 
 
-def _lt_splits(train_x, train_y, test_x, test_y, ir: float, val_per_class: int, seed: int) -> dict:
+def _lt_splits(train_x, train_y, test_x, test_y, ir: float, val_per_class: int, seed: int,
+               class_order: Any = None) -> dict:
     """Long-tailed train split plus a balanced held-out val split and the full test split.
 
     ``val_per_class`` images per class are reserved from the training pool first (so val never overlaps
@@ -255,7 +256,7 @@ def _lt_splits(train_x, train_y, test_x, test_y, ir: float, val_per_class: int, 
         val_idx.append(rng.permutation(members)[:val_per_class])
     val_idx = np.sort(np.concatenate(val_idx)) if val_per_class else np.zeros(0, np.int64)
     pool = np.setdiff1d(np.arange(len(train_y)), val_idx)
-    train_idx = pool[select_lt_indices(train_y[pool], imbalance_ratio=ir, seed=seed)]
+    train_idx = pool[select_lt_indices(train_y[pool], imbalance_ratio=ir, seed=seed, class_order=class_order)]
     splits = {"train": (train_idx, train_x, train_y)}
     if val_per_class:
         splits["val"] = (val_idx, train_x, train_y)
@@ -294,8 +295,15 @@ def _find(root: Path, stem: str) -> Path:
                       f"dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist)")
 
 
-def fmnist_dataset(root: Path, ir: float = 100, val_per_class: int = 20, seed: int = 0) -> DatasetSource:
-    """Fashion-MNIST-LT: the real Fashion-MNIST idx files with the exponential LT profile."""
+def fmnist_dataset(root: Path, ir: float = 100, val_per_class: int = 20, seed: int = 0,
+                   class_order: int | None = None) -> DatasetSource:
+    """Fashion-MNIST-LT: the real Fashion-MNIST idx files with the exponential LT profile.
+
+    ``class_order`` (a seed): the profile's counts go to a seeded permutation of the classes instead of
+    label order (the default order puts two easy classes, bag and ankle boot, in the tail); the
+    permutation is recorded in the manifest (``extra.class_permutation``, head first)."""
+    from data_prep.longtail import class_order_permutation
+
     root = Path(root)
     files = {k: _find(root, k) for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -304,12 +312,14 @@ def fmnist_dataset(root: Path, ir: float = 100, val_per_class: int = 20, seed: i
     test_x, test_y = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise SourceError(f"{root}: image and label counts differ")
-    splits = _lt_splits(train_x, train_y, test_x, test_y, ir, val_per_class, seed)
+    perm = None if class_order is None else class_order_permutation(int(train_y.max()) + 1, class_order)
+    splits = _lt_splits(train_x, train_y, test_x, test_y, ir, val_per_class, seed, perm)
     checksums = {p.name: sha256_file(p) for p in files.values()}
-    return DatasetSource(f"fmnist-lt", FMNIST_CLASSES, splits,
-                         EncodeSettings(max_side=None, quality=95, subsampling="444"), checksums,
-                         extra={"imbalance_ratio": ir, "val_per_class": val_per_class, "seed": seed,
-                                "root": str(root)})
+    extra = {"imbalance_ratio": ir, "val_per_class": val_per_class, "seed": seed, "root": str(root)}
+    if perm is not None:
+        extra.update(class_order=class_order, class_permutation=perm.tolist())
+    return DatasetSource("fmnist-lt", FMNIST_CLASSES, splits,
+                         EncodeSettings(max_side=None, quality=95, subsampling="444"), checksums, extra=extra)
 
 
 def _unpickle(path: Path) -> dict:

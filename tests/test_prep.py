@@ -298,3 +298,25 @@ def test_synthetic_is_labelled_synthetic(tmp_path, capsys):
     assert manifest["synthetic"] is True and manifest["num_classes"] == 1000
     sizes = [ShardReader(out, "train").size[i] for i in range(10)]
     assert all(s > 5000 for s in sizes)  # realistic JPEGs, stored at max side 256
+
+
+def test_fmnist_lt_class_order_permutes_the_profile():
+    from data_prep.longtail import class_order_permutation, select_lt_indices
+    from data_prep.sources import fmnist_dataset
+
+    root = next((p for p in (Path("/usr/share/datasets/fashion-mnist"), SHARED / "fashion-mnist") if p.is_dir()), None)
+    if root is None:
+        pytest.skip("Fashion-MNIST idx files not found")
+    default = fmnist_dataset(root, 100, 20, 0)
+    permuted = fmnist_dataset(root, 100, 20, 0, class_order=3)
+    perm = class_order_permutation(10, 3)
+    assert permuted.extra["class_permutation"] == perm.tolist() and permuted.extra["class_order"] == 3
+    assert "class_permutation" not in default.extra
+    profile = lt_counts(6000 - 20, 10, 100)
+    want = np.empty(10, dtype=np.int64)
+    want[perm] = profile  # class perm[r] gets the r-th largest count
+    np.testing.assert_array_equal(np.bincount(permuted.splits["train"].labels, minlength=10), want)
+    np.testing.assert_array_equal(np.bincount(default.splits["train"].labels, minlength=10), profile)
+    assert perm.tolist() != list(range(10))  # seed 3 really reorders
+    with pytest.raises(ValueError, match="permutation"):
+        select_lt_indices(np.repeat(np.arange(3), 10), 2, class_order=[0, 0, 1])
