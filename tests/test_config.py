@@ -193,3 +193,13 @@ def test_model_classifier_keys():
 
     model = RunContext.build_model(type("Ctx", (), {"cfg": cfg})(), 7)
     assert isinstance(model.classifier, CosineClassifier) and model.classifier.scale == 16.0
+
+
+def test_recipe_samples_per_class_must_agree_with_train():
+    # the students read their section's samples_per_class; a different train value would be ignored silently
+    for recipe in ("lfme", "cbd"):
+        with pytest.raises(ConfigError, match=rf"{recipe}\.samples_per_class: is 4 but train\.samples_per_class is 8"):
+            config_from_dict({"name": "x", "recipe": recipe}, ["train.samples_per_class=8"])
+        cfg = config_from_dict({"name": "x", "recipe": recipe}, ["train.samples_per_class=8",
+                                                                 f"{recipe}.samples_per_class=8"])
+        assert cfg.sections[recipe].samples_per_class == 8

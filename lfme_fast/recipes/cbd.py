@@ -154,6 +154,11 @@ class CBDConfig:
         check(self.batch_size is None or self.batch_size >= 1, "cbd.batch_size", "must be >= 1 or null")
         check(self.views == "all" or self.views >= 1, "cbd.views", f"must be >= 1 or 'all', got {self.views!r}")
         check(self.samples_per_class >= 1, "cbd.samples_per_class", "must be >= 1")
+        # The student reads cbd.samples_per_class; a different train.samples_per_class would be ignored
+        # silently, so the two must agree.
+        check(cfg.train.samples_per_class == self.samples_per_class, "cbd.samples_per_class",
+              f"is {self.samples_per_class} but train.samples_per_class is {cfg.train.samples_per_class}; the CBD "
+              "student uses cbd.samples_per_class: set both to the same value")
         check(cfg.optim.schedule == "cosine", "optim.schedule",
               f"CBD trains its teachers and its student with a cosine schedule, got {cfg.optim.schedule!r}")
         check(cfg.train.loss == "ce", "train.loss", f"CBD's loss is (1 - alpha) CE + feature term; set ce, got "

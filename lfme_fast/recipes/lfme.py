@@ -108,6 +108,11 @@ class LFMEConfig:
         check(self.views == "all" or self.views >= 1, "lfme.views", f"must be >= 1 or 'all', got {self.views!r}")
         check(self.topk is None or self.topk >= 1, "lfme.topk", "must be >= 1 or null")
         check(self.samples_per_class >= 1, "lfme.samples_per_class", "must be >= 1")
+        # The student reads lfme.samples_per_class; a different train.samples_per_class would be ignored
+        # silently, so the two must agree.
+        check(cfg.train.samples_per_class == self.samples_per_class, "lfme.samples_per_class",
+              f"is {self.samples_per_class} but train.samples_per_class is {cfg.train.samples_per_class}; the LFME "
+              "student uses lfme.samples_per_class: set both to the same value")
         return self
 
 #: Config keys the student depends on (besides the store's identity and the data).
