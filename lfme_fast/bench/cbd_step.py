@@ -19,7 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,30 +28,19 @@ __all__ = ["CBDStep", "make_feature_store"]
 def make_feature_store(directory: Path, num_samples: int, num_views: int, num_teachers: int, width: int,
                        seed: int = 0, load: str = "ram"):
     """A synthetic CBD store (random unit-norm float16 teacher features) written and opened by the real
-    store code: the generic writer fed index-only batches and a producer of random features."""
-    from lfme_fast.augment import FixedViews
-    from lfme_fast.offline import ArraySpec, ArrayStore, make_header, view_identity, write_store
+    store code (:func:`lfme_fast.bench.step.write_synthetic_store`)."""
+    from lfme_fast.bench.step import write_synthetic_store
+    from lfme_fast.offline import ArraySpec, ArrayStore
     from lfme_fast.recipes.cbd import feature_array
 
     gen = torch.Generator().manual_seed(seed)
-    manifest = {"dataset": "synthetic", "splits": {"train": {"num_samples": num_samples, "fingerprint": None}}}
-    header = make_header(run_dir=directory, manifest=manifest, split="train",
-                         views=view_identity("imagenet", num_views, 0, "center"),
-                         augmentation={"resolution": 0, "mode": "imagenet"}, backend="torch", checkpoints=[],
-                         recipe="cbd", fields={"teachers": num_teachers},
-                         arrays=[ArraySpec(feature_array(k), width) for k in range(num_teachers)])
-    views = FixedViews(np.tile(np.array([0, 0, 1, 1], np.int32), (num_samples, num_views, 1)),
-                       np.zeros((num_samples, num_views), bool), 0)
-
-    def make_loader(table, k):
-        for lo in range(0, num_samples, 8192):
-            yield SimpleNamespace(indices=torch.arange(lo, min(num_samples, lo + 8192)))
 
     def produce(batch):
         n = len(batch.indices)
         return {feature_array(k): F.normalize(torch.randn(n, width, generator=gen), dim=1) for k in range(num_teachers)}
 
-    write_store(directory, header, views, produce, make_loader, show_progress=False, log=lambda m: None)
+    write_synthetic_store(directory, num_samples, num_views, recipe="cbd", fields={"teachers": num_teachers},
+                          arrays=[ArraySpec(feature_array(k), width) for k in range(num_teachers)], produce=produce)
     return ArrayStore.open(directory, load=load)
 
 

@@ -59,24 +59,21 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequence[int], seed: int = 0,
-               load: str = "mmap"):
-    """A synthetic LFME store (random float16 logits), written and read by the real store code: the
-    generic writer fed index-only batches and a producer of random logits (no dataset, no experts)."""
+def write_synthetic_store(directory: Path, num_samples: int, num_views: int, *, recipe: str, fields: dict[str, Any],
+                          arrays: Sequence[Any], produce: Callable[[Any], dict[str, torch.Tensor]],
+                          storage_extra: dict[str, Any] | None = None) -> None:
+    """Write a synthetic store with the real store code: the generic writer fed index-only batches (no
+    dataset, no models) and ``produce(batch) -> {array name: [B, D] tensor}``; fixed 1x1 views."""
     from types import SimpleNamespace
 
     from lfme_fast.augment import FixedViews
-    from lfme_fast.offline import LFMEStore, lfme_arrays, make_header, view_identity, write_store
+    from lfme_fast.offline import make_header, view_identity, write_store
 
-    gen = torch.Generator().manual_seed(seed)
-    offsets = np.cumsum([0, *sizes])
-    subsets = [{"name": f"s{l}", "classes": list(range(int(offsets[l]), int(offsets[l + 1])))}
-               for l in range(len(sizes))]
     manifest = {"dataset": "synthetic", "splits": {"train": {"num_samples": num_samples, "fingerprint": None}}}
     header = make_header(run_dir=directory, manifest=manifest, split="train",
                          views=view_identity("imagenet", num_views, 0, "center"),
                          augmentation={"resolution": 0, "mode": "imagenet"}, backend="torch", checkpoints=[],
-                         recipe="lfme", fields={"subsets": subsets}, arrays=lfme_arrays(sizes, None))
+                         recipe=recipe, fields=fields, arrays=list(arrays))
     views = FixedViews(np.tile(np.array([0, 0, 1, 1], np.int32), (num_samples, num_views, 1)),
                        np.zeros((num_samples, num_views), bool), 0)
 
@@ -84,12 +81,28 @@ def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequenc
         for lo in range(0, num_samples, 8192):
             yield SimpleNamespace(indices=torch.arange(lo, min(num_samples, lo + 8192)))
 
+    write_store(directory, header, views, produce, make_loader, show_progress=False, log=lambda m: None,
+                storage_extra=storage_extra)
+
+
+def make_store(directory: Path, num_samples: int, num_views: int, sizes: Sequence[int], seed: int = 0,
+               load: str = "mmap"):
+    """A synthetic LFME store (random float16 logits and confidences), written and read by the real
+    store code (:func:`write_synthetic_store`)."""
+    from lfme_fast.offline import LFMEStore, lfme_arrays
+
+    gen = torch.Generator().manual_seed(seed)
+    offsets = np.cumsum([0, *sizes])
+    subsets = [{"name": f"s{l}", "classes": list(range(int(offsets[l]), int(offsets[l + 1])))}
+               for l in range(len(sizes))]
+
     def produce(batch):
         out = {f"expert{l}.logits": torch.randn(len(batch.indices), c, generator=gen) * 3 for l, c in enumerate(sizes)}
         return {**out, "confidence": torch.full((len(batch.indices),), 0.5)}
 
-    write_store(directory, header, views, produce, make_loader, show_progress=False, log=lambda m: None,
-                storage_extra={"logit_bytes_per_image": 2.0 * num_views * sum(sizes)})
+    write_synthetic_store(directory, num_samples, num_views, recipe="lfme", fields={"subsets": subsets},
+                          arrays=lfme_arrays(sizes, None), produce=produce,
+                          storage_extra={"logit_bytes_per_image": 2.0 * num_views * sum(sizes)})
     return LFMEStore.open(directory, load=load)
 
 
