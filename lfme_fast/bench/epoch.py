@@ -259,14 +259,11 @@ def run(backends: Sequence[str], cfg: EpochConfig, *, isolate: bool = True,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring and ``--help``."""
-    from lfme_fast.bench.loader import DEFAULT_CACHE, dataset_stats, prepare_synthetic
+    from lfme_fast.bench.loader import add_dataset_args, dataset_root, dataset_stats
 
     p = argparse.ArgumentParser(prog="python -m lfme_fast.bench epoch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="prepared dataset dir (default: the synthetic set in --cache)")
-    p.add_argument("--split", default="train", help="split of --data (default train)")
-    p.add_argument("--scale", type=float, default=0.05, help="synthetic set size without --data (default 0.05)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"synthetic sets' cache (default {DEFAULT_CACHE})")
+    add_dataset_args(p)
     p.add_argument("--backends", default="ffcv,torch",
                    help="comma list of loader back ends and/or 'synthetic' (default ffcv,torch)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -283,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     gpu = torch.device(args.device).type == "cuda"
-    root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
+    root = dataset_root(args)
     cfg = EpochConfig(root=str(root), split=args.split, arch=args.arch,
                       resolution=args.resolution or (224 if gpu else 112),
                       batch_size=args.batch_size or (256 if gpu else 64), workers=args.workers, device=args.device,

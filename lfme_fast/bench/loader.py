@@ -57,6 +57,21 @@ from lfme_fast.bench.common import machine_info, write_result
 DEFAULT_CACHE = Path(os.environ.get("LFME_CACHE", Path.home() / ".cache" / "lfme_fast"))
 
 
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--split``, ``--scale`` and ``--cache``: the dataset a benchmark reads (a prepared
+    one, or the synthetic set made once in the cache); :func:`dataset_root` resolves them."""
+    parser.add_argument("--data", type=Path, help="prepared dataset dir (default: the synthetic set in --cache)")
+    parser.add_argument("--split", default="train", help="split of --data to read (default train)")
+    parser.add_argument("--scale", type=float, default=0.05, help="synthetic set size without --data (default 0.05)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"where the synthetic sets are prepared once and reused (default {DEFAULT_CACHE})")
+
+
+def dataset_root(args: argparse.Namespace) -> Path:
+    """The dataset of :func:`add_dataset_args`' options (preparing the synthetic set when needed)."""
+    return args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
+
+
 def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) -> Path:
     """Prepare (once) a synthetic-lt train split; return its dir.
 
@@ -452,8 +467,7 @@ def _error_record(exc: Exception) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lfme_fast.bench loader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic one in --cache)")
-    parser.add_argument("--split", default="train", help="split of --data to read (default train)")
+    add_dataset_args(parser)
     parser.add_argument("--backends", default="ffcv,dali,torch,torch_fullsize,ffcv_uint8,ffcv_stock,ffcv_2views",
                         help="comma list of ffcv, dali, torch, torch_fullsize (the torch back end over the "
                              "full-size twin), the two-view rows ffcv_2views, dali_2views and torch_2views, "
@@ -467,9 +481,6 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--resolution", type=int, default=224, help="RandomResizedCrop output side (default 224)")
     parser.add_argument("--workers", type=int, default=0, help="loader workers/threads (default: all cores)")
-    parser.add_argument("--scale", type=float, default=0.05, help="synthetic set size when --data is absent")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help=f"where the synthetic sets are prepared once and reused (default {DEFAULT_CACHE})")
     parser.add_argument("--ffcv-batches-ahead", type=int, default=3,
                         help="ffcv Loader's batches_ahead (prefetch depth, default 3)")
     parser.add_argument("--json-out", default="results/bench_loader.json",
@@ -482,7 +493,7 @@ def main(argv=None) -> None:
     from lfme_fast.sampling import build_sampler
     from lfme_fast.shards import ShardReader
 
-    root = args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)
+    root = dataset_root(args)
     workers = args.workers or os.cpu_count() or 1
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     fullsize_root = args.fullsize_data

@@ -187,14 +187,11 @@ def run(counts: Sequence[int], cfg: ReaderConfig, log: Callable[[str], None] = p
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring and ``--help``."""
-    from lfme_fast.bench.loader import DEFAULT_CACHE, dataset_stats, prepare_synthetic
+    from lfme_fast.bench.loader import add_dataset_args, dataset_root, dataset_stats
 
     p = argparse.ArgumentParser(prog="python -m lfme_fast.bench memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="prepared dataset dir (default: the synthetic set in --cache)")
-    p.add_argument("--split", default="train", help="split of --data (default train)")
-    p.add_argument("--scale", type=float, default=0.05, help="synthetic set size without --data (default 0.05)")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"synthetic sets' cache (default {DEFAULT_CACHE})")
+    add_dataset_args(p)
     p.add_argument("--backend", default="ffcv", help="loader back end of every process (default ffcv)")
     p.add_argument("--processes", default="1,2,4", help="comma list of process counts (default 1,2,4)")
     p.add_argument("--workers", type=int, default=1, help="loader workers/threads per process (default 1)")
@@ -206,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     counts = [int(c) for c in args.processes.split(",") if c.strip()]
     if not counts or min(counts) < 1:
         p.error(f"--processes needs positive counts, got {args.processes!r}")
-    root = (args.data if args.data is not None else prepare_synthetic(args.scale, args.cache)).resolve()
+    root = dataset_root(args).resolve()
     cfg = ReaderConfig(root=str(root), split=args.split, backend=args.backend, batch_size=args.batch_size,
                        resolution=args.resolution, workers=args.workers)
     t0 = time.perf_counter()
