@@ -156,6 +156,16 @@ def _hbars(ax: Any, labels: Sequence[str], values: Sequence[float], fmt: Callabl
     ax.set_xlim(0, top * 1.18)
 
 
+def _hbar_plot(path: Path, labels: Sequence[str], values: Sequence[float], fmt: Callable[[float], str],
+               xlabel: str, title: str) -> None:
+    """A horizontal bar chart, one bar per label, sized to the number of bars, saved to ``path``."""
+    fig, ax = _plt().subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    _hbars(ax, labels, values, fmt)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -344,12 +354,8 @@ def step_rows(r: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
 
 
 def _step_plot(rows: list[tuple[str, str, float, float | None]], path: Path, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    _hbars(ax, [r[1] for r in rows], [r[2] for r in rows], lambda v: f"{v:.3g} s")
-    ax.set_xlabel("seconds per step (median)")
-    ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    _hbar_plot(path, [r[1] for r in rows], [r[2] for r in rows], lambda v: f"{v:.3g} s",
+               "seconds per step (median)", title)
 
 
 def step_table(r: dict[str, Any]) -> tuple[str, list[str]]:
@@ -410,18 +416,13 @@ def epoch_table(rows: dict[str, Any]) -> str:
 
 
 def _wait_plot(groups: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    plt = _plt()
     labels, waits = [], []
     for group, rows in groups.items():
         for name, b in rows.items():
             if isinstance(b.get("data_wait_fraction"), (int, float)):
                 labels.append(f"{group}: {name}" if group else name)
                 waits.append(100 * b["data_wait_fraction"])
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
-    _hbars(ax, labels, waits, lambda v: f"{v:.1f}%")
-    ax.set_xlabel("data-wait fraction of the epoch (%)")
-    ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    _hbar_plot(path, labels, waits, lambda v: f"{v:.1f}%", "data-wait fraction of the epoch (%)", title)
 
 
 def epoch_section(results: Path, out: Path) -> Section:
@@ -516,18 +517,14 @@ def _gpu_decode_plot(decode: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _gpu_train_plot(train: dict[str, Any], path: Path, title: str) -> None:
-    plt = _plt()
     labels, rates = [], []
     for arch, feeds in train.items():
         for feed, b in feeds.items():
             if "samples_per_s" in b:
                 labels.append(f"{arch}, {feed}")
                 rates.append(b["samples_per_s"])
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
-    _hbars(ax, labels, rates, lambda v: f"{v:,.0f}")
-    ax.set_xlabel("training samples/s (synthetic = on-GPU tensor, the compute ceiling)")
-    ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    _hbar_plot(path, labels, rates, lambda v: f"{v:,.0f}",
+               "training samples/s (synthetic = on-GPU tensor, the compute ceiling)", title)
 
 
 def gpu_section(results: Path, out: Path) -> Section:
