@@ -276,6 +276,21 @@ class Recipe:
             return True
         return False
 
+    def offline_up_to_date(self, header: Mapping[str, Any], store_class: Any = None) -> bool:
+        """True (and a message) when ``RUN/offline`` holds a finished store with identity ``header``;
+        otherwise False, saying why an existing store is rebuilt (the recipes' ``offline`` stages)."""
+        from lfme_fast.offline import ArrayStore, OfflineStoreError
+
+        try:
+            store = (store_class or ArrayStore).open(self.run_dir, header)
+        except OfflineStoreError as exc:
+            if (self.run_dir / "offline").exists():
+                self.console(f"offline: rebuilding ({exc})")
+            return False
+        self.console(f"offline: store in {store.directory} is up to date ({store.data_bytes_per_image:.0f} "
+                     "bytes/image); skipping")
+        return True
+
     def train_stage(self, job: TrainJob) -> TrainResult | None:
         """Run ``job`` (skip / resume / train / save / done-marker); None when it was up to date.
 

@@ -433,14 +433,8 @@ class CBDRecipe(Recipe):
         from lfme_fast.loaders import build_loader
 
         header = self.expected_header()
-        try:
-            store = ArrayStore.open(self.run_dir, header)
-            self.console(f"offline: store in {store.directory} is up to date "
-                         f"({store.data_bytes_per_image:.0f} bytes/image); skipping")
+        if self.offline_up_to_date(header):
             return
-        except OfflineStoreError as exc:
-            if (self.run_dir / "offline").exists():
-                self.console(f"offline: rebuilding ({exc})")
         cfg = self.cfg
         mode, _, heights, widths = self._geometry()
         views = build_views(heights, widths, cfg.cbd.views, cfg.seed, "center", mode)

@@ -326,14 +326,8 @@ class LFMERecipe(Recipe):
 
     def stage_offline(self) -> None:
         header = self.expected_header()
-        try:
-            store = OfflineStore.open(self.run_dir, header)
-            self.console(f"offline: store in {store.directory} is up to date "
-                         f"({store.bytes_per_image:.1f} bytes/image); skipping")
+        if self.offline_up_to_date(header, OfflineStore):
             return
-        except OfflineStoreError as exc:
-            if (self.run_dir / "offline").exists():
-                self.console(f"offline: rebuilding ({exc})")
         mode, _, heights, widths = self._geometry()
         f = self.cfg.lfme
         views = build_views(heights, widths, f.views, self.cfg.seed, f.view_kind, mode)
