@@ -83,21 +83,46 @@ class TrainJob:
 
 class ValAccuracyHook(TrainHooks):
     """Adds ``val_top1`` and ``val_mean_class_top1`` (fractions) to every epoch record: the model scored
-    on ``data.val_split`` after the epoch (a collective; the model goes back to train mode). Recipes
-    whose model predicts over all classes use it so each run folder holds its validation curve."""
+    on ``data.val_split`` after the epoch (a collective; the model goes back to train mode). Every
+    recipe's all-class model (baselines, CBD teachers and student, LFME student, ECL) uses it, so each
+    run folder holds its validation curve (``compare`` flags runs still moving at the end).
 
-    def __init__(self, recipe: "Recipe"):
+    Args:
+        recipe: the running recipe (its context, config and accelerator).
+        inner: a recipe hook to wrap (e.g. LFME's SpES); its callbacks and checkpoint state are
+            delegated unchanged, so a checkpoint holds exactly what it held without this hook.
+        forward_fn: ``forward_fn(model, images) -> logits`` for models whose ``model(images)`` is not
+            the prediction (ECL's multi-expert model); see :func:`lfme_fast.evaluate.predict`.
+    """
+
+    def __init__(self, recipe: "Recipe", inner: TrainHooks | None = None,
+                 forward_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None):
         self.recipe = recipe
+        self.inner = inner
+        self.forward_fn = forward_fn
+
+    def on_epoch_start(self, epoch: int, model: torch.nn.Module) -> None:
+        if self.inner is not None:
+            self.inner.on_epoch_start(epoch, model)
 
     def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> dict[str, Any]:
+        record = dict(self.inner.on_epoch_end(epoch, model)) if self.inner is not None else {}
         ctx, split = self.recipe.ctx, self.recipe.cfg.data.val_split
         if split is None:
-            return {}
-        preds = predict(model, ctx.eval_loader(split), self.recipe.accelerator, keep_logits=True)
+            return record
+        preds = predict(model, ctx.eval_loader(split), self.recipe.accelerator, keep_logits=True,
+                        forward_fn=self.forward_fn)
         model.train()
         m = classification_metrics(preds, ctx.train_counts, self.recipe.cfg.eval.convention,
                                    self.recipe.cfg.eval.thresholds, split=split)
-        return {"val_top1": m["top1"], "val_mean_class_top1": m["mean_class_top1"]}
+        return {**record, "val_top1": m["top1"], "val_mean_class_top1": m["mean_class_top1"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state)
 
 
 def _sync_buffers(model: torch.nn.Module, accelerator: Any) -> None:

@@ -74,7 +74,7 @@ from lfme_fast.offline import (
     view_identity,
     write_store,
 )
-from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts, ValAccuracyHook
 from lfme_fast.trainer import MODEL_KEYS
 
 __all__ = ["TeacherConfig", "CBDConfig", "CBDRecipe", "CBDStudent", "CBDLoss", "Teacher", "feature_array",
@@ -411,7 +411,7 @@ class CBDRecipe(Recipe):
             return TrainParts(model=self.build_teacher(teacher),
                               loader=build_loader(self.teacher_loader_options(teacher, sampler)),
                               loss_fn=lambda batch, logits: weighted_cross_entropy(logits, batch.labels),
-                              epochs=f.epochs, lr=f.lr)
+                              epochs=f.epochs, lr=f.lr, hooks=ValAccuracyHook(self))
 
         meta = {"arch": f.arch, "num_classes": ctx.num_classes, "model_kwargs": dict(self.cfg.model.kwargs),
                 "classifier": self.cfg.model.classifier, "teacher": teacher.to_json(), "seed": teacher.seed}
@@ -487,7 +487,7 @@ class CBDRecipe(Recipe):
             loss = CBDLoss(store, len(self.teachers), f.alpha, f.beta, ctx.device)
             return TrainParts(model=self.build_student(), loader=ctx.train_loader(sampler, cfg.optim.epochs,
                                                                                   views=store.views),
-                              loss_fn=loss, forward_fn=loss.forward)
+                              loss_fn=loss, forward_fn=loss.forward, hooks=ValAccuracyHook(self))
 
         self.train_stage(TrainJob("student", self.student_dir, self.student_fingerprint(header), build,
                                   meta={"arch": cfg.model.arch, "num_classes": ctx.num_classes,

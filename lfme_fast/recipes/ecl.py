@@ -67,7 +67,7 @@ import torch
 from lfme_fast.config import Check, Config, fingerprint
 from lfme_fast.evaluate import Predictions, classification_metrics, predict
 from lfme_fast.losses import ECLAccuracyEMA, LossParts, ecl_loss, ecl_raw_class_weights
-from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts, ValAccuracyHook
 from lfme_fast.subsets import Subset, split_classes
 from lfme_fast.trainer import MODEL_KEYS, TrainHooks
 
@@ -293,6 +293,16 @@ def _stacked_label_logits(model: torch.nn.Module, images: torch.Tensor) -> torch
     return out.label_logits.permute(1, 0, 2).reshape(b, m * c)
 
 
+def _ensemble_logits(experts: Sequence[int] | None) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
+    """``forward_fn`` for the validation curve: the mean of the selected experts' label logits."""
+
+    def forward(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        logits = model(images).label_logits
+        return (logits if experts is None else logits[list(experts)]).mean(dim=0)
+
+    return forward
+
+
 def ensemble_predictions(preds: Predictions, num_experts: int, experts: Sequence[int] | None = None
                          ) -> tuple[Predictions, list[Predictions]]:
     """Split :func:`_stacked_label_logits` predictions into the ensemble's and each expert's.
@@ -358,7 +368,8 @@ class ECLRecipe(Recipe):
             hook = ECLHook(ema, subsets, e.gamma, e.kappa)
         reduce = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
         loss = ECLLoss(e, torch.as_tensor(ctx.train_counts, device=ctx.device), ema, reduce)
-        return TrainParts(model=self.build_model(), loader=loader, loss_fn=loss, forward_fn=loss.forward, hooks=hook)
+        hooks = ValAccuracyHook(self, hook, forward_fn=_ensemble_logits(e.inference_experts))
+        return TrainParts(model=self.build_model(), loader=loader, loss_fn=loss, forward_fn=loss.forward, hooks=hooks)
 
     def stage_train(self) -> None:
         cfg = self.cfg

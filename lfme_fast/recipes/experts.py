@@ -47,7 +47,7 @@ from lfme_fast.io import atomic_write_json
 from lfme_fast.losses import weighted_cross_entropy
 from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
 from lfme_fast.subsets import Subset, describe_convention, resolve_thresholds, split_classes
-from lfme_fast.trainer import MODEL_KEYS, RunContext
+from lfme_fast.trainer import MODEL_KEYS, RunContext, TrainHooks
 
 __all__ = ["ExpertsConfig", "ExpertsRecipe", "ExpertInfo", "expert_subsets", "label_map", "train_experts",
            "load_experts", "compare_with_model", "EXPERT_KEYS"]
@@ -161,6 +161,22 @@ def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Su
     return {"top1": acc, "num_samples": int(mask.sum())}
 
 
+class _ExpertValHook(TrainHooks):
+    """Adds ``val_top1`` (within the subset, on its val images) to every epoch record of an expert,
+    so its run folder holds its validation curve (a collective; the model goes back to train mode)."""
+
+    def __init__(self, ctx: RunContext, subset: Subset):
+        self.ctx, self.subset = ctx, subset
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> dict[str, Any]:
+        split = self.ctx.cfg.data.val_split
+        if split is None:
+            return {}
+        top1 = _subset_eval(self.ctx, model, split, self.subset)["top1"]
+        model.train()
+        return {} if top1 is None else {"val_top1": top1}
+
+
 def expert_fingerprint(ctx: RunContext, subset: Subset) -> str:
     """Fingerprint of one expert: config keys, its classes, the training data and process count."""
     return fingerprint(ctx.cfg, EXPERT_KEYS, {**ctx.model_fingerprint_extra(), "classes": subset.classes.tolist()})
@@ -179,7 +195,7 @@ def _expert_job(recipe: Recipe, k: int, subset: Subset) -> TrainJob:
         return TrainParts(model=ctx.build_model(len(subset), e.arch, seed_offset=1000 * (k + 1)),
                           loader=ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k)),
                           loss_fn=lambda batch, logits: weighted_cross_entropy(logits, lmap[batch.labels]),
-                          epochs=e.epochs, lr=e.lr)
+                          epochs=e.epochs, lr=e.lr, hooks=_ExpertValHook(ctx, subset))
 
     def finish(result) -> list[str]:
         metrics = _expert_metrics(ctx, subset, result)

@@ -54,7 +54,7 @@ import torch
 
 from lfme_fast.config import Check, Config, fingerprint
 from lfme_fast.evaluate import predict, subset_accuracy
-from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts
+from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts, ValAccuracyHook
 from lfme_fast.recipes.experts import ExpertsConfig, expert_subsets, load_experts, train_experts
 from lfme_fast.io import atomic_write_json
 from lfme_fast.logging_utils import read_jsonl
@@ -394,7 +394,7 @@ class LFMERecipe(Recipe):
             loss = StudentLoss(store, self.subsets, f.spis, f.kd, f.temperature, f.t_squared, lambda: hook.weights,
                                ctx.device)
             return TrainParts(model=ctx.build_model(ctx.num_classes), loader=loader, loss_fn=loss,
-                              forward_fn=loss.forward, hooks=hook)
+                              forward_fn=loss.forward, hooks=ValAccuracyHook(self, hook))
 
         self.train_stage(TrainJob("student", self.student_dir, self.student_fingerprint(header), build,
                                   meta={"arch": cfg.model.arch, "num_classes": ctx.num_classes},
