@@ -24,7 +24,8 @@ key            meaning
                ``batch_size`` (per process), ``eval_batch_size`` (null: ``batch_size``), ``num_workers``
                (null: loader default), ``resolution`` (null: the dataset's own), ``augment`` (auto |
                imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
-               null), ``test_split``
+               null), ``test_split``, ``hw_decoder_load`` (dali only: the share of JPEGs the GPU's
+               hardware decoder takes in ``mixed`` decoding, in [0, 1]; null: DALI's default, 0.65)
 ``model``      ``arch`` (``lfme_fast.models.MODELS``), ``pretrained`` (local checkpoint or null),
                ``kwargs`` (extra constructor arguments, e.g. ``{use_norm: true}`` for resnet32),
                ``classifier`` (linear | cosine: CBD's head, L2-normalised features and class weights,
@@ -37,7 +38,9 @@ key            meaning
                (class_balanced), ``epoch_samples`` (samples per epoch; null: dataset size),
                ``loss`` (ce | balanced_softmax | logit_adjusted), ``tau`` (logit_adjusted),
                ``grad_accum``, ``max_steps_per_epoch`` (null: whole epochs; for smoke tests),
-               ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off)
+               ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off),
+               ``compile`` (false | true | a ``torch.compile`` mode: default, reduce-overhead,
+               max-autotune, max-autotune-no-cudagraphs; :mod:`lfme_fast.compiling`)
 ``precision``  ``mixed_precision`` (no | bf16 | fp16), ``channels_last`` (true | false | auto = on GPU)
 ``eval``       ``convention`` (lfme | strict) and ``thresholds`` for the many/medium/few report
 ``log``        ``trackers`` (Accelerate trackers: tensorboard, wandb, mlflow, ...; optional packages,
@@ -114,6 +117,7 @@ class DataConfig:
     resolution: int | None = None
     augment: Literal["auto", "imagenet", "pad_crop", "none"] = "auto"
     in_memory: bool = True
+    hw_decoder_load: float | None = None
     train_split: str = "train"
     val_split: str | None = "val"
     test_split: str = "test"
@@ -153,6 +157,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     log_every: int = 50
     checkpoint_every_steps: int | None = None
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
 
 
 @dataclass(frozen=True)
@@ -540,6 +545,11 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     _check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", sources)
     _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "must be >= 0", sources)
     _check(d.resolution is None or d.resolution >= 8, "data.resolution", "must be >= 8 or null", sources)
+    _check(d.hw_decoder_load is None or 0.0 <= d.hw_decoder_load <= 1.0, "data.hw_decoder_load",
+           f"must be in [0, 1] or null, got {d.hw_decoder_load}", sources)
+    _check(d.hw_decoder_load is None or d.backend == "dali", "data.hw_decoder_load",
+           f"applies to data.backend: dali only (its GPU 'mixed' decoding), but data.backend is {d.backend!r}; "
+           "set it to null", sources)
     from lfme_fast.loaders import BACKENDS
 
     _check(d.backend in BACKENDS, "data.backend", f"expected {' | '.join(map(repr, BACKENDS))}, "

@@ -43,6 +43,7 @@ from lfme_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lfme_fast.compiling import compile_model, compile_setting
 from lfme_fast.config import Config, OptimConfig
 from lfme_fast.logging_utils import Console, JsonlLog, ProgressBar, TensorBoardWriter
 
@@ -86,7 +87,9 @@ class LoopSettings:
     ``max_steps_per_epoch`` caps an epoch's optimizer steps (smoke runs); ``checkpoint_every_steps``
     adds mid-epoch checkpoints; ``desc`` names the stage in logs and the progress bar. ``tensorboard``
     writes ``STAGE/tensorboard`` for a direct :func:`train_model` call; recipes log through the
-    Accelerate trackers of ``log.trackers`` instead (``from_config`` leaves it off).
+    Accelerate trackers of ``log.trackers`` instead (``from_config`` leaves it off). ``compile``: a
+    ``torch.compile`` mode applied to the prepared model (``train.compile``; None: eager; see
+    :mod:`lfme_fast.compiling`).
     """
 
     epochs: int
@@ -97,6 +100,7 @@ class LoopSettings:
     progress: bool = True
     tensorboard: bool = False
     desc: str = "train"
+    compile: str | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, *, epochs: int | None = None, desc: str = "train") -> "LoopSettings":
@@ -104,7 +108,8 @@ class LoopSettings:
         t = cfg.train
         return cls(epochs=epochs if epochs is not None else cfg.optim.epochs, grad_accum=t.grad_accum,
                    max_steps_per_epoch=t.max_steps_per_epoch, checkpoint_every_steps=t.checkpoint_every_steps,
-                   log_every=t.log_every, progress=cfg.log.progress, desc=desc)
+                   log_every=t.log_every, progress=cfg.log.progress, desc=desc,
+                   compile=compile_setting(t.compile))
 
 
 class TrainHooks:
@@ -251,6 +256,13 @@ class _Loop:
         self.resume_rng: dict[str, Any] | None = None
         self._maybe_resume(model, optimizer, scheduler)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if loop.compile is not None:  # last, around the DDP wrapper (lfme_fast.compiling says why)
+            self.model = compile_model(self.model, loop.compile, accelerator.device)
+
+    def _unwrapped(self) -> torch.nn.Module:
+        """The model under the DDP and ``torch.compile`` wrappers: its state-dict keys carry neither
+        ``module.`` nor ``_orig_mod.``, so checkpoints load with compile on or off."""
+        return self.acc.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---- resume --------------------------------------------------------------------------------
     def _maybe_resume(self, model, optimizer, scheduler) -> None:
@@ -285,7 +297,7 @@ class _Loop:
                      f"step {info.global_step})")
 
     def _checkpoint(self, epoch: int, batches_done: int, epoch_rng: dict[str, Any]) -> None:
-        unwrapped = self.acc.unwrap_model(self.model)
+        unwrapped = self._unwrapped()
         state = {
             "model": unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -320,7 +332,7 @@ class _Loop:
     def _run_epoch(self, epoch: int, pbar: ProgressBar) -> dict[str, Any]:
         loop, acc = self.loop, self.acc
         self.model.train()
-        self.hooks.on_epoch_start(epoch, self.acc.unwrap_model(self.model))
+        self.hooks.on_epoch_start(epoch, self._unwrapped())
         it, epoch_rng, first = self._start_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         samples = 0
@@ -372,7 +384,7 @@ class _Loop:
             extra_audit = {"shards": _shard_audit(acc, audit)}
         else:
             extra_audit = {}
-        extra = self.hooks.on_epoch_end(epoch, self.acc.unwrap_model(self.model)) or {}
+        extra = self.hooks.on_epoch_end(epoch, self._unwrapped()) or {}
         rec = {"event": "epoch", "epoch": epoch, "global_step": self.pos.global_step,
                "loss": float(totals[0] / max(totals[1], 1.0)), "samples": int(totals[1]),
                "batches_done": self.n_batches - first, "resumed_at_batch": first or None,
@@ -404,7 +416,7 @@ class _Loop:
         finally:
             pbar.close()
             self.tb.close()
-        model = self.acc.unwrap_model(self.model)
+        model = self._unwrapped()
         return TrainResult(model=model, global_step=self.pos.global_step, history=history,
                            resumed_from=self.resumed_from)
 
@@ -617,8 +629,9 @@ class RunContext:
         return LoaderOptions(self.root, split, train=train, batch_size=batch_size, backend=d.backend, sampler=sampler,
                              total_epochs=total_epochs, resolution=d.resolution, augment=d.augment, device=self.device,
                              dtype=self.loader_dtype, channels_last=self.channels_last, num_workers=d.num_workers,
-                             in_memory=d.in_memory, seed=self.cfg.seed, num_replicas=self.accelerator.num_processes,
-                             rank=self.accelerator.process_index, **changes)
+                             in_memory=d.in_memory, hw_decoder_load=d.hw_decoder_load, seed=self.cfg.seed,
+                             num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
+                             **changes)
 
     def train_loader(self, sampler: Any, total_epochs: int, batch_size: int | None = None, **changes: Any) -> Any:
         """Training loader over ``data.train_split`` in ``sampler``'s order (this process's share);

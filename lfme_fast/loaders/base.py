@@ -142,6 +142,9 @@ class LoaderOptions:
     * ``views_per_sample``: 1, or 2 for two independently augmented views of every sample in each
       batch (``Batch.images`` and ``Batch.images2``; contrastive / consistency recipes). Training
       loaders with random augmentation only (no ``views``).
+    * ``hw_decoder_load``: DALI's GPU (``mixed``) decoding only: the share of the JPEGs given to the
+      GPU's hardware JPEG decoder (A100/H100-class GPUs; the rest go to nvJPEG's CUDA decoder), in
+      [0, 1]; None: DALI's default (0.65). Ignored by CPU decoding and by the other back ends.
 
     Argument-only checks (batch size, rank, epoch count, dtype, fixed view) fail here, at
     construction; the checks that need the dataset fail in :func:`resolve_spec`.
@@ -171,6 +174,7 @@ class LoaderOptions:
     num_replicas: int = 1
     rank: int = 0
     views_per_sample: int = 1
+    hw_decoder_load: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -192,6 +196,11 @@ class LoaderOptions:
             given = "train=False" if not self.train else "fixed views (views=)"
             raise ValueError(f"views_per_sample=2 needs a training loader with random augmentation, got {given}")
         check_colour(self.colour, self.colour_strength)
+        if self.hw_decoder_load is not None:
+            load = self.hw_decoder_load
+            if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0.0 <= float(load) <= 1.0:
+                raise ValueError(f"hw_decoder_load must be a number in [0, 1] or None, got {load!r}")
+            object.__setattr__(self, "hw_decoder_load", float(load))
 
     def replace(self, **changes: Any) -> LoaderOptions:
         """A copy with ``changes`` applied (validated again), e.g. ``opts.replace(split="val", train=False)``."""
@@ -239,6 +248,7 @@ class LoaderSpec:
     colour_strength: float = 1.0
     extra: dict = field(default_factory=dict)
     views_per_sample: int = 1  # augmented views of each sample per batch (see LoaderOptions)
+    hw_decoder_load: float | None = None  # DALI mixed decoding's hardware-decoder share (see LoaderOptions)
 
     @property
     def num_samples(self) -> int:
@@ -444,6 +454,31 @@ def num_batches(spec: LoaderSpec) -> int:
     return n // spec.batch_size if spec.drop_last else -(-n // spec.batch_size)
 
 
+def normalize_tensors(spec: LoaderSpec, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, 1 / std)`` of ``spec`` in uint8 units as float32 ``[1, 3, 1, 1]`` tensors on ``device``,
+    made once per loader and device (kept in ``spec.extra``: no host-to-device copy per batch)."""
+    device = torch.device(device)
+    key = ("normalize_tensors", str(device))
+    if key not in spec.extra:
+        mean = torch.tensor([m * 255.0 for m in spec.mean], dtype=torch.float32).view(1, 3, 1, 1)
+        inv_std = torch.tensor([1.0 / (s * 255.0) for s in spec.std], dtype=torch.float32).view(1, 3, 1, 1)
+        spec.extra[key] = (mean.to(device), inv_std.to(device))
+    return spec.extra[key]
+
+
+def normalize_uint8_torch(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, dtype: torch.dtype,
+                          channels_last: bool) -> torch.Tensor:
+    """uint8 N,C,H,W (any strides, on any device) -> ``(x - mean) * inv_std`` in ``dtype``, laid out
+    channels_last when asked, else contiguous: the GPU half of the uint8 path (ffcv's batches and
+    DALI's colour-jittered ones are shipped as uint8, 4x fewer bytes than float32, and normalised on
+    the device). The arithmetic is float32 whatever ``dtype`` (bf16 cannot hold ``x - mean`` exactly);
+    three kernels: convert with the target layout, subtract and scale in place, cast."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(dtype=torch.float32, memory_format=fmt)
+    x.sub_(mean).mul_(inv_std)
+    return x if dtype == torch.float32 else x.to(dtype=dtype, memory_format=fmt)
+
+
 def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
     """uint8 N,H,W,C (CPU or device) -> normalised N,C,H,W in ``spec.dtype`` on ``spec.device``.
 
@@ -453,11 +488,8 @@ def normalize_uint8_nhwc(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor
     """
     if spec.cuda:
         x = images.to(spec.device, non_blocking=True).permute(0, 3, 1, 2)
-        mean = torch.tensor([m * 255.0 for m in spec.mean], device=x.device).view(1, 3, 1, 1)
-        inv_std = torch.tensor([1.0 / (s * 255.0) for s in spec.std], device=x.device).view(1, 3, 1, 1)
-        x = (x.float() - mean).mul_(inv_std)
-        fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
-        return x.to(dtype=spec.dtype, memory_format=fmt)
+        mean, inv_std = normalize_tensors(spec, x.device)
+        return normalize_uint8_torch(x, mean, inv_std, spec.dtype, spec.channels_last)
     src = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     n, h, w, _ = src.shape
     coef = normalize_coefficients(spec.mean, spec.std)
@@ -546,7 +578,8 @@ def resolve_spec(options: LoaderOptions) -> LoaderSpec:
                       seed=int(o.seed), num_replicas=o.num_replicas, rank=o.rank, total_epochs=int(o.total_epochs),
                       sampler=sampler, use_weights=o.sampler is not None and bool(train), views=views,
                       fixed_view=None if fixed_view is None else int(fixed_view), colour=o.colour,
-                      colour_strength=float(o.colour_strength), views_per_sample=o.views_per_sample)
+                      colour_strength=float(o.colour_strength), views_per_sample=o.views_per_sample,
+                      hw_decoder_load=o.hw_decoder_load)
     if spec.views_per_sample > 1 and spec.geometry not in ("rrc", "pad_crop"):
         raise ValueError(f"views_per_sample={spec.views_per_sample} needs random crops (augment 'imagenet' or "
                          f"'pad_crop'); augment={o.augment!r} gives the deterministic {spec.geometry!r} geometry")

@@ -148,8 +148,28 @@ def colour_batch_torch(images: torch.Tensor, colour: torch.Tensor) -> torch.Tens
     return torch.floor(x.clamp(0.0, 255.0) + 0.5).to(torch.uint8)
 
 
+def decoder_arguments(spec: LoaderSpec, decode_device: str) -> dict:
+    """Extra arguments of the JPEG decoder op for ``decode_device`` ('mixed' or 'cpu').
+
+    'mixed' (nvJPEG on the GPU): ``hw_decoder_load`` when the loader sets one (the share of the JPEGs
+    given to the hardware decoder of A100/H100-class GPUs; DALI's default 0.65 otherwise), and the
+    largest stored image side as ``preallocate_height_hint``/``preallocate_width_hint``, so the hardware
+    decoder's buffers are allocated once for the dataset instead of growing with the first large
+    images. 'cpu': none (those arguments apply only to the mixed decoder).
+    """
+    if decode_device != "mixed":
+        return {}
+    args: dict = {}
+    if spec.hw_decoder_load is not None:
+        args["hw_decoder_load"] = float(spec.hw_decoder_load)
+    if spec.heights.size:
+        args["preallocate_height_hint"] = int(spec.heights.max())
+        args["preallocate_width_hint"] = int(spec.widths.max())
+    return args
+
+
 def augment_graph(jpegs, anchor, shape, flip, colour=None, *, geometry: str, resolution: int, decode_device: str,
-                  mean, std, dtype, layout: str):
+                  mean, std, dtype, layout: str, decoder: dict | None = None):
     """The DALI graph from encoded JPEGs to normalised images (a pure function of its inputs).
 
     ``anchor``/``shape``: each sample's crop box ``(y, x)``/``(h, w)`` in stored pixels; ``flip``: mirror.
@@ -157,17 +177,19 @@ def augment_graph(jpegs, anchor, shape, flip, colour=None, *, geometry: str, res
     to ``resolution``; 'pad_crop' (and 'identity', whose window is the whole image): decode, then the
     stored-size window at ``anchor`` with zero padding where it leaves the image. ``colour``: each
     sample's colour row, applied to the crop with the numba kernel (CPU decoding only: GPU pipelines
-    jitter in torch, see the module docstring).
+    jitter in torch, see the module docstring). ``decoder``: extra arguments of the decoder op
+    (:func:`decoder_arguments`).
     """
     from nvidia.dali import fn, types
 
+    decoder = dict(decoder or {})
     if geometry in ("pad_crop", "identity"):  # identity: the window (0, 0, H, W)
-        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **decoder)
         images = fn.slice(images, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False,
                           out_of_bounds_policy="pad", fill_values=0)
     elif geometry in ("rrc", "views", "center", "resize"):
         images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode_device, output_type=types.RGB,
-                                         axis_names="HW", normalized_anchor=False, normalized_shape=False)
+                                         axis_names="HW", normalized_anchor=False, normalized_shape=False, **decoder)
         images = fn.resize(images, size=(resolution, resolution))
     else:
         raise ValueError(f"unknown geometry {geometry!r}")
@@ -180,7 +202,7 @@ def augment_graph(jpegs, anchor, shape, flip, colour=None, *, geometry: str, res
 
 
 def _pipeline(source: EpochSource, geometry: str, resolution: int, decode_device: str, mean, std, dtype,
-              layout: str):
+              layout: str, decoder: dict | None = None):
     """Thin ``pipeline_def`` wrapper: external source -> :func:`augment_graph` (+ labels, indices)."""
     from nvidia.dali import fn, pipeline_def
 
@@ -190,7 +212,7 @@ def _pipeline(source: EpochSource, geometry: str, resolution: int, decode_device
                                                             batch=True, cycle="raise", parallel=False)))
         labels, indices = nodes.pop("labels"), nodes.pop("indices")
         images = augment_graph(**nodes, geometry=geometry, resolution=resolution, decode_device=decode_device,
-                               mean=mean, std=std, dtype=dtype, layout=layout)
+                               mean=mean, std=std, dtype=dtype, layout=layout, decoder=decoder)
         return images, labels, indices
 
     return pipe
@@ -200,7 +222,9 @@ class DALILoader(BatchLoader):
     """DALI pipeline behind the :class:`BatchLoader` contract.
 
     GPU: chosen automatically when CUDA is available and the target device is CUDA (decode 'mixed',
-    ``device_id`` = the target device's index, else the current CUDA device). CPU: ``device_id=None``.
+    ``device_id`` = the target device's index, else the current CUDA device; the decoder's
+    ``hw_decoder_load`` and preallocation hints from :func:`decoder_arguments`). CPU: ``device_id=None``.
+    ``decode_device`` records which ('mixed' or 'cpu').
 
     ``parallel=False`` for the external source: the callback only slices memory-mapped shards (about
     a microsecond per sample) while DALI's own threads decode; process-parallel sources would add a
@@ -233,8 +257,9 @@ class DALILoader(BatchLoader):
         mean, std = spec.mean, spec.std
         if self._colour_after:
             dtype, self._layout, mean, std = types.UINT8, "HWC", (0.0, 0.0, 0.0), (1 / 255.0,) * 3
-        pipe_fn = _pipeline(self.source, spec.geometry, spec.resolution, "mixed" if gpu else "cpu", mean, std,
-                            dtype, self._layout)
+        self.decode_device = "mixed" if gpu else "cpu"
+        pipe_fn = _pipeline(self.source, spec.geometry, spec.resolution, self.decode_device, mean, std,
+                            dtype, self._layout, decoder_arguments(spec, self.decode_device))
         self.pipe = pipe_fn(batch_size=spec.pixel_batch_size, num_threads=max(1, spec.num_workers),
                             device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
                             seed=spec.seed + 7919 * spec.rank)

@@ -68,7 +68,8 @@ numba.set_num_threads(_THREADS_BEFORE_FFCV[1])
 from lfme_fast.augment import (  # noqa: E402
     COLOUR_COLUMNS, colour_image, copy_image, normalize_coefficients, normalize_image, window_into)
 from lfme_fast.loaders.base import (  # noqa: E402
-    Batch, BatchLoader, EpochPlan, LoaderSpec, num_batches, plan_batch, plan_epoch)
+    Batch, BatchLoader, EpochPlan, LoaderSpec, normalize_tensors, normalize_uint8_torch, num_batches, plan_batch,
+    plan_epoch)
 from lfme_fast.shards import beton_path  # noqa: E402
 
 
@@ -318,6 +319,9 @@ class FFCVLoader(BatchLoader):
         self._gpu_normalize = spec.cuda
         if spec.cuda:
             # Ship uint8 (4x fewer bytes), normalise on the GPU in torch (ffcv's GPU NormalizeImage needs cupy).
+            # ffcv allocates the decoder's host buffers page-locked when CUDA is available (pin_memory() in
+            # its AllocationQuery), so ToDevice's non_blocking copy runs asynchronously on ffcv's per-slot
+            # CUDA stream, and the epoch iterator makes the training stream wait for it.
             image = [PlanDecoder(out_size, window, None, False, self._plan_state, spec.jitters_colour),
                      ToTensor(), ToDevice(spec.device, non_blocking=True), ToTorchImage(channels_last=True)]
         else:
@@ -339,8 +343,7 @@ class FFCVLoader(BatchLoader):
         allocate_buffers_once(self.loader)
         self._epoch_iter = None
         if spec.cuda:
-            self._mean = torch.tensor([m * 255 for m in spec.mean], device=spec.device).view(1, 3, 1, 1)
-            self._inv_std = torch.tensor([1 / (s * 255) for s in spec.std], device=spec.device).view(1, 3, 1, 1)
+            self._mean, self._inv_std = normalize_tensors(spec, spec.device)
 
     def _restore_threads(self) -> None:
         torch.set_num_threads(self._caller_threads[0])
@@ -377,10 +380,8 @@ class FFCVLoader(BatchLoader):
             if self._plan_state[_ST_ERROR] or not np.array_equal(indices.numpy(), expect):
                 raise RuntimeError(f"ffcv batch at position {pos} does not follow the epoch order (or ffcv "
                                    "no longer hands the decoder slices of the order array)")
-            if self._gpu_normalize:
-                x = (images.float() - self._mean).mul_(self._inv_std)
-                fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
-                images = x.to(dtype=spec.dtype, memory_format=fmt)
+            if self._gpu_normalize:  # uint8 NCHW view (NHWC memory) on the GPU: normalise there
+                images = normalize_uint8_torch(images, self._mean, self._inv_std, spec.dtype, spec.channels_last)
             # ffcv reuses its output buffers batches_ahead + 2 batches later: plan_batch copies the small
             # tensors (the images are documented as valid until then, like ffcv's own).
             yield plan_batch(plan, pos, images, labels, indices, dev)
