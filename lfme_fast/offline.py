@@ -52,6 +52,14 @@ dataset: RandomResizedCrop boxes + flips for ImageNet-style images; pad-crop win
 baselines train with. ``num_views="all"`` (pad-crop only) stores all 162 distinct pad-crop views,
 which makes distillation exact over the standard augmentation.
 
+**Drawn fill** (``fill: drawn``; ``views.fill == "drawn"`` in the header): a student draws
+only some ``(sample, view)`` pairs over its epochs (with ``views: all`` and a few epochs, under 5% of
+the ``N x 162`` rows), and its plan is known before it trains (seed + epoch,
+:func:`drawn_pairs`). Such a store computes only those rows, so exact pad-crop replay costs one
+teacher forward per student draw instead of 162 per image. ``views.draws`` records what the plan
+depends on (sampler, epochs, batch, seed, process count), ``drawn.npy`` (uint8 ``[N, K]``) which
+rows were computed, and reading a row that was not is an error, never a silent zero.
+
 Writes are atomic and resumable: everything goes to ``RUN/offline.partial/`` (arrays created with
 ``np.lib.format.open_memmap`` and filled in place), where ``progress.json`` records the finished
 passes (one per view, plus one over the eval views when an eval-view array has no stored eval view)
@@ -88,6 +96,7 @@ from lfme_fast.augment import (
 )
 from lfme_fast.io import atomic_write_json
 from lfme_fast.losses import topk_to_dense
+from lfme_fast.sampling import Sampler
 
 __all__ = [
     "FORMAT",
@@ -104,6 +113,10 @@ __all__ = [
     "compare_headers",
     "store_identity",
     "write_store",
+    "drawn_identity",
+    "drawn_pairs",
+    "IndexSampler",
+    "FILLS",
     # LFME
     "ExpertSource",
     "LFMEStore",
@@ -123,7 +136,11 @@ DEFAULT_SCALE = (0.08, 1.0)
 VIEW_SELECTIONS = ("center", "random", "all")
 ARRAY_DTYPES = ("float16", "float32")
 #: Files of a store folder that are not arrays.
-_RESERVED = ("header.json", "views.npz", "progress.json", "written.npy")
+_RESERVED = ("header.json", "views.npz", "progress.json", "written.npy", "drawn.npy")
+#: The published store's record of which ``(sample, view)`` rows a ``fill: drawn`` store computed.
+DRAWN_FILE = "drawn.npy"
+#: How a store is filled: every ``(sample, view)`` row, or only those the student will draw.
+FILLS = ("all", "drawn")
 
 #: ``produce(batch) -> {array name: tensor [B, D] (or [B] when D = 1)}``, row b = sample
 #: ``batch.indices[b]`` in the view the loader showed. Runs under ``torch.no_grad`` and the
@@ -287,6 +304,51 @@ def eval_view_boxes(heights: Any, widths: Any, mode: str) -> FixedViews:
     return FixedViews(boxes[:, None, :], np.zeros((h.size, 1), dtype=np.bool_), 0, _view_table_kind(mode))
 
 
+def drawn_identity(fill: str, *, sampler: str, epochs: int, batch_size: int, seed: int, num_processes: int,
+                   **settings: Any) -> dict[str, Any]:
+    """The ``views`` header entries of a store filled ``fill`` (``"all"``: none, so such headers are
+    unchanged; ``"drawn"``: ``fill`` and ``draws``, what the student's plan depends on: its sampler and
+    its settings, epochs, batch size, seed and process count)."""
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    if fill == "all":
+        return {}
+    draws = {"sampler": sampler, "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
+             "num_processes": int(num_processes), **{k: settings[k] for k in sorted(settings)}}
+    return {"fill": "drawn", "draws": draws}
+
+
+def drawn_pairs(options: Any, epochs: int) -> np.ndarray:
+    """bool ``[N, K]``: the ``(sample, stored view)`` rows that a training loader built from
+    ``options`` (:class:`lfme_fast.loaders.LoaderOptions` with ``views=`` the store's table, and the
+    student's sampler) shows over its ``epochs`` epochs, on this process. No pixel work: the epoch
+    plans only (seed + epoch), so this is what the student will read, row for row."""
+    from lfme_fast.loaders.base import plan_epoch, resolve_spec
+
+    spec = resolve_spec(options)
+    if spec.views is None or not spec.train or spec.views_per_sample != 1:
+        raise ValueError("drawn_pairs needs a one-view training loader's options with views= (the store's table)")
+    mask = np.zeros((spec.num_samples, spec.views.num_views), dtype=bool)
+    for epoch in range(int(epochs)):
+        plan = plan_epoch(spec, epoch)
+        mask[plan.indices, plan.views] = True
+    return mask
+
+
+class IndexSampler(Sampler):
+    """Exactly the given sample indices, every epoch (this process's rows of one drawn offline pass;
+    not sharded again)."""
+
+    def __init__(self, indices: Any):
+        self._indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        return self._indices
+
+    def __len__(self) -> int:
+        return int(self._indices.size)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -419,13 +481,15 @@ class ArrayStore:
     """
 
     def __init__(self, directory: Path, header: dict[str, Any], arrays: dict[str, tuple[Any, ...]],
-                 views: FixedViews, device: torch.device | None):
+                 views: FixedViews, device: torch.device | None, drawn: Any = None):
         self.directory = directory
         self.header = header
         self.specs = _specs(header)
         self._arrays = arrays  # name -> (dense,) or (values, indices); numpy or torch
         self.views = views
         self.device = device
+        #: bool ``[N, K]`` of the computed rows of a ``fill: drawn`` store (numpy or torch), else None
+        self.drawn = drawn
 
     @classmethod
     def open(cls, path: str | os.PathLike, expected: Mapping[str, Any] | None = None, *, load: str = "mmap",
@@ -464,13 +528,22 @@ class ArrayStore:
         if views.boxes.shape[:2] != (n, k_views) or views.kind != header["views"]["kind"]:
             raise OfflineStoreError(f"{directory / 'views.npz'}: {views.boxes.shape[:2]} {views.kind} views, header "
                                     f"says {(n, k_views)} {header['views']['kind']}")
+        drawn = None
+        if header["views"].get("fill", "all") == "drawn":
+            dpath = directory / DRAWN_FILE
+            if not dpath.exists():
+                raise OfflineStoreError(f"offline store {directory} is incomplete: {DRAWN_FILE} is missing")
+            drawn = np.load(dpath).astype(bool)
+            if drawn.shape != (n, k_views):
+                raise OfflineStoreError(f"{dpath}: shape {drawn.shape}, header says {(n, k_views)}")
         device = None
         if load == "ram":
             arrays = {k: tuple(np.array(a) for a in g) for k, g in arrays.items()}  # a memmap view would stay lazy
         elif load != "mmap":
             device = torch.device(load)
             arrays = {k: tuple(torch.from_numpy(np.array(a)).to(device) for a in g) for k, g in arrays.items()}
-        return cls(directory, header, arrays, views, device)
+            drawn = None if drawn is None else torch.from_numpy(drawn).to(device)
+        return cls(directory, header, arrays, views, device, drawn)
 
     # ---- facts ---------------------------------------------------------------------------------
     @property
@@ -512,15 +585,29 @@ class ArrayStore:
         if self.device is not None:
             idx = torch.as_tensor(indices, device=self.device).long()
             v = torch.zeros_like(idx) if views is None else torch.as_tensor(views, device=self.device).long()
-            return idx, v
-        idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
-        idx = idx.astype(np.int64, copy=False)
-        if views is None:
-            v = np.zeros_like(idx)
         else:
-            v = views.cpu().numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
-            v = v.astype(np.int64, copy=False)
+            idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+            idx = idx.astype(np.int64, copy=False)
+            if views is None:
+                v = np.zeros_like(idx)
+            else:
+                v = views.cpu().numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
+                v = v.astype(np.int64, copy=False)
+        if self.drawn is not None:
+            self._check_drawn(idx, v)
         return idx, v
+
+    def _check_drawn(self, idx: Any, v: Any) -> None:
+        """Refuse rows a ``fill: drawn`` store did not compute (they hold zeros, not teacher outputs).
+        On a device store this costs one synchronising ``all()`` per batch."""
+        ok = self.drawn[idx, v]
+        if bool(ok.all()):
+            return
+        bad = int(np.flatnonzero(~np.asarray(ok.cpu() if isinstance(ok, torch.Tensor) else ok))[0])
+        raise OfflineStoreError(
+            f"offline store {self.directory} was filled only for the student plan in its header "
+            f"(views.draws: {self.header['views'].get('draws')}); sample {int(idx[bad])} view {int(v[bad])} was not "
+            "drawn by that plan. Rebuild the store for this run (delete it or run its 'offline' stage).")
 
     @staticmethod
     def _take(arr: Any, idx: Any, v: Any) -> torch.Tensor:
@@ -653,10 +740,16 @@ class _Partial:
         return np.load(self.path / "written.npy", mmap_mode="r+")
 
     # ---- publishing (main process) ----------------------------------------------------------
+    @property
+    def drawn_fill(self) -> bool:
+        return self.header["views"].get("fill", "all") == "drawn"
+
     def check_complete(self) -> None:
-        """Raise if a pass left a row unwritten (a loader that did not cover every sample)."""
+        """Raise if a pass left a row unwritten (a loader that did not cover every sample). A drawn
+        store's view columns are checked by each process against its own plan (:func:`write_store`)."""
         written = np.load(self.path / "written.npy", mmap_mode="r")
-        cols = list(range(self.k)) + ([self.k] if _needs_eval_pass(self.header) else [])
+        cols = [] if self.drawn_fill else list(range(self.k))
+        cols += [self.k] if _needs_eval_pass(self.header) else []
         for c in cols:
             missing = np.flatnonzero(written[:, c] == 0)
             if missing.size:
@@ -668,6 +761,11 @@ class _Partial:
         """Write the final header (with storage figures) and rename the folder onto ``final``
         (replacing an older store or a link to one). Returns the header written."""
         self.check_complete()
+        extra = dict(storage_extra or {})
+        if self.drawn_fill:
+            drawn = np.load(self.path / "written.npy", mmap_mode="r")[:, :self.k].astype(np.uint8)
+            np.save(self.path / DRAWN_FILE, drawn)  # inside the .partial folder: published by the rename
+            extra.update(drawn_rows=int(drawn.sum()), drawn_fraction=round(float(drawn.mean()), 6))
         (self.path / "written.npy").unlink()
         (self.path / "progress.json").unlink()
         per_array = {s.name: s.bytes_per_image(self.k) for s in self.specs.values()}
@@ -676,8 +774,7 @@ class _Partial:
         full = dict(self.header)
         full["storage"] = {"files": sorted([p.name for p in self.path.iterdir()] + ["header.json"]),
                            "array_bytes_per_image": per_array, "data_bytes_per_image": data,
-                           "total_bytes_per_image": total / max(self.n, 1), "total_bytes": total,
-                           **dict(storage_extra or {})}
+                           "total_bytes_per_image": total / max(self.n, 1), "total_bytes": total, **extra}
         full["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         full["pass_seconds"] = round(seconds, 3)
         atomic_write_json(self.path / "header.json", full)
@@ -738,10 +835,10 @@ def _run_pass(loader: Any, producer: Producer, targets: Mapping[str, int], specs
 
 
 def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: FixedViews, producer: Producer,
-                make_loader: Callable[[FixedViews, int], Any], *, eval_views: FixedViews | None = None,
+                make_loader: Callable[..., Any], *, eval_views: FixedViews | None = None,
                 accelerator: Any = None, name: str = "offline", log: Callable[[str], None] = print,
                 show_progress: bool = True, storage_extra: Mapping[str, Any] | None = None,
-                store_class: type[ArrayStore] = ArrayStore) -> ArrayStore:
+                store_class: type[ArrayStore] = ArrayStore, drawn: np.ndarray | None = None) -> ArrayStore:
     """Fill a store with ``producer`` and publish ``RUN/<name>`` atomically; returns it opened.
 
     One pass per stored view ``k``: ``make_loader(views, k)`` shows view ``k`` of every sample (this
@@ -762,9 +859,19 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
         name: the store folder's name in ``run_dir``.
         storage_extra: figures added to ``header.json``'s ``storage`` (e.g. LFME's logit bytes).
         store_class: the class that opens the result (a recipe's layer over :class:`ArrayStore`).
+        drawn: for a ``fill: drawn`` header, bool ``[N, K]``: the rows *this process's* student will
+            read (:func:`drawn_pairs`). Pass ``k`` then shows only the samples drawn in view ``k``,
+            through ``make_loader(views, k, rows)`` (``rows``: int64 sample indices, this process's
+            own, not to be sharded again); a pass that also fills eval-view arrays covers every sample.
     """
     run_dir = Path(run_dir)
     _check_views(header, views)
+    drawn_fill = header["views"].get("fill", "all") == "drawn"
+    if drawn_fill != (drawn is not None):
+        raise ValueError("a store with views.fill 'drawn' needs drawn= (and only such a store takes it)")
+    if drawn is not None and drawn.shape != (views.num_samples, views.num_views):
+        raise ValueError(f"drawn has shape {drawn.shape}, expected {(views.num_samples, views.num_views)} "
+                         "(samples, views)")
     needs_eval = _needs_eval_pass(header)
     if needs_eval and eval_views is None:
         raise ValueError("a store whose view 0 is not the eval view needs eval_views= for its per-sample arrays "
@@ -781,7 +888,16 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
     per_sample = [s.name for s in specs.values() if not s.per_view]
     todo = [k for k in range(partial.k) if k not in progress["done_views"]]
     eval_todo = needs_eval and not progress["eval_done"]
-    pbar = _Progress((len(todo) + int(eval_todo)) * partial.n, "offline", show_progress and _is_main(accelerator))
+
+    def pass_rows(k: int) -> np.ndarray | None:
+        """None: this process's share of every sample; else the samples it draws in view ``k``."""
+        if drawn is None or (k == 0 and header["views"]["first_is_eval"] and per_sample):
+            return None
+        return np.flatnonzero(drawn[:, k]).astype(np.int64)
+
+    rows_todo = {k: pass_rows(k) for k in todo}
+    total = sum(partial.n if r is None else r.size for r in rows_todo.values()) + int(eval_todo) * partial.n
+    pbar = _Progress(total, "offline", show_progress and _is_main(accelerator))
 
     def finish(view: int | None, what: str) -> None:
         for g in arrays.values():
@@ -797,13 +913,22 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
         targets = {a: k for a in per_view}
         if k == 0 and header["views"]["first_is_eval"]:
             targets.update({a: 0 for a in per_sample})
-        _run_pass(make_loader(views, k), producer, targets, specs, arrays, written, k, accelerator, pbar)
-        finish(k, f"view {k + 1}/{partial.k}")
+        rows = rows_todo[k]
+        if rows is None:
+            _run_pass(make_loader(views, k), producer, targets, specs, arrays, written, k, accelerator, pbar)
+        elif rows.size:
+            _run_pass(make_loader(views, k, rows), producer, targets, specs, arrays, written, k, accelerator, pbar)
+        finish(k, f"view {k + 1}/{partial.k}" + ("" if rows is None else f" ({rows.size} drawn samples)"))
     if eval_todo:
         _run_pass(make_loader(eval_views, 0), producer, {a: 0 for a in per_sample}, specs, arrays, written,
                   partial.k, accelerator, pbar)
         finish(None, "eval view")
     pbar.close()
+    if drawn is not None:  # every process checks its own plan's rows (the main one cannot see the others')
+        missing = np.argwhere(drawn & (np.asarray(written[:, :partial.k]) == 0))
+        if missing.size:
+            i, v = (int(x) for x in missing[0])
+            raise RuntimeError(f"offline pass left {len(missing)} drawn row(s) unwritten, first sample {i} view {v}")
     del arrays, written
     if _is_main(accelerator):
         full = partial.publish(run_dir / name, time.perf_counter() - t0, storage_extra)
@@ -867,13 +992,14 @@ def lfme_arrays(widths: Sequence[int], topk: int | None) -> list[ArraySpec]:
 
 def store_header(*, run_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str, resolution: int, mode: str,
                  num_views: int | str, view_seed: int, view_kind: str, experts: Sequence[ExpertSource],
-                 topk: int | None, backend: str) -> dict[str, Any]:
+                 topk: int | None, backend: str, fill: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """LFME's store identity (:func:`make_header`): the views of ``build_views(..., num_views,
-    view_seed, view_kind, mode)``, the loader ``backend``, the experts' checkpoints and subsets, and
-    their arrays. Also the ``expected=`` a run passes to :meth:`LFMEStore.open`."""
+    view_seed, view_kind, mode)`` (plus ``fill``, :func:`drawn_identity`), the loader ``backend``, the
+    experts' checkpoints and subsets, and their arrays. Also the ``expected=`` a run passes to
+    :meth:`LFMEStore.open`."""
     return make_header(
         run_dir=run_dir, manifest=manifest, split=split,
-        views=view_identity(mode, num_views, view_seed, view_kind),
+        views={**view_identity(mode, num_views, view_seed, view_kind), **dict(fill or {})},
         augmentation={"resolution": int(resolution), "mode": mode}, backend=backend,
         checkpoints=[(e.name, e.checkpoint) for e in experts], recipe=LFME_RECIPE,
         fields={"subsets": [{"name": e.name, "classes": [int(c) for c in e.classes]} for e in experts]},
@@ -971,9 +1097,10 @@ OfflineStore = LFMEStore
 
 
 def write_offline(run_dir: str | os.PathLike, header: Mapping[str, Any], experts: Sequence[ExpertSource],
-                  views: FixedViews, make_loader: Callable[[FixedViews, int], Any], num_classes: int, *,
+                  views: FixedViews, make_loader: Callable[..., Any], num_classes: int, *,
                   eval_views: FixedViews | None = None, accelerator: Any = None,
-                  log: Callable[[str], None] = print, show_progress: bool = True) -> LFMEStore:
+                  log: Callable[[str], None] = print, show_progress: bool = True,
+                  drawn: np.ndarray | None = None) -> LFMEStore:
     """LFME's offline pass (:func:`write_store` with :func:`lfme_producer`); returns the opened store.
 
     Args:
@@ -986,6 +1113,7 @@ def write_offline(run_dir: str | os.PathLike, header: Mapping[str, Any], experts
         eval_views: one-view table of the eval views (:func:`eval_view_boxes`); needed only when the
             store has no eval view (``view_kind="random"``), for the SpIS confidences.
         accelerator: optional; every process fills its share, the main one publishes.
+        drawn: a ``fill: drawn`` store's rows of this process (see :func:`write_store`).
     """
     subsets = header["recipe"]["fields"]["subsets"]
     if [e.name for e in experts] != [s["name"] for s in subsets]:
@@ -995,4 +1123,4 @@ def write_offline(run_dir: str | os.PathLike, header: Mapping[str, Any], experts
                       for l in range(len(experts)))
     return write_store(run_dir, header, views, lfme_producer(experts, num_classes), make_loader,
                        eval_views=eval_views, accelerator=accelerator, log=log, show_progress=show_progress,
-                       storage_extra={"logit_bytes_per_image": logit_bytes}, store_class=LFMEStore)
+                       storage_extra={"logit_bytes_per_image": logit_bytes}, store_class=LFMEStore, drawn=drawn)

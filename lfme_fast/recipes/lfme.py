@@ -69,7 +69,6 @@ from lfme_fast.offline import (
     store_identity,
     write_offline,
 )
-from lfme_fast.loaders import build_loader
 from lfme_fast.schedules import (
     expert_weight,
     initial_instance_weights,
@@ -100,6 +99,7 @@ class LFMEConfig:
     view_kind: Literal["center", "random"] = "center"
     topk: int | None = None
     samples_per_class: int = 4
+    fill: Literal["all", "drawn"] = "all"
 
     def resolve(self, cfg: Config, check: Check) -> "LFMEConfig":
         """Check ranges (no derived defaults)."""
@@ -312,7 +312,8 @@ class LFMERecipe(Recipe):
         return store_header(run_dir=self.run_dir, manifest=self.ctx.manifest, split=self.cfg.data.train_split,
                             resolution=res, mode=mode, num_views=f.views, view_seed=self.cfg.seed,
                             view_kind=f.view_kind, experts=self._expert_sources(False), topk=f.topk,
-                            backend=self.cfg.data.backend)
+                            backend=self.cfg.data.backend,
+                            fill=self.fill_identity(f.fill, self.cfg.train.sampler, samples_per_class=f.samples_per_class))
 
     def student_fingerprint(self, header: dict[str, Any]) -> str:
         store_id = store_identity(header)
@@ -331,16 +332,15 @@ class LFMERecipe(Recipe):
         mode, _, heights, widths = self._geometry()
         f = self.cfg.lfme
         views = build_views(heights, widths, f.views, self.cfg.seed, f.view_kind, mode)
-        bs = self.cfg.data.eval_batch_size
-
-        def make_loader(table, k):
-            return build_loader(self.ctx.loader_options(self.cfg.data.train_split, train=False, batch_size=bs,
-                                                        views=table, fixed_view=k))
-
-        write_offline(self.run_dir, header, self._expert_sources(True), views, make_loader, self.ctx.num_classes,
+        # The student's indices do not depend on the SpIS weights (checked in the tests), so its draws
+        # are known before the store's confidences exist.
+        drawn = (self.student_draws(self._build_sampler(self.ctx.labels(self.cfg.data.train_split), None), views)
+                 if f.fill == "drawn" else None)
+        write_offline(self.run_dir, header, self._expert_sources(True), views, self.offline_loader,
+                      self.ctx.num_classes,
                       eval_views=eval_view_boxes(heights, widths, mode) if f.view_kind == "random" else None,
                       accelerator=self.accelerator, log=self.console,
-                      show_progress=self.cfg.log.progress)
+                      show_progress=self.cfg.log.progress, drawn=drawn)
 
     def _open_store(self, header: dict[str, Any]) -> OfflineStore:
         try:

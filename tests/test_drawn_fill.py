@@ -1,0 +1,138 @@
+"""Offline stores with ``fill: drawn``: only the (sample, view) rows the student's plan draws are
+computed, the student trains on exactly those (reading another row is refused, never a silent zero),
+the computed rows equal a live teacher forward on that view, and a store made for another plan is
+rebuilt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfme_fast.checkpoint import load_model_file
+from lfme_fast.config import load_config
+from lfme_fast.loaders import LoaderOptions, build_loader
+from lfme_fast.models import build_model
+from lfme_fast.offline import ArrayStore, IndexSampler, OfflineStoreError, drawn_identity, drawn_pairs
+from lfme_fast.recipes import run
+from lfme_fast.recipes.cbd import feature_array
+from lfme_fast.sampling import ClassBalancedSampler, build_sampler
+from lfme_fast.shards import ShardReader
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cbd_cfg(root, out, *extra):
+    """configs/smoke_cbd.yaml on the fixture, one standard teacher, every pad-crop view, drawn fill."""
+    return load_config(REPO / "configs" / "smoke_cbd.yaml", [
+        f"data.root={root}", f"output_dir={out}", "data.test_split=val", "eval.thresholds=[100, 20]",
+        "cbd.teachers=[{seed: 0, augment: standard}]", "cbd.views=all", "cbd.fill=drawn", "data.batch_size=32",
+        "optim.epochs=2", "log.progress=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def drawn_run(fmnist_dir, tmp_path_factory):
+    cfg = cbd_cfg(fmnist_dir, tmp_path_factory.mktemp("drawn") / "run")
+    run(cfg)
+    return cfg
+
+
+def student_pairs(root, cfg, views):
+    """The (sample, view) pairs of the CBD student's plan, rebuilt independently of the recipe."""
+    labels = ShardReader(root, "train").labels
+    sampler = build_sampler("class_balanced", labels, seed=cfg.seed, total_epochs=cfg.optim.epochs,
+                            samples_per_class=cfg.cbd.samples_per_class)
+    opts = LoaderOptions(root, "train", backend="torch", train=True, batch_size=cfg.data.batch_size, sampler=sampler,
+                         total_epochs=cfg.optim.epochs, views=views, num_workers=0, seed=cfg.seed)
+    return drawn_pairs(opts, cfg.optim.epochs)
+
+
+def test_store_computes_exactly_the_student_draws(drawn_run, fmnist_dir):
+    cfg = drawn_run
+    store = ArrayStore.open(cfg.run_dir)
+    header = store.header
+    assert header["views"]["fill"] == "drawn" and header["views"]["num_views"] == 162
+    assert header["views"]["draws"]["epochs"] == 2 and header["views"]["draws"]["sampler"] == "class_balanced"
+    want = student_pairs(fmnist_dir, cfg, store.views)
+    drawn = np.asarray(store.drawn)
+    # view 0 (the eval view) of every sample is not forced: a CBD store has no per-sample array
+    np.testing.assert_array_equal(drawn, want)
+    assert 0 < drawn.mean() < 0.05  # 2 epochs of ~930 draws over 930 x 162 rows
+    assert header["storage"]["drawn_rows"] == int(want.sum())
+    # every row the student read was computed: it trained and was evaluated
+    assert json.loads((cfg.run_dir / "metrics.json").read_text())["top1"] >= 0.0
+
+
+def test_drawn_rows_equal_a_live_teacher_and_other_rows_are_refused(drawn_run, fmnist_dir):
+    cfg = drawn_run
+    store = ArrayStore.open(cfg.run_dir)
+    drawn = np.asarray(store.drawn)
+    idx, views = np.nonzero(drawn)
+    pick = np.linspace(0, idx.size - 1, 24).astype(np.int64)
+    idx, views = idx[pick], views[pick]
+    state, meta = load_model_file(cfg.run_dir / "teachers" / "t0" / "model.pt")
+    teacher = build_model(meta["arch"], meta["num_classes"], classifier=meta["classifier"])
+    teacher.load_state_dict(state)
+    teacher.eval()
+    for v in np.unique(views):
+        rows = idx[views == v]
+        loader = build_loader(LoaderOptions(fmnist_dir, "train", backend="torch", train=False, batch_size=64,
+                                            views=store.views, fixed_view=int(v), sampler=IndexSampler(rows),
+                                            num_workers=0))
+        batch = next(iter(loader))
+        assert batch.indices.tolist() == rows.tolist()
+        with torch.no_grad():
+            live = F.normalize(teacher.forward_features(batch.images), dim=1)
+        stored = store.gather(feature_array(0), batch.indices, batch.views).float()
+        torch.testing.assert_close(stored, live, atol=1e-3, rtol=0)
+    i, v = np.argwhere(~drawn)[0]
+    with pytest.raises(OfflineStoreError, match=rf"sample {i} view {v} was not drawn"):
+        store.gather(feature_array(0), np.array([i]), np.array([v]))
+
+
+def test_store_for_another_plan_is_rebuilt(drawn_run, fmnist_dir, tmp_path):
+    """Three student epochs draw other rows: the two-epoch store is refused by its header and rebuilt."""
+    cfg = drawn_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "teachers").symlink_to(cfg.run_dir / "teachers")
+    # cbd.epochs pinned to the first run's 2: the same teachers (their fingerprint), another student plan
+    cfg3 = cbd_cfg(fmnist_dir, other, "optim.epochs=3", "stages=[teachers, offline]", "cbd.epochs=2")
+    (other / "offline").symlink_to(cfg.run_dir / "offline")
+    run(cfg3)
+    assert not (other / "offline").is_symlink()  # the old store was not taken: a new one replaced the link
+    store = ArrayStore.open(other)
+    assert store.header["views"]["draws"]["epochs"] == 3
+    np.testing.assert_array_equal(np.asarray(store.drawn), student_pairs(fmnist_dir, cfg3, store.views))
+    assert ArrayStore.open(cfg.run_dir).header["views"]["draws"]["epochs"] == 2  # the first run's store is intact
+
+
+def test_drawn_identity_and_pairs_check_their_input(fmnist_dir):
+    assert drawn_identity("all", sampler="x", epochs=1, batch_size=1, seed=0, num_processes=1) == {}
+    with pytest.raises(ValueError, match="fill must be one of all, drawn"):
+        drawn_identity("some", sampler="x", epochs=1, batch_size=1, seed=0, num_processes=1)
+    sampler = ClassBalancedSampler(ShardReader(fmnist_dir, "train").labels, samples_per_class=4, seed=0)
+    with pytest.raises(ValueError, match="one-view training loader"):
+        drawn_pairs(LoaderOptions(fmnist_dir, "train", backend="torch", train=True, batch_size=8, sampler=sampler,
+                                  num_workers=0), 1)
+
+
+def test_lfme_drawn_store_keeps_every_confidence(fmnist_dir, tmp_path):
+    """LFME's per-sample SpIS confidences need every sample: view 0 is filled for all, the rest as drawn."""
+    out = tmp_path / "lfme"
+    cfg = load_config(REPO / "configs" / "fmnist_lt" / "lfme.yaml", [
+        f"data.root={fmnist_dir}", f"output_dir={out}", "data.test_split=val", "data.batch_size=64",
+        "experts.thresholds=[100, 20]", "eval.thresholds=[100, 20]", "experts.epochs=1",
+        "experts.batch_size=[32, 16, 8]", "optim.epochs=2", "lfme.views=all", "lfme.fill=drawn",
+        "log.progress=false", "experts.eval_test=false"])
+    run(cfg)
+    store = ArrayStore.open(out)
+    drawn = np.asarray(store.drawn)
+    assert drawn[:, 0].all() and 0 < drawn[:, 1:].mean() < 0.05
+    conf = store.per_sample("confidence")
+    assert (conf > 0).all()  # every sample's confidence was computed
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["name"] == "lfme"
