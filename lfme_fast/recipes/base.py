@@ -204,6 +204,10 @@ class Recipe:
                               init_kwargs=tracker_init_kwargs(self.run_dir))
         self.console(f"recipe {self.cfg.recipe}, stages {list(self.cfg.stages)}, {acc.num_processes} process(es) "
                      f"on {acc.device}, mixed precision {acc.mixed_precision}, run folder {self.run_dir}")
+        from lfme_fast.scale import describe
+
+        self.console(f"batch: {describe(self.ctx.batch)}; loader workers per process: "
+                     f"{self.ctx.num_workers} (data.num_workers)")
         if self.cfg.log.tensorboard:
             self.console("log.tensorboard is deprecated: write log.trackers: [tensorboard] (it does the same)")
         if self.cfg.log.trackers:
@@ -315,6 +319,37 @@ class Recipe:
         self.console(f"offline: store in {store.directory} is up to date ({store.data_bytes_per_image:.0f} "
                      "bytes/image); skipping")
         return True
+
+    # ---- offline stores: loaders and the drawn fill --------------------------------------------
+    def offline_loader(self, table: Any, k: int, rows: Any = None) -> Any:
+        """The loader of one offline pass (``write_store``'s ``make_loader``): view ``k`` of ``table``
+        for this process's share of every training sample, or exactly ``rows`` (a drawn pass)."""
+        from lfme_fast.loaders import build_loader
+        from lfme_fast.offline import IndexSampler
+
+        return build_loader(self.ctx.loader_options(
+            self.cfg.data.train_split, train=False, batch_size=self.cfg.data.eval_batch_size, views=table,
+            fixed_view=k, sampler=None if rows is None else IndexSampler(rows)))
+
+    def fill_identity(self, fill: str, sampler: str, **settings: Any) -> dict[str, Any]:
+        """The store header's ``views`` entries for ``fill`` (:func:`lfme_fast.offline.drawn_identity`)
+        of a student that trains ``optim.epochs`` epochs of ``data.batch_size`` with ``sampler``."""
+        from lfme_fast.offline import drawn_identity
+
+        c = self.cfg
+        return drawn_identity(fill, sampler=sampler, epochs=c.optim.epochs, batch_size=c.data.batch_size,
+                              seed=c.seed, num_processes=self.accelerator.num_processes,
+                              epoch_samples=c.train.epoch_samples, **settings)
+
+    def student_draws(self, sampler: Any, views: Any) -> Any:
+        """bool ``[N, K]``: the stored rows this process's student reads over ``optim.epochs`` epochs
+        when it replays ``views`` in ``sampler``'s order (:func:`lfme_fast.offline.drawn_pairs`)."""
+        from lfme_fast.offline import drawn_pairs
+
+        c = self.cfg
+        opts = self.ctx.loader_options(c.data.train_split, train=True, batch_size=c.data.batch_size, sampler=sampler,
+                                       total_epochs=c.optim.epochs, views=views)
+        return drawn_pairs(opts, c.optim.epochs)
 
     def train_stage(self, job: TrainJob) -> TrainResult | None:
         """Run ``job`` (skip / resume / train / save / done-marker); None when it was up to date.

@@ -143,6 +143,7 @@ class CBDConfig:
     views: int | Literal["all"] = 1
     feature_dtype: Literal["float16", "float32"] = "float16"
     samples_per_class: int = 4
+    fill: Literal["all", "drawn"] = "all"
 
     def resolve(self, cfg: Config, check: Check) -> "CBDConfig":
         """Check values and the widths; unset teacher settings inherit ``optim``/``data``/``model``."""
@@ -376,7 +377,10 @@ class CBDRecipe(Recipe):
                                for t in self.teachers],
                   "features": "L2-normalised forward_features (pooled penultimate)"}
         return make_header(run_dir=self.run_dir, manifest=self.ctx.manifest, split=cfg.data.train_split,
-                           views=self._view_identity(mode), augmentation={"resolution": int(res), "mode": mode},
+                           views={**self._view_identity(mode),
+                                  **self.fill_identity(cfg.cbd.fill, cfg.train.sampler,
+                                                       samples_per_class=cfg.cbd.samples_per_class)},
+                           augmentation={"resolution": int(res), "mode": mode},
                            backend=cfg.data.backend, checkpoints=[(t.name, t.model_path) for t in self.teachers],
                            recipe=RECIPE_NAME, fields=fields,
                            arrays=[ArraySpec(feature_array(t.k), self.teacher_width, cfg.cbd.feature_dtype)
@@ -430,25 +434,18 @@ class CBDRecipe(Recipe):
 
     # ---- offline -------------------------------------------------------------------------------
     def stage_offline(self) -> None:
-        from lfme_fast.loaders import build_loader
-
         header = self.expected_header()
         if self.offline_up_to_date(header):
             return
         cfg = self.cfg
         mode, _, heights, widths = self._geometry()
         views = build_views(heights, widths, cfg.cbd.views, cfg.seed, "center", mode)
-        bs = cfg.data.eval_batch_size
-
-        def make_loader(table, k):
-            return build_loader(self.ctx.loader_options(cfg.data.train_split, train=False, batch_size=bs, views=table,
-                                                        fixed_view=k))
-
+        drawn = self.student_draws(self._student_sampler(), views) if cfg.cbd.fill == "drawn" else None
         per_image = self._feature_bytes(header)
         producer = teacher_producer([self.load_teacher(t) for t in self.teachers])
-        store = write_store(self.run_dir, header, views, producer, make_loader, accelerator=self.accelerator,
+        store = write_store(self.run_dir, header, views, producer, self.offline_loader, accelerator=self.accelerator,
                             log=self.console, show_progress=cfg.log.progress,
-                            storage_extra={"feature_bytes_per_image": per_image})
+                            storage_extra={"feature_bytes_per_image": per_image}, drawn=drawn)
         n = store.num_samples
         self.console(f"offline: {len(self.teachers)} teacher(s) x {store.num_views} view(s) x {self.teacher_width} "
                      f"dims x {np.dtype(cfg.cbd.feature_dtype).itemsize} B = {per_image} bytes per image "
@@ -470,6 +467,12 @@ class CBDRecipe(Recipe):
         return store
 
     # ---- student -------------------------------------------------------------------------------
+    def _student_sampler(self) -> Any:
+        """The student's ``train.sampler`` over the training split (CBD's samples per class visit)."""
+        cfg = self.cfg
+        return self.ctx.build_sampler(cfg.train.sampler, self.ctx.labels(cfg.data.train_split), cfg.optim.epochs,
+                                      samples_per_class=cfg.cbd.samples_per_class)
+
     def build_student(self) -> CBDStudent:
         """A fresh student: ``model.arch`` over all classes (``model.classifier``) + the projection ``g``."""
         return CBDStudent(self.ctx.build_model(self.ctx.num_classes), self.total_teacher_width,
@@ -482,8 +485,7 @@ class CBDRecipe(Recipe):
 
         def build() -> TrainParts:
             store = self._open_store(header)
-            sampler = ctx.build_sampler(cfg.train.sampler, ctx.labels(cfg.data.train_split), cfg.optim.epochs,
-                                        samples_per_class=f.samples_per_class)
+            sampler = self._student_sampler()
             loss = CBDLoss(store, len(self.teachers), f.alpha, f.beta, ctx.device)
             return TrainParts(model=self.build_student(), loader=ctx.train_loader(sampler, cfg.optim.epochs,
                                                                                   views=store.views),
