@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -98,6 +98,9 @@ class CheckpointInfo:
     global_step: int
     world_size: int
     fingerprint: str | None
+    #: the batch layout it was written under (:meth:`lfme_fast.scale.BatchPlan.as_record`: per-process
+    #: batch, grad_accum, global batch); empty for checkpoints written before it was recorded
+    batch: dict[str, Any] = field(default_factory=dict)
 
 
 def _tag(epoch: int, batches_done: int) -> str:
@@ -115,6 +118,7 @@ def save_checkpoint(
     global_step: int,
     fingerprint: str | None,
     keep: int = 1,
+    batch: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint on every rank (collective: every process must call it).
 
@@ -122,6 +126,8 @@ def save_checkpoint(
         state: model/optimizer/... states, identical on every rank (written by the main process).
         rng: this rank's RNG snapshots (written by each rank).
         keep: number of checkpoint folders to keep (older ones are deleted after the pointer moves).
+        batch: the batch layout (per-process batch, grad_accum, global batch), recorded so that a resume
+            on another process count can continue mid-epoch from the same global position.
 
     Returns:
         the checkpoint folder.
@@ -130,7 +136,7 @@ def save_checkpoint(
     tag = _tag(epoch, batches_done)
     folder = ckpt_dir / tag
     meta = {"tag": tag, "epoch": epoch, "batches_done": batches_done, "global_step": global_step,
-            "world_size": accelerator.num_processes, "fingerprint": fingerprint}
+            "world_size": accelerator.num_processes, "fingerprint": fingerprint, "batch": dict(batch or {})}
     if accelerator.is_main_process:
         with atomic_path(folder / "state.pt") as tmp:
             torch.save({**state, "meta": meta}, tmp)
@@ -158,7 +164,8 @@ def find_latest(ckpt_dir: str | Path) -> CheckpointInfo | None:
         return None
     return CheckpointInfo(path=folder, tag=meta["tag"], epoch=int(meta["epoch"]),
                           batches_done=int(meta["batches_done"]), global_step=int(meta["global_step"]),
-                          world_size=int(meta["world_size"]), fingerprint=meta.get("fingerprint"))
+                          world_size=int(meta["world_size"]), fingerprint=meta.get("fingerprint"),
+                          batch=dict(meta.get("batch") or {}))
 
 
 def load_checkpoint_state(info: CheckpointInfo) -> dict[str, Any]:

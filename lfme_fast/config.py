@@ -21,8 +21,12 @@ key            meaning
 ``stages``     which of the recipe's stages to run, in the recipe's order (null: all)
 ``output_dir`` run folder (``--output-dir`` on the command line sets it)
 ``data``       ``root`` (prepared dataset, ``python -m data_prep``), ``backend`` (ffcv | dali | torch),
-               ``batch_size`` (per process), ``eval_batch_size`` (null: ``batch_size``), ``num_workers``
-               (null: loader default), ``resolution`` (null: the dataset's own), ``augment`` (auto |
+               ``batch_size`` (per process; null: 128 unless ``global_batch_size`` is set),
+               ``global_batch_size`` (the paper's batch per optimizer step over all processes; the
+               per-process batch is ``global_batch_size / (world size x train.grad_accum)`` and must
+               divide; set at most one of the two, :mod:`lfme_fast.scale`), ``eval_batch_size`` (null:
+               the per-process batch), ``num_workers`` (null: the CPUs this process may use divided by
+               the processes on this machine, :func:`lfme_fast.scale.default_num_workers`), ``resolution`` (null: the dataset's own), ``augment`` (auto |
                imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
                null), ``test_split``, ``hw_decoder_load`` (dali only: the share of JPEGs the GPU's
                hardware decoder takes in ``mixed`` decoding, in [0, 1]; null: DALI's default, 0.65)
@@ -30,7 +34,7 @@ key            meaning
                ``kwargs`` (extra constructor arguments, e.g. ``{use_norm: true}`` for resnet32),
                ``classifier`` (linear | cosine: CBD's head, L2-normalised features and class weights,
                fixed scale, no bias; any backbone), ``cosine_scale`` (that scale, > 0; CBD: 20)
-``optim``      ``name`` (sgd), ``lr`` (for the per-process ``batch_size``), ``momentum``,
+``optim``      ``name`` (sgd), ``lr`` (for the global batch the run trains with; never rescaled), ``momentum``,
                ``weight_decay``, ``nesterov``, ``schedule`` (cosine | step | constant), ``milestones``
                (epochs, for ``step``), ``gamma``, ``warmup_epochs`` (linear warm-up, may be fractional),
                ``epochs``
@@ -39,6 +43,8 @@ key            meaning
                ``loss`` (ce | balanced_softmax | logit_adjusted), ``tau`` (logit_adjusted),
                ``grad_accum``, ``max_steps_per_epoch`` (null: whole epochs; for smoke tests),
                ``log_every`` (steps), ``checkpoint_every_steps`` (mid-epoch checkpoints; null: off),
+               ``sync_bn`` (SyncBatchNorm across processes on GPU runs: batch statistics over the global
+               micro-batch instead of each process's share; ignored on CPU and on one process),
                ``compile`` (false | true | a ``torch.compile`` mode: default, reduce-overhead,
                max-autotune, max-autotune-no-cudagraphs; :mod:`lfme_fast.compiling`)
 ``precision``  ``mixed_precision`` (no | bf16 | fp16), ``channels_last`` (true | false | auto = on GPU)
@@ -102,6 +108,10 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the dotted key and its source."""
 
 
+#: ``data.batch_size`` when neither it nor ``data.global_batch_size`` is set
+DEFAULT_BATCH_SIZE = 128
+
+
 # ---------------------------------------------------------------------------------------------------
 # schema
 # ---------------------------------------------------------------------------------------------------
@@ -111,7 +121,10 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str | None = None
     backend: str = "torch"
-    batch_size: int = 128
+    #: per-process batch; null resolves to 128 unless ``global_batch_size`` is set (lfme_fast.scale)
+    batch_size: int | None = None
+    #: global batch per optimizer step (all processes x grad_accum); the per-process batch follows
+    global_batch_size: int | None = None
     eval_batch_size: int | None = None
     num_workers: int | None = None
     resolution: int | None = None
@@ -157,6 +170,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     log_every: int = 50
     checkpoint_every_steps: int | None = None
+    sync_bn: bool = False
     compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False
 
 
@@ -540,8 +554,15 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
     stages = tuple(s for s in allowed if s in stages)  # the recipe's order, whatever the file's
 
     d = cfg.data
-    for key in ("batch_size",):
-        _check(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}", sources)
+    _check(d.batch_size is None or d.global_batch_size is None, "data.global_batch_size",
+           f"is {d.global_batch_size} but data.batch_size is {d.batch_size} too "
+           f"({_source('data.batch_size', sources)}): give the batch per process "
+           "(batch_size) or for all processes (global_batch_size), not both; set the other to null", sources)
+    for key in ("batch_size", "global_batch_size"):
+        _check(getattr(d, key) is None or getattr(d, key) >= 1, f"data.{key}",
+               f"must be >= 1 or null, got {getattr(d, key)}", sources)
+    if d.batch_size is None and d.global_batch_size is None:
+        d = dataclasses.replace(d, batch_size=DEFAULT_BATCH_SIZE)
     _check(d.eval_batch_size is None or d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1", sources)
     _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", "must be >= 0", sources)
     _check(d.resolution is None or d.resolution >= 8, "data.resolution", "must be >= 8 or null", sources)
@@ -594,6 +615,7 @@ def _validate(cfg: Config, sources: Mapping[str, str]) -> Config:
         cfg,
         stages=stages,
         output_dir=cfg.output_dir if cfg.output_dir is not None else f"runs/{cfg.name}",
+        # with a global batch the per-process batch (and so the eval default) is known only at launch
         data=dataclasses.replace(d, eval_batch_size=d.eval_batch_size or d.batch_size),
         log=dataclasses.replace(cfg.log, trackers=trackers),
     )
@@ -693,6 +715,17 @@ def fingerprint(cfg: Config, keys: Iterable[str], extra: Mapping[str, Any] | Non
     match, so a finished stage with a matching fingerprint is skipped.
     """
     payload = {k: config_to_dict(_lookup(cfg, k)) for k in sorted(keys)}
+    # A section given a global batch trains the same whatever the process count: its per-process batch
+    # (filled in at launch by lfme_fast.scale.resolve_world) is a fact of the launch, not of the
+    # experiment, and stays out of the identity (the global batch goes in through ``extra``).
+    for k in payload:
+        section = k[:-len(".batch_size")] if k.endswith(".batch_size") else k
+        sec = _lookup(cfg, section) if "." not in section else None
+        if dataclasses.is_dataclass(sec) and getattr(sec, "global_batch_size", None) is not None:
+            if k == section:
+                payload[k] = {**payload[k], "batch_size": None}
+            else:
+                payload[k] = None
     if extra:
         payload["__extra__"] = dict(extra)
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -27,9 +27,23 @@ the next index of that class's
 any is repeated, which lowers the variance of what the model sees without changing the class
 frequencies.
 
-Distributed use: every rank computes the same global order, pads it to a multiple of
-``num_replicas`` by repeating its start, and keeps the contiguous slice ``[rank * L, (rank + 1) * L)``.
-The shards are disjoint in position, equally long, and together are the padded global order.
+Distributed use: every rank computes the same global order. By default (evaluation) it is padded to a
+multiple of ``num_replicas`` by repeating its start, and each rank keeps the contiguous slice
+``[rank * L, (rank + 1) * L)``: the shards are disjoint in position, equally long, and together are
+the padded global order.
+
+Training loaders call :meth:`Sampler.shard_batches` with the per-process batch ``b`` first; the
+built-in samplers then shard the global order **in batches**: the order is cut into consecutive
+blocks of ``b`` and block ``j`` goes to rank ``j mod R``. Micro-batch ``k`` of every rank together is
+then positions ``[k R b, (k + 1) R b)`` of the one global order, so an optimizer step (``grad_accum``
+micro-batches on each rank) sees positions ``[s G, (s + 1) G)`` with ``G = b R grad_accum`` the
+global batch, whatever ``R`` is: a 1-process and an 8-process run with the same seed and global batch
+draw the same global batches in the same order (world-size invariance, issue 14). The epoch keeps
+its whole micro-steps of ``R b`` samples (on one process: exactly the ``drop_last`` batches of
+before). An epoch shorter than one micro-step (a small expert subset under many processes) is
+*topped up*: the global order is extended to ``R b`` positions by continuing the sampler's own order
+(further shuffle cycles, so samples repeat within the epoch) instead of leaving the loader empty;
+:attr:`_ArraySampler.topped_up` reports it.
 
 Curriculum weights (LFME SpIS): a built-in sampler constructed with ``initial_weights=v1`` (one
 float per dataset sample) and ``schedule`` returns, from ``indices_and_weights(epoch, total_epochs)``,
@@ -477,6 +491,14 @@ def curriculum_progress(epoch: int, total_epochs: int) -> float:
     return 1.0 if total_epochs == 1 else epoch / (total_epochs - 1)
 
 
+def _shard_batches(order: np.ndarray, num_replicas: int, rank: int, batch: int) -> np.ndarray:
+    """This rank's share of ``order`` in blocks of ``batch``: block ``j`` (positions ``[j b, (j+1) b)``)
+    goes to rank ``j mod R``; only whole micro-steps of ``R b`` positions are kept (a copy, contiguous)."""
+    step = num_replicas * batch
+    steps = order.size // step
+    return np.ascontiguousarray(order[:steps * step].reshape(steps, num_replicas, batch)[:, rank, :]).reshape(-1)
+
+
 def _shard(order: np.ndarray, num_replicas: int, rank: int) -> np.ndarray:
     """This rank's contiguous share of ``order`` padded (by wrapping its start) to a multiple of R."""
     if num_replicas == 1:
@@ -515,6 +537,16 @@ class Sampler(ABC):
     initial_weights: np.ndarray | None = None
     #: schedule name, one of ``schedules.SAMPLER_SCHEDULES``
     schedule: str = "linear"
+
+    def shard_batches(self, batch_size: int) -> "Sampler":
+        """Make this sampler shard its global order in blocks of ``batch_size`` (the per-process batch of
+        the training loader that will read it; see the module docstring) and return it.
+
+        The built-in samplers implement it (world-size invariant training). This default keeps the
+        subclass's own sharding unchanged: a custom sampler is then not guaranteed to give the same
+        global batches on any process count.
+        """
+        return self
 
     @abstractmethod
     def indices(self, epoch: int) -> np.ndarray:
@@ -601,6 +633,25 @@ class _ArraySampler(Sampler):
                              f"{max(self.labels.size, self.num_samples or 0)}")
         self._lock = threading.Lock()
         self._buffers: dict[str, np.ndarray] = {}
+        #: per-process batch of the training loader when sharding in batches (:meth:`shard_batches`)
+        self.shard_block: int | None = None
+
+    def shard_batches(self, batch_size: int) -> "_ArraySampler":
+        """Shard in blocks of ``batch_size`` from now on (see :meth:`Sampler.shard_batches`); returns self."""
+        self.shard_block = _as_int(batch_size, "batch_size", 1)
+        return self
+
+    @property
+    def topped_up(self) -> tuple[int, int] | None:
+        """``(epoch length, topped-up length)`` when the epoch was shorter than one micro-step of the
+        ranks together (``num_replicas x`` the batch) and is extended to it by repeating samples, else None."""
+        base = self._base_length()
+        return (base, self.global_length) if self.global_length > base else None
+
+    def _take_share(self, order: np.ndarray) -> np.ndarray:
+        if self.shard_block is not None:
+            return _shard_batches(order, self.num_replicas, self.rank, self.shard_block)
+        return _shard(order, self.num_replicas, self.rank)
 
     def __getstate__(self) -> dict:
         # locks do not pickle, and scratch is not worth shipping to another process
@@ -624,13 +675,23 @@ class _ArraySampler(Sampler):
     def _default_length(self) -> int:
         return int(self.labels.size)
 
-    @property
-    def global_length(self) -> int:
-        """Length of the (unpadded) global order of one epoch."""
+    def _base_length(self) -> int:
         return self.num_samples if self.num_samples is not None else self._default_length()
 
+    @property
+    def global_length(self) -> int:
+        """Length of the (unpadded) global order of one epoch: ``num_samples`` (default: the data's size),
+        topped up to one micro-step ``num_replicas x shard_block`` when it is shorter (see :attr:`topped_up`)."""
+        n = self._base_length()
+        if self.shard_block is not None:
+            n = max(n, self.num_replicas * self.shard_block)
+        return n
+
     def __len__(self) -> int:
-        """Per-rank length: ``ceil(global_length / num_replicas)``."""
+        """Per-rank length: ``ceil(global_length / num_replicas)``; when sharding in batches, the whole
+        micro-steps' share ``floor(global_length / (R b)) x b``."""
+        if self.shard_block is not None:
+            return (self.global_length // (self.num_replicas * self.shard_block)) * self.shard_block
         return -(-self.global_length // self.num_replicas)
 
     # ---- drawing ---------------------------------------------------------------------------------
@@ -683,7 +744,7 @@ class _ArraySampler(Sampler):
 
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's int64 dataset indices for ``epoch`` (see the module docstring on sharding)."""
-        return _shard(self.global_indices(epoch), self.num_replicas, self.rank)
+        return self._take_share(self.global_indices(epoch))
 
     def indices_and_weights(self, epoch: int, total_epochs: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, weights)`` of this rank, the float32 weights computed in the same njit pass.
@@ -698,7 +759,7 @@ class _ArraySampler(Sampler):
             idx = self.indices(epoch)
             return idx, np.ones(idx.size, dtype=np.float32)
         out_idx, out_w = self._global(epoch, True, code, t)
-        return _shard(out_idx, self.num_replicas, self.rank), _shard(out_w, self.num_replicas, self.rank)
+        return self._take_share(out_idx), self._take_share(out_w)
 
 
 # ==================================================================================================

@@ -101,6 +101,8 @@ class LoopSettings:
     tensorboard: bool = False
     desc: str = "train"
     compile: str | None = None
+    #: convert BatchNorm layers to SyncBatchNorm when training on several GPU processes (``train.sync_bn``)
+    sync_bn: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, *, epochs: int | None = None, desc: str = "train") -> "LoopSettings":
@@ -109,7 +111,7 @@ class LoopSettings:
         return cls(epochs=epochs if epochs is not None else cfg.optim.epochs, grad_accum=t.grad_accum,
                    max_steps_per_epoch=t.max_steps_per_epoch, checkpoint_every_steps=t.checkpoint_every_steps,
                    log_every=t.log_every, progress=cfg.log.progress, desc=desc,
-                   compile=compile_setting(t.compile))
+                   compile=compile_setting(t.compile), sync_bn=t.sync_bn)
 
 
 class TrainHooks:
@@ -245,7 +247,10 @@ class _Loop:
 
         self.n_batches = _batches_per_epoch(loader, loop)
         self.steps_per_epoch = -(-self.n_batches // loop.grad_accum)
+        self.batch = _batch_record(loader, accelerator.num_processes, loop.grad_accum)
         model = model.to(accelerator.device)
+        if loop.sync_bn:
+            model = _maybe_sync_bn(model, accelerator, self.console)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.raw_model = model
@@ -270,15 +275,19 @@ class _Loop:
         if info is None:
             return
         if self.fingerprint is not None and info.fingerprint != self.fingerprint:
+            if info.world_size != self.acc.num_processes and info.batch.get("batch_semantics") != "global":
+                # per-process batches: the process count is part of the configuration (the global batch
+                # follows it), so this is not "another configuration" to discard quietly
+                raise RuntimeError(
+                    f"checkpoint {info.path} was written by {info.world_size} process(es) with per-process batches "
+                    f"(global batch {info.batch.get('global_batch', 'not recorded')}); this launch has "
+                    f"{self.acc.num_processes} process(es) and so another global batch. Relaunch with "
+                    f"{info.world_size} processes to continue it, or delete {self.ckpt_dir} to start this stage "
+                    "over. (Batches given as data.global_batch_size resume on any process count.)")
             self.console(f"ignoring checkpoint {info.path}: written for another configuration "
                          f"(fingerprint {info.fingerprint} != {self.fingerprint}); starting over")
             return
-        if info.world_size != self.acc.num_processes and info.batches_done > 0:
-            raise RuntimeError(
-                f"checkpoint {info.path} is mid-epoch and was written by {info.world_size} process(es), but this "
-                f"run has {self.acc.num_processes}: per-rank shards differ, so the epoch cannot be resumed "
-                f"exactly. Resume with {info.world_size} processes or delete {self.ckpt_dir}."
-            )
+        batches_done = self._resume_position(info)
         state = load_checkpoint_state(info)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -286,15 +295,57 @@ class _Loop:
         if state.get("scaler") is not None and self.acc.scaler is not None:
             self.acc.scaler.load_state_dict(state["scaler"])
         self.hooks.load_state_dict(state.get("hooks", {}))
-        self.pos = _Position(info.epoch, info.batches_done, info.global_step)
+        self.pos = _Position(info.epoch, batches_done, info.global_step)
         self.resume_rng = load_rng_file(info, self.acc.process_index) if info.world_size == self.acc.num_processes \
             else None
         self.resumed_from = info.tag
         dropped = self.log.truncate_after(info.global_step)
-        self.log.write({"event": "resume", "from": info.tag, "epoch": info.epoch, "batches_done": info.batches_done,
-                        "global_step": info.global_step, "dropped_records": dropped})
+        self.log.write({"event": "resume", "from": info.tag, "epoch": info.epoch, "batches_done": batches_done,
+                        "global_step": info.global_step, "dropped_records": dropped,
+                        "from_world_size": info.world_size, **self.batch})
         self.console(f"resumed from {info.path} (epoch {info.epoch}, {info.batches_done} batches done, "
                      f"step {info.global_step})")
+
+    def _resume_position(self, info: Any) -> int:
+        """Batches of ``info.epoch`` already done on this process, for a checkpoint written by any process
+        count.
+
+        Same process count: the checkpoint's own count. Another count at an epoch boundary: 0, the next
+        epoch starts from its beginning (the epoch order depends on ``(seed, epoch)`` only). Another
+        count mid-epoch: the global position (optimizer steps done x global batch) is kept when the
+        global batch is the same (``data.global_batch_size``): with the global order sharded in
+        per-process batches, step ``s`` starts at position ``s x G`` on any process count, so this
+        process skips ``s x grad_accum`` of its micro-batches. Otherwise it refuses, saying how to
+        proceed; an epoch is never silently restarted.
+        """
+        if info.world_size == self.acc.num_processes or info.batches_done == 0:
+            return info.batches_done
+        old = info.batch
+        here = f"{self.acc.num_processes} process(es), global batch {self.batch.get('global_batch')}"
+        fixes = (f"Resume with {info.world_size} processes; or wait for the next epoch-end checkpoint (an "
+                 f"epoch boundary resumes on any process count); or delete {self.ckpt_dir} to restart this stage.")
+        if not old or old.get("global_batch") is None or self.batch.get("global_batch") is None:
+            raise RuntimeError(f"checkpoint {info.path} is mid-epoch and was written by {info.world_size} process(es) "
+                               f"without a recorded batch layout, but this run has {here}: the global position "
+                               f"cannot be mapped. {fixes}")
+        if old["global_batch"] != self.batch["global_batch"]:
+            raise RuntimeError(
+                f"checkpoint {info.path} is mid-epoch, written by {info.world_size} process(es) with global batch "
+                f"{old['global_batch']} ({old.get('per_process_batch')} per process x grad_accum "
+                f"{old.get('grad_accum')}), but this run has {here}: a different global batch cannot continue the "
+                f"epoch's order. Give the batch as data.global_batch_size (experts./cbd.global_batch_size for "
+                f"those stages) = {old['global_batch']} so it stays the same on any process count. {fixes}")
+        accum_old = int(old.get("grad_accum") or 1)
+        if info.batches_done % accum_old:
+            raise RuntimeError(f"checkpoint {info.path} is not at an optimizer-step boundary "
+                               f"({info.batches_done} micro-batches, grad_accum {accum_old}). {fixes}")
+        steps = info.batches_done // accum_old
+        batches = steps * self.loop.grad_accum
+        self.console(f"resuming mid-epoch on {self.acc.num_processes} process(es) from a checkpoint of "
+                     f"{info.world_size}: {steps} steps of global batch {old['global_batch']} done in epoch "
+                     f"{info.epoch}; continuing at global position {steps * old['global_batch']} "
+                     f"({batches} micro-batches per process)")
+        return batches
 
     def _checkpoint(self, epoch: int, batches_done: int, epoch_rng: dict[str, Any]) -> None:
         unwrapped = self._unwrapped()
@@ -309,7 +360,8 @@ class _Loop:
             epoch, batches_done = epoch + 1, 0
         save_checkpoint(self.ckpt_dir, accelerator=self.acc, state=state,
                         rng={"epoch_start": epoch_rng, "current": rng_state()}, epoch=epoch,
-                        batches_done=batches_done, global_step=self.pos.global_step, fingerprint=self.fingerprint)
+                        batches_done=batches_done, global_step=self.pos.global_step, fingerprint=self.fingerprint,
+                        batch=self.batch)
 
     # ---- one epoch -----------------------------------------------------------------------------
     def _start_epoch(self, epoch: int) -> tuple[Any, dict[str, Any], int]:
@@ -407,7 +459,12 @@ class _Loop:
             self.log.write({"event": "start", "global_step": 0, "world_size": self.acc.num_processes,
                             "epochs": loop.epochs, "batches_per_epoch": self.n_batches,
                             "steps_per_epoch": self.steps_per_epoch, "grad_accum": loop.grad_accum,
-                            "fingerprint": self.fingerprint})
+                            "fingerprint": self.fingerprint, **self.batch})
+        if self.batch:
+            self.console(f"world size {self.batch['world_size']}, per-process batch "
+                         f"{self.batch['per_process_batch']}, grad_accum {self.batch['grad_accum']}, global batch "
+                         f"{self.batch['global_batch']}" + (f" ({self.batch['batch_key']})"
+                                                            if self.batch.get("batch_key") else ""))
         pbar = ProgressBar(loop.epochs * self.steps_per_epoch, loop.desc, loop.progress and self.main,
                            initial=self.pos.global_step)
         try:
@@ -419,6 +476,32 @@ class _Loop:
         model = self._unwrapped()
         return TrainResult(model=model, global_step=self.pos.global_step, history=history,
                            resumed_from=self.resumed_from)
+
+
+def _batch_record(loader: Any, world_size: int, grad_accum: int) -> dict[str, Any]:
+    """World size, per-process batch, accumulation and global batch of a training loader, as recorded
+    in ``log.jsonl`` and checkpoints: the loader's :class:`~lfme_fast.scale.BatchPlan` when
+    :meth:`RunContext.train_loader` attached one, else derived from its spec's batch size (empty when
+    the loader has neither)."""
+    plan = getattr(loader, "batch_plan", None)
+    if plan is not None:
+        return plan.as_record()
+    per = getattr(getattr(loader, "spec", None), "batch_size", None)
+    if per is None:
+        return {}
+    return {"world_size": world_size, "per_process_batch": int(per), "grad_accum": grad_accum,
+            "global_batch": int(per) * world_size * grad_accum}
+
+
+def _maybe_sync_bn(model: torch.nn.Module, acc: Any, console: Any) -> torch.nn.Module:
+    """``train.sync_bn``: BatchNorm -> SyncBatchNorm when several GPU processes train (batch statistics
+    over every process's share of the micro-step, as one process with the whole micro-step would
+    compute them). On CPU (gloo) and on one process the model is returned unchanged, with a note."""
+    if acc.num_processes < 2 or acc.device.type != "cuda":
+        console(f"train.sync_bn: ignored ({acc.num_processes} process(es) on {acc.device.type}; SyncBatchNorm "
+                "needs several GPU processes)")
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def _shard_audit(acc: Any, indices: list[Any]) -> dict[str, Any]:
@@ -560,8 +643,22 @@ class RunContext:
 
         if cfg.data.root is None:
             raise DataError("data.root is not set: pass data.root=PATH (a dataset prepared with python -m data_prep)")
+        from lfme_fast.config import ConfigError
+        from lfme_fast.scale import BatchError, resolve_batch, resolve_world
+
+        #: the config as loaded (batch sizes as the file gave them); ``cfg`` is it resolved for this launch
+        self.launch_cfg = cfg
+        try:
+            cfg = resolve_world(cfg, accelerator.num_processes)
+        except BatchError as exc:
+            raise ConfigError(str(exc)) from None
         self.cfg = cfg
         self.accelerator = accelerator
+        d = self.launch_cfg.data
+        #: the student's / baseline's batch layout on this launch (:class:`lfme_fast.scale.BatchPlan`)
+        self.batch = resolve_batch("data", None if d.global_batch_size is not None else d.batch_size,
+                                   d.global_batch_size, accelerator.num_processes, cfg.train.grad_accum)
+        self._console = Console(accelerator.is_main_process, "scale")
         self.root = Path(cfg.data.root)
         self.manifest = load_manifest(self.root)
         splits = self.manifest.get("splits", {})
@@ -591,10 +688,20 @@ class RunContext:
         return self.manifest["splits"][split].get("fingerprint")
 
     def model_fingerprint_extra(self) -> dict[str, Any]:
-        """What a trained model depends on besides config keys: the data and the process count
-        (the global batch is ``batch_size x processes``)."""
-        return {"train_data": self.split_fingerprint(self.cfg.data.train_split),
-                "world_size": self.accelerator.num_processes}
+        """What a trained model depends on besides config keys: the data, and the process count when a
+        batch is given per process (the global batch is ``batch_size x processes``). A config whose
+        batches are all global (:func:`lfme_fast.scale.world_invariant`) records the global batches
+        instead, so its stages (finished ones and checkpoints) carry over to another process count."""
+        from lfme_fast.scale import batch_sections, world_invariant
+
+        extra: dict[str, Any] = {"train_data": self.split_fingerprint(self.cfg.data.train_split)}
+        globals_ = {s: getattr(self.launch_cfg, s).global_batch_size for s in batch_sections(self.launch_cfg)
+                    if getattr(self.launch_cfg, s).global_batch_size is not None}
+        if globals_:
+            extra["global_batch"] = {s: list(v) if isinstance(v, tuple) else v for s, v in globals_.items()}
+        if not world_invariant(self.launch_cfg):
+            extra["world_size"] = self.accelerator.num_processes
+        return extra
 
     @property
     def loader_dtype(self) -> torch.dtype:
@@ -618,6 +725,15 @@ class RunContext:
         return build_sampler(kind, labels, seed=self.cfg.seed + seed_offset, num_replicas=self.accelerator.num_processes,
                              rank=self.accelerator.process_index, total_epochs=total_epochs, **given)
 
+    @property
+    def num_workers(self) -> int:
+        """Loader workers per process: ``data.num_workers``, or when null the CPUs this process may use
+        divided by the processes on this machine (:func:`lfme_fast.scale.default_num_workers`)."""
+        from lfme_fast.scale import default_num_workers
+
+        n = self.cfg.data.num_workers
+        return default_num_workers() if n is None else int(n)
+
     def loader_options(self, split: str, *, train: bool, batch_size: int, sampler: Any = None, total_epochs: int = 1,
                        **changes: Any) -> Any:
         """The :class:`lfme_fast.loaders.LoaderOptions` of this run for ``split`` (data section, device,
@@ -633,14 +749,36 @@ class RunContext:
                              num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
                              **changes)
 
-    def train_loader(self, sampler: Any, total_epochs: int, batch_size: int | None = None, **changes: Any) -> Any:
+    def train_loader(self, sampler: Any, total_epochs: int, batch_size: int | None = None, *,
+                     batch_plan: Any = None, what: str = "", **changes: Any) -> Any:
         """Training loader over ``data.train_split`` in ``sampler``'s order (this process's share);
-        ``changes`` are further loader settings a recipe needs (``views_per_sample=2``, ``colour=...``)."""
+        ``changes`` are further loader settings a recipe needs (``views_per_sample=2``, ``colour=...``).
+        ``batch_plan`` (a :class:`lfme_fast.scale.BatchPlan`) is recorded with the loader for the
+        trainer's start record (default: the ``data`` section's when ``batch_size`` is its per-process
+        batch); ``what`` names the data in the one-time top-up message (an expert's subset)."""
         from lfme_fast.loaders import build_loader
 
-        return build_loader(self.loader_options(self.cfg.data.train_split, train=True,
-                                                batch_size=batch_size or self.cfg.data.batch_size, sampler=sampler,
-                                                total_epochs=total_epochs, **changes))
+        loader = build_loader(self.loader_options(self.cfg.data.train_split, train=True,
+                                                  batch_size=batch_size or self.cfg.data.batch_size, sampler=sampler,
+                                                  total_epochs=total_epochs, **changes))
+        per = int(batch_size or self.cfg.data.batch_size)
+        if batch_plan is not None:
+            loader.batch_plan = batch_plan
+        elif per == self.batch.per_process:
+            loader.batch_plan = self.batch
+        self.report_top_up(getattr(getattr(loader, "spec", None), "sampler", None), what or "training data")
+        return loader
+
+    def report_top_up(self, sampler: Any, what: str) -> None:
+        """Say once (main process) that ``sampler``'s epoch was shorter than one micro-step of all
+        processes and is topped up by repeating samples (:attr:`lfme_fast.sampling._ArraySampler.topped_up`)."""
+        top = getattr(sampler, "topped_up", None)
+        if top is None:
+            return
+        base, padded = top
+        self._console(f"{what}: {base} samples per epoch is less than one micro-batch of all {self.accelerator.num_processes} "
+                      f"process(es) ({padded} = processes x per-process batch); the epoch is topped up to {padded} "
+                      f"by repeating samples, one optimizer step per epoch")
 
     def eval_loader(self, split: str, sampler: Any = None, **changes: Any) -> Any:
         """Evaluation loader (no augmentation) over ``split``: this process's share of all samples,

@@ -44,6 +44,7 @@ from lfme_fast.augment import (
     normalize_coefficients,
     resolve_augment,
 )
+from lfme_fast.scale import default_num_workers
 from lfme_fast.shards import ShardReader, load_manifest
 
 
@@ -114,7 +115,9 @@ class LoaderOptions:
       ffcv Loader ordered by our sampler; 'dali': shard JPEGs via external_source, GPU decode when
       CUDA is available; 'torch': the PIL + DataLoader baseline).
     * ``train``: training loader (random augmentation, ``drop_last``, curriculum weights) or eval.
-    * ``sampler``: a :class:`lfme_fast.sampling.Sampler` yielding this rank's share. None: the
+    * ``sampler``: a :class:`lfme_fast.sampling.Sampler` yielding this rank's share (a training loader
+      first calls its ``shard_batches(batch_size)``: the global order is sharded in per-process
+      batches, so the global batches do not depend on the process count). None: the
       sequential eval order (``train=False``; with several replicas each rank gets a contiguous,
       disjoint share of 0..N-1, no padding) or an instance shuffle (``train=True``). Weights come from
       ``sampler.indices_and_weights(epoch, total_epochs)`` when a sampler is given and ``train``;
@@ -133,7 +136,8 @@ class LoaderOptions:
       strength 1.
     * ``device``/``dtype``/``channels_last``: where and how ``Batch.images`` arrive (float32,
       bfloat16 or float16; a dtype name is accepted).
-    * ``num_workers``: None = every CPU. ``drop_last``: None = ``train``. ``in_memory``: ffcv's
+    * ``num_workers``: None = the CPUs this process may use (affinity, cgroup quota) divided by the
+      processes on this machine (``LOCAL_WORLD_SIZE``): :func:`lfme_fast.scale.default_num_workers`. ``drop_last``: None = ``train``. ``in_memory``: ffcv's
       os_cache / the shard reader's page cache (False: read through).
     * ``views`` (+ ``fixed_view``): replay stored fixed crops (:class:`FixedViews`) instead of random
       augmentation; ``fixed_view`` shows that view of every sample, else each epoch picks one.
@@ -569,7 +573,7 @@ def resolve_spec(options: LoaderOptions) -> LoaderSpec:
         if fixed_view is not None and not 0 <= int(fixed_view) < views.num_views:
             raise ValueError(f"fixed_view must be in 0..{views.num_views - 1}, got {fixed_view}")
     sampler = _resolve_sampler(o, labels)
-    num_workers = (os.cpu_count() or 1) if o.num_workers is None else o.num_workers
+    num_workers = default_num_workers() if o.num_workers is None else o.num_workers
     drop_last = bool(train) if o.drop_last is None else o.drop_last
     spec = LoaderSpec(root=root, split=split, train=bool(train), batch_size=int(o.batch_size), mode=mode,
                       resolution=resolution, heights=heights, widths=widths, labels=labels,
@@ -592,10 +596,25 @@ def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:
     from lfme_fast.sampling import InstanceSampler, Sampler  # here: importing the numba kernels is not free
 
     if o.sampler is None:
-        return InstanceSampler(labels, seed=o.seed, num_replicas=o.num_replicas, rank=o.rank) if o.train else None
+        if not o.train:
+            return None
+        # sharded in batches, like the recipes' samplers: the same global batches on any process count
+        return InstanceSampler(labels, seed=o.seed, num_replicas=o.num_replicas, rank=o.rank).shard_batches(
+            int(o.batch_size))
     if not isinstance(o.sampler, Sampler):
         raise TypeError(f"sampler must be a lfme_fast.sampling.Sampler, got {type(o.sampler).__name__}: subclass "
                         "Sampler (implement indices(epoch); its docstring lists what the loaders call)")
-    if len(o.sampler) < 1:
+    sampler = o.sampler
+    if o.train:
+        # A training loader reads its sampler's global order sharded in blocks of its per-process batch
+        # (world-size invariant global batches, lfme_fast.sampling); a sampler already sharded for
+        # another batch size is copied rather than changed under its other loader.
+        block = getattr(sampler, "shard_block", None)
+        if block is not None and block != int(o.batch_size):
+            import copy
+
+            sampler = copy.copy(sampler)
+        sampler = sampler.shard_batches(int(o.batch_size))
+    if len(sampler) < 1:
         raise ValueError("sampler yields no samples")
-    return o.sampler
+    return sampler

@@ -192,10 +192,13 @@ class Recipe:
         self.console = Console(acc.is_main_process, self.cfg.name)
         set_seed(self.cfg.seed)
         self.ctx = RunContext(self.cfg, acc)
+        # from here on the config of this launch: global batches resolved to per-process ones
+        # (lfme_fast.scale.resolve_world); config.yaml keeps the file's form, which any launch can read
+        self.cfg = self.ctx.cfg
         self.check()
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.ctx.launch_cfg, self.run_dir / "config.yaml")
         self.log_file = LogFile(self.run_dir / "train.log", enabled=acc.is_main_process)
         self.log_file.open(f"{self.cfg.name}: recipe {self.cfg.recipe}")
         acc.wait_for_everyone()

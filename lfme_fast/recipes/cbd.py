@@ -125,16 +125,20 @@ class CBDConfig:
 
     Teachers: ``teachers`` (list of ``{seed, augment}``; default the official CBD-ENS set),
     ``epochs``/``lr``/``batch_size``/``arch`` (null: ``optim.epochs``/``optim.lr``/``data.batch_size``/
-    ``model.arch``), ``sampler`` (instance). Student: ``alpha`` (CE weight ``1 - alpha``), ``beta``
-    (feature-term scale), ``projection`` (``g`` = Linear + ReLU to the concatenated teacher width;
+    ``model.arch``), ``global_batch_size`` (the teachers' batch for all processes together; the
+    per-process batch is ``global / (world size x train.grad_accum)``; at most one of ``batch_size`` /
+    ``global_batch_size``; both null: ``data``'s form and value), ``sampler`` (instance). Student:
+    ``alpha`` (CE weight ``1 - alpha``), ``beta`` (feature-term scale), ``projection`` (``g`` = Linear + ReLU to the concatenated teacher width;
     false = identity, only when the widths match), ``samples_per_class`` (class-balanced visit size).
-    Store: ``views`` (stored views per image, or ``all`` pad-crop views), ``feature_dtype``.
+    Store: ``views`` (stored views per image, or ``all`` pad-crop views), ``feature_dtype``, ``fill``
+    (``all`` rows, or only the rows the student will ``drawn``: see :mod:`lfme_fast.offline`).
     """
 
     teachers: tuple[TeacherConfig, ...] = DEFAULT_TEACHERS
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
+    global_batch_size: int | None = None
     arch: str | None = None
     sampler: Literal["instance"] = "instance"
     alpha: float = 0.4
@@ -153,6 +157,14 @@ class CBDConfig:
         check(self.epochs is None or self.epochs >= 1, "cbd.epochs", "must be >= 1 or null")
         check(self.lr is None or self.lr > 0, "cbd.lr", "must be > 0 or null")
         check(self.batch_size is None or self.batch_size >= 1, "cbd.batch_size", "must be >= 1 or null")
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "cbd.global_batch_size",
+              "must be >= 1 or null")
+        check(self.batch_size is None or self.global_batch_size is None, "cbd.global_batch_size",
+              f"is {self.global_batch_size} but cbd.batch_size is {self.batch_size} too: give the teachers' batch "
+              "per process or for all processes, not both; set the other to null")
+        batch, global_batch = self.batch_size, self.global_batch_size
+        if batch is None and global_batch is None:  # inherit data's form and value
+            batch, global_batch = cfg.data.batch_size, cfg.data.global_batch_size
         check(self.views == "all" or self.views >= 1, "cbd.views", f"must be >= 1 or 'all', got {self.views!r}")
         check(self.samples_per_class >= 1, "cbd.samples_per_class", "must be >= 1")
         # The student reads cbd.samples_per_class; a different train.samples_per_class would be ignored
@@ -170,7 +182,7 @@ class CBDConfig:
             self,
             epochs=self.epochs if self.epochs is not None else cfg.optim.epochs,
             lr=self.lr if self.lr is not None else cfg.optim.lr,
-            batch_size=self.batch_size if self.batch_size is not None else cfg.data.batch_size,
+            batch_size=batch, global_batch_size=global_batch,
             arch=self.arch if self.arch is not None else cfg.model.arch,
         )
         resolved._check_widths(cfg, check)

@@ -19,8 +19,10 @@ data), so a re-run skips finished experts and resumes an interrupted one.
 
 Config section ``experts`` (:class:`ExpertsConfig`; used by the ``experts`` and ``lfme`` recipes):
 ``convention`` (lfme | strict), ``thresholds`` (null: the convention's; else strictly descending
-inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size`` (one int, or one per subset, many ->
-few), ``lr``, ``arch`` (null: each inherits the ``optim``/``data``/``model`` value), ``sampler``
+inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size`` (per process: one int, or one per
+subset, many -> few), ``global_batch_size`` (the same, for all processes together, as the paper gives
+it: 128/64/32 for ImageNet-LT; the per-process batch is ``global / (world size x train.grad_accum)``;
+at most one of the two; both null: ``data``'s form and value), ``lr``, ``arch`` (null: each inherits the ``optim``/``data``/``model`` value), ``sampler``
 (instance), ``eval_test`` (also score each expert on the test split).
 
 ``python -m lfme_fast.experts compare --experts RUN_E --model RUN_B --out FILE`` compares experts with
@@ -57,10 +59,15 @@ __all__ = ["ExpertsConfig", "ExpertsRecipe", "ExpertInfo", "expert_subsets", "la
 class ExpertsConfig:
     """Config section ``experts`` (see the module docstring)."""
 
+    #: a global batch that does not divide into the launch is reported by the experts stage, naming the
+    #: subset and its size (lfme_fast.scale.resolve_world leaves it to us)
+    BATCH_ERRORS_LATE = True
+
     convention: Literal["lfme", "strict"] = "lfme"
     thresholds: tuple[int, ...] | None = None
     epochs: int | None = None
     batch_size: int | tuple[int, ...] | None = None
+    global_batch_size: int | tuple[int, ...] | None = None
     lr: float | None = None
     arch: str | None = None
     sampler: Literal["instance"] = "instance"
@@ -78,16 +85,23 @@ class ExpertsConfig:
               f"unknown architecture {self.arch!r}; known: {sorted(MODELS)}")
         check(self.epochs is None or self.epochs >= 1, "experts.epochs", "must be >= 1 or null")
         check(self.lr is None or self.lr > 0, "experts.lr", "must be > 0 or null")
-        bs = self.batch_size if isinstance(self.batch_size, tuple) else \
-            (self.batch_size,) if self.batch_size is not None else ()
-        check(all(b >= 1 for b in bs), "experts.batch_size", "must be >= 1")
-        if isinstance(self.batch_size, tuple):
-            check(len(self.batch_size) == n_subsets, "experts.batch_size",
-                  f"a list needs one entry per subset ({n_subsets}), got {len(self.batch_size)}")
+        check(self.batch_size is None or self.global_batch_size is None, "experts.global_batch_size",
+              f"is {self.global_batch_size} but experts.batch_size is {self.batch_size} too: give the experts' "
+              "batch per process or for all processes, not both; set the other to null")
+        for key in ("batch_size", "global_batch_size"):
+            value = getattr(self, key)
+            bs = value if isinstance(value, tuple) else (value,) if value is not None else ()
+            check(all(b >= 1 for b in bs), f"experts.{key}", "must be >= 1")
+            if isinstance(value, tuple):
+                check(len(value) == n_subsets, f"experts.{key}",
+                      f"a list needs one entry per subset ({n_subsets}), got {len(value)}")
+        batch, global_batch = self.batch_size, self.global_batch_size
+        if batch is None and global_batch is None:  # inherit data's form and value
+            batch, global_batch = cfg.data.batch_size, cfg.data.global_batch_size
         return dataclasses.replace(
             self,
             epochs=self.epochs if self.epochs is not None else cfg.optim.epochs,
-            batch_size=self.batch_size if self.batch_size is not None else cfg.data.batch_size,
+            batch_size=batch, global_batch_size=global_batch,
             lr=self.lr if self.lr is not None else cfg.optim.lr,
             arch=self.arch if self.arch is not None else cfg.model.arch,
         )
@@ -98,6 +112,8 @@ class ExpertsConfig:
 _OPTIM_KEYS = tuple(f"optim.{f.name}" for f in dataclasses.fields(OptimConfig) if f.name != "epochs")
 EXPERT_KEYS = tuple(k for k in MODEL_KEYS if (not k.startswith("train.") and k != "optim")
                     or k in ("train.grad_accum", "train.max_steps_per_epoch")) + _OPTIM_KEYS
+# experts.global_batch_size is not a key: it enters through model_fingerprint_extra (only when set, so
+# the fingerprints of configs without it are unchanged)
 EXPERT_KEYS = EXPERT_KEYS + ("experts.convention", "experts.thresholds", "experts.epochs", "experts.batch_size",
                              "experts.lr", "experts.arch", "experts.sampler")
 
@@ -140,8 +156,32 @@ def label_map(classes: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def _expert_batch_size(cfg: Config, k: int) -> int:
+    """Expert ``k``'s per-process batch (``experts.batch_size``; with a global batch, filled in for the
+    launch by :func:`lfme_fast.scale.resolve_world`)."""
     bs = cfg.experts.batch_size
     return int(bs[k]) if isinstance(bs, tuple) else int(bs)
+
+
+def expert_batch_plan(ctx: RunContext, k: int, subset: Subset) -> Any:
+    """Expert ``k``'s :class:`lfme_fast.scale.BatchPlan` on this launch.
+
+    Raises:
+        ConfigError: its global batch cannot be split over this launch's processes; the message names the
+            subset, its number of training images and the world size.
+    """
+    from lfme_fast.config import ConfigError
+    from lfme_fast.scale import BatchError, resolve_batch
+
+    e = ctx.launch_cfg.experts
+    pick = (lambda v: None if v is None else int(v[k]) if isinstance(v, tuple) else int(v))
+    key = f"experts.global_batch_size[{k}]" if isinstance(e.global_batch_size, tuple) else "experts"
+    n_images = int(np.isin(ctx.labels(ctx.cfg.data.train_split), subset.classes).sum())
+    try:
+        return resolve_batch(key, pick(e.batch_size), pick(e.global_batch_size), ctx.accelerator.num_processes,
+                             ctx.cfg.train.grad_accum,
+                             what=f"expert subset {subset.name!r}: {len(subset)} classes, {n_images} training images")
+    except BatchError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _subset_eval(ctx: RunContext, model: torch.nn.Module, split: str, subset: Subset) -> dict[str, Any]:
@@ -193,7 +233,9 @@ def _expert_job(recipe: Recipe, k: int, subset: Subset) -> TrainJob:
                                     seed_offset=1000 * (k + 1))
         lmap = torch.as_tensor(label_map(subset.classes, ctx.num_classes), device=ctx.device)
         return TrainParts(model=ctx.build_model(len(subset), e.arch, seed_offset=1000 * (k + 1)),
-                          loader=ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k)),
+                          loader=ctx.train_loader(sampler, e.epochs, _expert_batch_size(cfg, k),
+                                                  batch_plan=expert_batch_plan(ctx, k, subset),
+                                                  what=f"expert {subset.name!r}"),
                           loss_fn=lambda batch, logits: weighted_cross_entropy(logits, lmap[batch.labels]),
                           epochs=e.epochs, lr=e.lr, hooks=_ExpertValHook(ctx, subset))
 
@@ -235,7 +277,10 @@ def train_experts(recipe: Recipe) -> list[ExpertInfo]:
     """
     ctx, run_dir = recipe.ctx, recipe.run_dir
     infos = []
-    for k, subset in enumerate(expert_subsets(recipe.cfg, ctx.train_counts)):
+    subsets = expert_subsets(recipe.cfg, ctx.train_counts)
+    for k, subset in enumerate(subsets):  # every expert's batch layout, before the first one trains
+        expert_batch_plan(ctx, k, subset)
+    for k, subset in enumerate(subsets):
         job = _expert_job(recipe, k, subset)
         trained = recipe.train_stage(job) is not None
         metrics = json.loads((job.stage_dir / "metrics.json").read_text())

@@ -1,0 +1,274 @@
+"""Scaling out (issue 14), without launching processes: global batch semantics, world-size invariant
+sharding of the samplers, topped-up small subsets, worker defaults, and the resume rules for another
+process count. The multi-process runs are in tests/test_scale_launch.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from lfme_fast.config import ConfigError, config_from_dict, fingerprint, load_config
+from lfme_fast.sampling import build_sampler
+from lfme_fast.scale import (
+    BatchError,
+    default_num_workers,
+    resolve_batch,
+    resolve_world,
+    usable_cpus,
+    world_invariant,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- batch semantics ------------------------------------------------------------------------------
+
+def test_resolve_batch_per_process_and_global():
+    p = resolve_batch("data", 32, None, 8, 1)
+    assert (p.per_process, p.global_batch, p.semantics) == (32, 256, "per_process")
+    g = resolve_batch("data", None, 256, 8, 2)
+    assert (g.per_process, g.global_batch, g.semantics, g.key) == (16, 256, "global", "data.global_batch_size")
+    assert g.as_record() == {"world_size": 8, "per_process_batch": 16, "grad_accum": 2, "global_batch": 256,
+                             "batch_semantics": "global", "batch_key": "data.global_batch_size"}
+
+
+def test_resolve_batch_errors_name_the_key():
+    with pytest.raises(BatchError, match=r"data\.global_batch_size=256 does not divide into world size 3 x "
+                                         r"train\.grad_accum 1 = 3.*e\.g\. 255 or 258"):
+        resolve_batch("data", None, 256, 3, 1)
+    with pytest.raises(BatchError, match=r"experts\.global_batch_size\[2\]=32 \(expert few\) is smaller than "
+                                         r"world size 64"):
+        resolve_batch("experts.global_batch_size[2]", None, 32, 64, 1, what="expert few")
+    with pytest.raises(BatchError, match="set exactly one"):
+        resolve_batch("data", 32, 256, 1, 1)
+
+
+def _lfme_cfg(*overrides: str):
+    return load_config(REPO / "configs" / "imagenet_lt" / "lfme.yaml", list(overrides))
+
+
+def test_config_rejects_both_forms():
+    with pytest.raises(ConfigError, match=r"data\.global_batch_size: is 256 but data\.batch_size is 64 too "
+                                          r"\(override 'data\.batch_size=64'\)"):
+        _lfme_cfg("data.batch_size=64")
+    with pytest.raises(ConfigError, match=r"experts\.global_batch_size: is \(128, 64, 32\) but experts\.batch_size"):
+        _lfme_cfg("experts.batch_size=32")
+    with pytest.raises(ConfigError, match=r"cbd\.global_batch_size: is 64 but cbd\.batch_size is 32"):
+        load_config(REPO / "configs" / "imagenet_lt" / "cbd.yaml", ["cbd.batch_size=32", "cbd.global_batch_size=64"])
+    with pytest.raises(ConfigError, match=r"data\.global_batch_size: must be >= 1"):
+        config_from_dict({"data": {"global_batch_size": 0}})
+
+
+def test_paper_configs_use_the_global_form():
+    for rel in ("imagenet_lt/lfme.yaml", "imagenet_lt/cbd_ens.yaml", "imagenet_lt/ecl.yaml", "places_lt/lfme.yaml",
+                "inat18/lfme.yaml", "inat18/cbd_ens.yaml", "cifar10_lt/lfme.yaml", "cifar100_lt/lfme.yaml",
+                "cifar100_lt/ecl.yaml"):
+        cfg = load_config(REPO / "configs" / rel)
+        assert cfg.data.batch_size is None and cfg.data.global_batch_size is not None, rel
+        assert world_invariant(cfg), rel
+    cfg = _lfme_cfg()
+    assert cfg.experts.global_batch_size == (128, 64, 32) and cfg.experts.batch_size is None
+
+
+def test_resolve_world_fills_per_process_batches():
+    cfg = _lfme_cfg()
+    one, eight = resolve_world(cfg, 1), resolve_world(cfg, 8)
+    assert (one.data.batch_size, one.experts.batch_size) == (256, (128, 64, 32))
+    assert (eight.data.batch_size, eight.experts.batch_size) == (32, (16, 8, 4))
+    assert eight.data.global_batch_size == 256 and eight.data.eval_batch_size == 512  # set in the file: kept
+    # the experts' own stage reports an impossible split (it knows the subset); data fails at once
+    assert resolve_world(cfg, 64).experts.batch_size is None
+    with pytest.raises(BatchError, match=r"data\.global_batch_size=256 is smaller than world size 512"):
+        resolve_world(cfg, 512)
+    per = load_config(REPO / "configs" / "smoke.yaml")
+    assert resolve_world(per, 4) is per  # the per-process form is left alone
+
+
+def test_fingerprint_ignores_the_per_process_batch_of_a_global_config():
+    from lfme_fast.recipes.experts import EXPERT_KEYS
+    from lfme_fast.trainer import MODEL_KEYS
+
+    cfg = _lfme_cfg()
+    for keys in (MODEL_KEYS, EXPERT_KEYS):
+        assert fingerprint(resolve_world(cfg, 1), keys) == fingerprint(resolve_world(cfg, 8), keys)
+    per = load_config(REPO / "configs" / "smoke.yaml")
+    assert fingerprint(per, MODEL_KEYS) != fingerprint(load_config(REPO / "configs" / "smoke.yaml",
+                                                                   ["data.batch_size=32"]), MODEL_KEYS)
+
+
+# ---- world-size invariant sharding --------------------------------------------------------------
+
+def _labels(n: int = 997, classes: int = 13, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = np.maximum(1, (200 * 0.8 ** np.arange(classes)).astype(int))
+    labels = np.repeat(np.arange(classes), counts)
+    return rng.permutation(labels)[:n] if n < labels.size else rng.permutation(labels)
+
+
+def _global_steps(kind: str, labels: np.ndarray, world: int, global_batch: int, accum: int, epoch: int,
+                  **kw) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (indices, weights) of every optimizer step of ``epoch``, assembled from ``world`` ranks the way
+    the trainer consumes them: each rank reads micro-batches of ``global / (world x accum)`` in order,
+    ``accum`` of them per step."""
+    b = global_batch // (world * accum)
+    shares = []
+    for rank in range(world):
+        s = build_sampler(kind, labels, seed=3, num_replicas=world, rank=rank, total_epochs=4, **kw).shard_batches(b)
+        idx, w = s.indices_and_weights(epoch, 4)
+        assert len(idx) == len(s) and len(idx) % b == 0
+        shares.append((idx, w))
+    micro = len(shares[0][0]) // b
+    steps = []
+    for s in range(micro // accum):
+        parts = [(shares[r][0][m * b:(m + 1) * b], shares[r][1][m * b:(m + 1) * b])
+                 for m in range(s * accum, (s + 1) * accum) for r in range(world)]
+        idx = np.concatenate([p[0] for p in parts])
+        w = np.concatenate([p[1] for p in parts])
+        order = np.argsort(idx, kind="stable")  # a step is a set of samples: compare it as one
+        steps.append((idx[order], w[order]))
+    return steps
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("instance", {}),
+    ("class_balanced", {"samples_per_class": 4}),
+    ("sqrt", {}),
+    ("progressive", {}),
+    ("subset", {"classes": [0, 2, 5, 7]}),
+    ("class_balanced", {"samples_per_class": 4, "initial_weights": "curriculum", "num_samples": 2000}),
+])
+def test_same_global_batches_on_any_world_size(kind, kw):
+    """Same seed and global batch: 1, 2, 4 and 8 processes (and accumulation 1 or 2) draw the same global
+    batches, with the same curriculum weights, in the same order."""
+    labels = _labels()
+    if kw.get("initial_weights") == "curriculum":
+        kw = {**kw, "initial_weights": np.linspace(0.1, 0.9, labels.size)}
+    reference = _global_steps(kind, labels, 1, 64, 1, epoch=1, **kw)
+    assert len(reference) >= 3
+    for world, accum in ((2, 1), (4, 1), (8, 1), (2, 2), (4, 2)):
+        steps = _global_steps(kind, labels, world, 64, accum, epoch=1, **kw)
+        assert len(steps) == len(reference), (world, accum)
+        for s, ((i0, w0), (i1, w1)) in enumerate(zip(reference, steps)):
+            assert np.array_equal(i0, i1), (world, accum, s)
+            assert np.array_equal(w0, w1), (world, accum, s)
+
+
+def test_one_process_batches_unchanged_by_batch_sharding():
+    """On one process, sharding in batches keeps exactly the drop_last batches of before (so single-process
+    runs and their recorded results are unchanged)."""
+    labels = _labels()
+    plain = build_sampler("class_balanced", labels, seed=1).indices(0)
+    sharded = build_sampler("class_balanced", labels, seed=1).shard_batches(64).indices(0)
+    assert np.array_equal(sharded, plain[:(plain.size // 64) * 64])
+
+
+def test_small_subset_is_topped_up_not_skipped():
+    """A subset smaller than one micro-step of all processes (40 images; 16 processes x 4) gets one step
+    per epoch made of every image plus repeats, instead of an empty loader."""
+    labels = _labels()
+    few = [12]  # the smallest class
+    size = int((labels == 12).sum())
+    assert size < 64
+    shares = []
+    for rank in range(16):
+        s = build_sampler("subset", labels, seed=0, num_replicas=16, rank=rank, classes=few).shard_batches(4)
+        assert s.topped_up == (size, 64) and len(s) == 4
+        shares.append(s.indices(0))
+    drawn = np.concatenate(shares)
+    assert drawn.size == 64 and set(drawn.tolist()) == set(np.flatnonzero(labels == 12).tolist())
+    counts = np.bincount(drawn)[np.flatnonzero(labels == 12)]
+    assert counts.min() >= 1 and counts.max() - counts.min() <= 1  # whole shuffle cycles: repeats spread evenly
+    big = build_sampler("subset", labels, seed=0, num_replicas=2, rank=0, classes=[0]).shard_batches(4)
+    assert big.topped_up is None
+
+
+def test_expert_error_names_subset_size_and_world_size():
+    from lfme_fast.recipes.experts import expert_batch_plan
+    from lfme_fast.subsets import split_classes
+
+    cfg = _lfme_cfg()
+    labels = _labels(classes=13)
+    counts = np.bincount(labels)
+    subsets = split_classes(counts, "lfme", None)
+    ctx = SimpleNamespace(launch_cfg=cfg, cfg=resolve_world(cfg, 64), labels=lambda split: labels,
+                          accelerator=SimpleNamespace(num_processes=64))
+    k = len(subsets) - 1
+    with pytest.raises(ConfigError, match=rf"experts\.global_batch_size\[{k}\]=32 \(expert subset "
+                                          rf"'{subsets[k].name}': {len(subsets[k])} classes, "
+                                          rf"{int(np.isin(labels, subsets[k].classes).sum())} training images\) "
+                                          r"is smaller than world size 64"):
+        expert_batch_plan(ctx, k, subsets[k])
+    ctx.accelerator.num_processes = 8
+    ctx.cfg = resolve_world(cfg, 8)
+    assert expert_batch_plan(ctx, k, subsets[k]).per_process == 4
+
+
+# ---- loader workers -------------------------------------------------------------------------------
+
+def test_default_num_workers_divides_usable_cpus(tmp_path, monkeypatch):
+    cg = tmp_path / "cgroup"
+    cg.mkdir()
+    (cg / "cpu.max").write_text("max 100000\n")
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert usable_cpus(str(cg)) == affinity
+    (cg / "cpu.max").write_text("1600000 100000\n")  # a 16-CPU quota
+    assert usable_cpus(str(cg)) == min(affinity, 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cpus(str(cg)) == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers(str(cg)) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_num_workers(str(cg)) == 1  # never 0
+    (cg / "cpu.max").unlink()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers(str(cg)) == 8
+
+
+# ---- resume on another process count --------------------------------------------------------------
+
+def _loop(world: int, per_process: int, accum: int):
+    from lfme_fast.trainer import _Loop
+
+    loop = _Loop.__new__(_Loop)
+    loop.acc = SimpleNamespace(num_processes=world)
+    loop.loop = SimpleNamespace(grad_accum=accum)
+    loop.batch = {"world_size": world, "per_process_batch": per_process, "grad_accum": accum,
+                  "global_batch": per_process * world * accum}
+    loop.ckpt_dir = Path("RUN/train/checkpoints")
+    loop.messages = []
+    loop.console = loop.messages.append
+    return loop
+
+
+def _info(world: int, batches_done: int, per_process: int, accum: int = 1, record: bool = True):
+    from lfme_fast.checkpoint import CheckpointInfo
+
+    batch = {"world_size": world, "per_process_batch": per_process, "grad_accum": accum,
+             "global_batch": per_process * world * accum} if record else {}
+    return CheckpointInfo(path=Path("ckpt"), tag="t", epoch=2, batches_done=batches_done, global_step=0,
+                          world_size=world, fingerprint="f", batch=batch)
+
+
+def test_resume_position_on_another_world_size():
+    # same world size: as written; epoch boundary: from the start of the next epoch
+    assert _loop(2, 32, 1)._resume_position(_info(2, 6, 32)) == 6
+    assert _loop(8, 8, 1)._resume_position(_info(2, 0, 32)) == 0
+    # 3 steps of global batch 64 done on 2 processes (32 each) -> 8 processes (8 each): same global position
+    lp = _loop(8, 8, 1)
+    assert lp._resume_position(_info(2, 3, 32)) == 3
+    assert "continuing at global position 192" in lp.messages[0]
+    # accumulation changes too: 4 micro-batches of 16 x 2 processes with accum 2 = 2 steps -> accum 4 on 1
+    assert _loop(1, 16, 4)._resume_position(_info(2, 4, 16, accum=2)) == 8
+    # another global batch mid-epoch: refuse, saying how to proceed
+    with pytest.raises(RuntimeError, match=r"global batch 64 .*this run has 4 process\(es\), global batch 128.*"
+                                           r"data\.global_batch_size.*Resume with 2 processes.*epoch-end checkpoint"
+                                           r".*delete RUN/train/checkpoints"):
+        _loop(4, 32, 1)._resume_position(_info(2, 3, 32))
+    with pytest.raises(RuntimeError, match="without a recorded batch layout"):
+        _loop(4, 16, 1)._resume_position(_info(2, 3, 32, record=False))
