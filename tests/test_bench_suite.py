@@ -166,6 +166,30 @@ def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
             assert row["batches"] == gpu.FALLBACK_SIZES.max_batches and 0 <= row["data_wait_fraction"] < 1
     for key in ("plain_ce_s", "offline_kd_s", "live_kd_s", "ecl_s", "cbd_offline_s", "cbd_live_s"):
         assert res["step"][key] > 0, key
+    row = res["compile"]["resnet10"]  # the fallback compiles with aot_eager: the section runs, no figure
+    assert "error" not in row, row.get("traceback")
+    assert row["backend"] == "aot_eager" and row["compiled"]["supported"] and row["compiled"]["graphs"] >= 1
+    assert row["eager"]["steps_per_s"] > 0 and row["compiled"]["first_step_s"] > 0
+
+
+def test_compile_bench_records_on_off_and_unavailable(tmp_path, monkeypatch, capsys):
+    from lfme_fast import compiling
+    from lfme_fast.bench import compile as compile_bench
+
+    out = tmp_path / "bench_compile.json"
+    compile_bench.main(["--device", "cpu", "--cases", "resnet_small28@28:4", "--steps", "2", "--warmup", "1",
+                        "--backend", "aot_eager", "--no-isolate", "--json-out", str(out)])
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert res["machine"]["cpu_count"] and row["num_classes"] == 10 and row["eager"]["steps_timed"] == 2
+    assert row["compiled"]["supported"] and row["speedup"] > 0 and row["compiled"]["compile_s"] is not None
+    # no C++ compiler: the case says why instead of a figure
+    monkeypatch.setattr(compiling, "_cpp_compiler", lambda: None)
+    row = compile_bench.measure_case(compile_bench.CompileCase("resnet_small28", 28, 4, steps=1, warmup=0,
+                                                               num_classes=10))
+    assert row["compiled"] == {"supported": False, "error": compiling.compile_unavailable("cpu")}
+    assert "C++ compiler" in row["compiled"]["error"] and row["eager"]["steps_per_s"] > 0
+    capsys.readouterr()
 
 
 def test_gpu_budget_skips_what_would_start_late():

@@ -25,6 +25,8 @@ BENCHMARKS = {
     "memory": "host memory (RSS, PSS) against 1, 2, 4 loader processes over one prepared dataset",
     "gpu": "the GPU path in one script (DALI mixed decode, ffcv uint8 normalised on the GPU, ResNet-10/50 bf16 "
            "fed by each back end, step costs); a tiny CPU fallback without CUDA",
+    "compile": "torch.compile on and off (train.compile): training steps/s of eager vs compiled models after "
+               "warm-up, the compile time apart (resnet_small28, resnet10 on CPU; resnet10/50 bf16 on GPU)",
     "report": "results/BENCHMARKS.md with plots from whatever bench_*.json exist",
 }
 

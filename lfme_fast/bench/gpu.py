@@ -12,6 +12,10 @@ start after the budget is recorded as skipped), it writes ``results/bench_gpu.js
    of the epoch (time in ``next(iterator)`` over the epoch time; :mod:`lfme_fast.bench.epoch`).
 3. **step**: student step costs on stored outputs against plain CE and against live teachers
    (:mod:`lfme_fast.bench.step`: LFME, and the ECL / CBD rows it has).
+4. **compile**: ``torch.compile`` on and off (``train.compile``) for the train section's models at
+   224, bf16 channels_last: training steps/s eager and compiled after warm-up, the compile time apart
+   (:mod:`lfme_fast.bench.compile`). Last, as the part the budget may skip; ``--sections compile``
+   runs it alone.
 
 Timing: epochs and steps use CUDA events after warm-up (:class:`~lfme_fast.bench.common.Stopwatch`);
 the host waits of the data-wait fraction are wall clock. GPU name, driver, CUDA, cuDNN, torch and
@@ -56,6 +60,9 @@ class Sizes:
     step_repeats: int
     step_store_samples: int
     scale: float  # synthetic set size without --data
+    compile_steps: int = 30
+    compile_warmup: int = 10
+    compile_backend: str = "inductor"  # the fallback's aot_eager only shows that the section runs
 
 
 GPU_SIZES = Sizes(batch_size=256, resolution=224, decode_epochs=3, warmup_steps=10, ceiling_steps=30,
@@ -63,7 +70,8 @@ GPU_SIZES = Sizes(batch_size=256, resolution=224, decode_epochs=3, warmup_steps=
                   step_store_samples=20000, scale=0.1)
 FALLBACK_SIZES = Sizes(batch_size=8, resolution=32, decode_epochs=1, warmup_steps=1, ceiling_steps=2,
                        max_batches=3, step_batch_size=4, step_resolution=32, step_repeats=2,
-                       step_store_samples=64, scale=0.01)
+                       step_store_samples=64, scale=0.01, compile_steps=2, compile_warmup=1,
+                       compile_backend="aot_eager")
 
 
 def measure_decode(backend: str, cfg: EpochConfig, epochs: int) -> dict[str, Any]:
@@ -140,6 +148,15 @@ def run(root: Path, *, device: str, sizes: Sizes, backends: Sequence[str], archs
                                   for feed in ("synthetic", *backends)}
     if "step" in sections:
         out["step"] = budget.run("student step costs", _step_costs, device, sizes, isolate=isolate)
+    if "compile" in sections:
+        from lfme_fast.bench.compile import NUM_CLASSES, CompileCase, measure_case
+
+        out["compile"] = {}
+        for arch in archs:
+            case = CompileCase(arch=arch, resolution=sizes.resolution, batch_size=sizes.batch_size, device=device,
+                               steps=sizes.compile_steps, warmup=sizes.compile_warmup, channels_last=device != "cpu",
+                               backend=sizes.compile_backend, num_classes=NUM_CLASSES.get(arch, 1000))
+            out["compile"][arch] = budget.run(f"torch.compile on/off {arch}", measure_case, case, isolate=isolate)
     return out
 
 
@@ -157,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--backends", default="dali,ffcv", help="loader back ends (default dali,ffcv)")
     p.add_argument("--archs", default="resnet10,resnet50",
                    help="models of the train section (default resnet10,resnet50)")
-    p.add_argument("--sections", default="decode,train,step", help="which parts to run (default decode,train,step)")
+    p.add_argument("--sections", default="decode,train,step,compile",
+                   help="which parts to run (default decode,train,step,compile)")
     p.add_argument("--workers", type=int, default=0, help="loader CPU threads/workers (default: all cores)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="start no part after this many seconds from the script's start, dataset preparation "
