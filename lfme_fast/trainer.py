@@ -460,7 +460,7 @@ class _Loop:
                             "epochs": loop.epochs, "batches_per_epoch": self.n_batches,
                             "steps_per_epoch": self.steps_per_epoch, "grad_accum": loop.grad_accum,
                             "fingerprint": self.fingerprint, **self.batch})
-        if self.batch:
+        if self.batch:  # also on a resumed run (its resume record holds the same fields)
             self.console(f"world size {self.batch['world_size']}, per-process batch "
                          f"{self.batch['per_process_batch']}, grad_accum {self.batch['grad_accum']}, global batch "
                          f"{self.batch['global_batch']}" + (f" ({self.batch['batch_key']})"

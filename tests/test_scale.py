@@ -272,3 +272,22 @@ def test_resume_position_on_another_world_size():
         _loop(4, 32, 1)._resume_position(_info(2, 3, 32))
     with pytest.raises(RuntimeError, match="without a recorded batch layout"):
         _loop(4, 16, 1)._resume_position(_info(2, 3, 32, record=False))
+
+
+# ---- the shipped launch files ---------------------------------------------------------------------
+
+def test_launch_files_are_valid():
+    """launch/accelerate_{1x8,4x8}.yaml load with Accelerate (8 GPUs per machine) and the SLURM example
+    is valid bash that launches with the 4x8 file."""
+    import subprocess
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name, machines in (("accelerate_1x8.yaml", 1), ("accelerate_4x8.yaml", 4)):
+        c = load_config_from_file(str(REPO / "launch" / name))
+        assert (c.num_machines, c.num_processes, str(c.distributed_type)) == (machines, 8 * machines,
+                                                                              "DistributedType.MULTI_GPU")
+    sbatch = REPO / "launch" / "slurm_4x8.sbatch"
+    assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
+    text = sbatch.read_text()
+    assert "--config_file launch/accelerate_4x8.yaml" in text and '--machine_rank "$SLURM_NODEID"' in text
