@@ -105,6 +105,7 @@ bench: setup
 	$(PY) -m lfme_fast.bench step --device cpu --repeats $(BENCH_STEP_REPEATS) --json-out results/bench_step.json
 	$(PY) -m lfme_fast.bench epoch --scale $(BENCH_SCALE) --json-out results/bench_epoch.json
 	$(PY) -m lfme_fast.bench memory --scale $(BENCH_SCALE) --json-out results/bench_memory.json
+	$(PY) -m lfme_fast.bench compile --device cpu --threads 1 --json-out results/bench_compile_cpu.json
 	$(PY) -m lfme_fast.bench report
 
 # `make bench-gpu`: the GPU path in one script (within 8 minutes on one H100/H200-class GPU), then the

@@ -288,7 +288,22 @@ def _fake_results(d: Path, gpu_device: str = "cuda") -> None:
                            "train": {"resnet10": {"synthetic": {**epoch_rows["ffcv"], "samples_per_s": 20000.0},
                                                   "dali": {**epoch_rows["ffcv"], "samples_per_s": 11111.0}}},
                            "step": {"plain_ce_s": 0.05, "offline_kd_s": 0.051, "live_kd_s": 0.09,
-                                    "model": "resnet10", "batch_size": 256, "resolution": 224}})
+                                    "model": "resnet10", "batch_size": 256, "resolution": 224},
+                           "compile": {"resnet10": {"resolution": 224, "batch_size": 256,
+                                                    "eager": {"steps_per_s": 20.0},
+                                                    "compiled": {"supported": True, "steps_per_s": 25.0,
+                                                                 "compile_s": 41.5},
+                                                    "speedup": 1.25},
+                                       "resnet50": {"skipped": "over the time budget (460 s of 450 s used)"}}})
+    put("bench_compile_cpu.json", {"machine": MACHINE, "device": "cpu", "mode": "default", "backend": "inductor",
+                                   "load_average": [1.5, 1.2, 1.0], "compile_available": True, "results": [
+                                       {"arch": "resnet_small28", "resolution": 28, "batch_size": 64,
+                                        "precision": "fp32", "torch_threads": 1, "eager": {"steps_per_s": 12.34},
+                                        "compiled": {"supported": True, "steps_per_s": 15.5, "compile_s": 33.3},
+                                        "speedup": 1.256},
+                                       {"arch": "resnet10", "resolution": 64, "batch_size": 32,
+                                        "eager": {"steps_per_s": 3.21},
+                                        "compiled": {"supported": False, "error": "InductorError: no compiler"}}]})
 
 
 def test_report_renders_every_section_from_fake_results(tmp_path):
@@ -299,7 +314,9 @@ def test_report_renders_every_section_from_fake_results(tmp_path):
     for snippet in ("489", "275×", "**4,304**", "4,135", "96%", "6.00×", "failed: ImportError",
                     "LFME on stored float16 logits | 0.933", "CBD with live teacher forwards | 3.200",
                     "**4.1%**", "failed: RuntimeError: boom", "1.00", "12,345", "NVIDIA Test GPU", "driver 999.1",
-                    "11,111.0", "Test CPU"):
+                    "11,111.0", "Test CPU", "resnet_small28 | 28 | 64 | 12.34 | 15.50 | 1.26× | 33.3",
+                    "not measured: InductorError: no compiler", "resnet10 | 224 | 256 | 20.00 | 25.00 | 1.25× | 41.5",
+                    "not measured: over the time budget"):
         assert snippet in text, snippet
     assert "not measured yet" not in text
     # every JSON is there; only the GPU step result lacks its ECL/CBD rows, and the page says so

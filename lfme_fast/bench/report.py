@@ -41,6 +41,7 @@ SOURCES = {
     "epoch": ("bench_epoch.json", "python -m lfme_fast.bench epoch"),
     "memory": ("bench_memory.json", "python -m lfme_fast.bench memory"),
     "gpu": ("bench_gpu.json", "make bench-gpu"),
+    "compile": ("bench_compile_cpu.json", "python -m lfme_fast.bench compile --device cpu --threads 1"),
 }
 
 
@@ -527,6 +528,50 @@ def _gpu_train_plot(train: dict[str, Any], path: Path, title: str) -> None:
                "training samples/s (synthetic = on-GPU tensor, the compute ceiling)", title)
 
 
+def compile_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Eager vs ``torch.compile`` rows of :mod:`lfme_fast.bench.compile` (one per model)."""
+    out = []
+    for x in rows:
+        eager, comp = x.get("eager") or {}, x.get("compiled") or {}
+        if "error" in x and not eager:
+            out.append([x.get("arch"), x.get("resolution", "–"), x.get("batch_size", "–"),
+                        f"failed: {x['error'][:60]}", "", "", ""])
+            continue
+        if comp.get("supported"):
+            cells = [num(comp.get("steps_per_s"), 2), times(x.get("speedup")), num(comp.get("compile_s"), 1)]
+        else:
+            cells = [f"not measured: {str(comp.get('error', x.get('skipped', '?')))[:80]}", "", ""]
+        out.append([x.get("arch"), x.get("resolution", "–"), x.get("batch_size", "–"),
+                    num(eager.get("steps_per_s"), 2), *cells])
+    return table(["model", "side", "batch", "eager steps/s", "compiled steps/s", "compiled / eager",
+                  "compile s (first step)"], out)
+
+
+def compile_section(results: Path, out: Path) -> Section:
+    """``torch.compile`` on and off (``train.compile``) from ``bench_compile_*.json``."""
+    files = sorted(results.glob("bench_compile_*.json"))
+    if not files:
+        return _missing("compile", "torch.compile on and off")
+    parts = ["Training step (forward, CE, backward, SGD) on a resident batch, eager and through "
+             "`torch.compile` as `train.compile` applies it. Steps/s come from the median step after warm-up. The "
+             "first compiled step compiles the forward and the backward; its time is shown apart, with cold "
+             "Inductor caches. The GPU rows are in the GPU section."]
+    for f in files:
+        r = load(results, f.name) or {}
+        rows = r.get("results", [])
+        first = rows[0] if rows else {}
+        load_avg, cores = r.get("load_average") or [0.0], (r.get("machine") or {}).get("cpu_count") or 0
+        shared = (f" **Measured while other jobs used the machine** (1-minute load average {load_avg[0]:.1f} on "
+                  f"{cores} cores): indicative only." if cores and load_avg[0] > cores else "")
+        parts += [f"`{f.name}`: {r.get('device')}, {first.get('precision', '?')}, mode `{r.get('mode')}`, backend "
+                  f"`{r.get('backend')}`, torch threads {first.get('torch_threads', '?')}; load average at the end "
+                  f"{', '.join(f'{v:.2f}' for v in r.get('load_average') or [])}"
+                  + ("" if r.get("compile_available", True) else f"; **compile unavailable**: "
+                                                                 f"{r.get('compile_unavailable')}") + ":",
+                  compile_table(rows) + ("\n\n" + shared.strip() if shared else ""), machine_line(r.get("machine"))]
+    return Section("torch.compile on and off", "\n\n".join(parts))
+
+
 def gpu_section(results: Path, out: Path) -> Section:
     """The GPU path: decode, training fed by each back end, step costs (or why they are absent)."""
     r = load(results, SOURCES["gpu"][0])
@@ -575,13 +620,20 @@ def gpu_section(results: Path, out: Path) -> Section:
             missing.append(f"GPU student step: no {', '.join(lacking)} rows")
     elif step:
         parts.append(f"Student step costs: {step.get('skipped') or step.get('error')}")
+    compiled = r.get("compile") or {}
+    if compiled:
+        parts += ["**`torch.compile` on and off** (`train.compile`; bf16 autocast, channels_last, batch "
+                  f"{cfg.get('batch_size')} at {cfg.get('resolution')} px):",
+                  compile_table([{"arch": arch, **row} for arch, row in compiled.items()])]
+    else:
+        missing.append("GPU torch.compile on/off: not in bench_gpu.json (an older run; `make bench-gpu` measures it)")
     parts.append(machine_line(r.get("machine"), g))
     return Section(title, "\n\n".join(parts), plots=plots, missing=missing)
 
 
 SECTIONS: tuple[Callable[[Path, Path], Section], ...] = (
     prep_section, sampler_section, loader_section, train_section, step_section, epoch_section, memory_section,
-    gpu_section)
+    compile_section, gpu_section)
 
 
 def render(results: Path, out: Path | None = None) -> tuple[str, list[Section]]:
