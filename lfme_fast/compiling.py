@@ -20,6 +20,7 @@ resumes the same run.
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
@@ -95,10 +96,11 @@ def compile_unavailable(device: Any) -> str | None:
     return None
 
 
-#: The TorchDynamo backend :func:`compile_model` uses by default. Inductor is what ``train.compile`` is
-#: for; the tests set ``"aot_eager"`` (the same graph capture and AOT autograd, no code generation) to
-#: check the training path in seconds.
-DEFAULT_BACKEND = "inductor"
+#: The TorchDynamo backend :func:`compile_model` uses by default: Inductor, what ``train.compile`` is for,
+#: unless the environment variable ``LFME_COMPILE_BACKEND`` names another. The tests use ``"aot_eager"``
+#: (the same graph capture and AOT autograd, no code generation) to check the training path in seconds,
+#: also in launched multi-process runs.
+DEFAULT_BACKEND = os.environ.get("LFME_COMPILE_BACKEND") or "inductor"
 
 
 def compile_model(model: torch.nn.Module, mode: str, device: Any, *, backend: str | None = None) -> torch.nn.Module:

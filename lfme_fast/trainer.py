@@ -263,6 +263,7 @@ class _Loop:
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         if loop.compile is not None:  # last, around the DDP wrapper (lfme_fast.compiling says why)
             self.model = compile_model(self.model, loop.compile, accelerator.device)
+            self.console(f"torch.compile(mode={loop.compile!r}) of the model: it compiles during the first steps")
 
     def _unwrapped(self) -> torch.nn.Module:
         """The model under the DDP and ``torch.compile`` wrappers: its state-dict keys carry neither

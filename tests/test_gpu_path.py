@@ -267,3 +267,33 @@ def test_ffcv_ships_pinned_uint8_and_normalises_on_the_gpu(synthetic_dir):
     # the decoder's host buffers (what ToDevice copies from, non_blocking) are page-locked
     host = [m for m in loader._epoch_iter.memory_allocations["operation"].values() if isinstance(m, np.ndarray)]
     assert host and all(torch.from_numpy(m).is_pinned() for m in host)
+
+
+def test_two_process_compiled_run_with_accumulation(fmnist_dir, tmp_path, free_port):
+    """torch.compile around DDP on 2 gloo processes (``LFME_COMPILE_BACKEND=aot_eager``), with gradient
+    accumulation (``no_sync`` reaches DDP through the compiled wrapper): the run completes every step and
+    its model.pt carries plain keys."""
+    import os
+    import subprocess
+    import sys
+
+    from lfme_fast.logging_utils import read_jsonl
+    from lfme_fast.models import build_model
+
+    out = tmp_path / "run"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(free_port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "lfme_fast/train.py", "--config", "configs/smoke.yaml", f"data.root={fmnist_dir}", "data.test_split=val",
+           "stages=[train]", "data.batch_size=16", "train.grad_accum=2", "train.max_steps_per_epoch=2",
+           "train.compile=true", "--output-dir", str(out)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "LFME_COMPILE_BACKEND": "aot_eager"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "torch.compile(mode='default') of the model" in res.stdout + res.stderr
+    log = read_jsonl(out / "train" / "log.jsonl")
+    assert [r["world_size"] for r in log if r["event"] == "epoch"] == [2, 2]
+    assert [r["global_step"] for r in log if r["event"] == "step"] == [1, 2, 3, 4]
+    state, meta = load_model_file(out / "train" / "model.pt")  # (a finished stage keeps no checkpoints)
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in state)
+    build_model(meta["arch"], meta["num_classes"]).load_state_dict(state)
