@@ -133,6 +133,27 @@ def test_compiled_training_checkpoints_load_without_compile(fmnist_dir, tmp_path
     torch._dynamo.reset()
 
 
+def test_compiled_training_under_bf16_autocast_and_channels_last(fmnist_dir, tmp_path, monkeypatch):
+    """The GPU recipe's combination on the CPU: Accelerate's bf16 autocast forward, a channels_last model
+    and torch.compile around them: graphs are captured and the losses are finite."""
+    import math
+
+    from torch._dynamo.utils import counters
+
+    from lfme_fast.train import run
+
+    monkeypatch.setattr(compiling, "DEFAULT_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "bf16"
+    run(_cfg(fmnist_dir, out, "train.compile=true", "precision.mixed_precision=bf16", "precision.channels_last=true",
+             "optim.epochs=1"))
+    assert counters["stats"]["unique_graphs"] >= 1
+    losses = _step_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    torch._dynamo.reset()
+
+
 def test_compiled_run_fails_clearly_without_a_compiler(fmnist_dir, tmp_path, monkeypatch):
     from lfme_fast.train import run
 
