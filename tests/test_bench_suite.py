@@ -196,6 +196,8 @@ def test_gpu_budget_skips_what_would_start_late():
     late = gpu._Budget(-1.0, lambda m: None).run("part", dict, isolate=False)
     assert "over the time budget" in late["skipped"]
     on_time = gpu._Budget(60.0, lambda m: None).run("part", dict, isolate=False)
+    reserved = gpu._Budget(60.0, lambda m: None).run("part", dict, isolate=False, reserve_s=61.0)
+    assert "over the time budget" in reserved["skipped"] and "needs about 61 s" in reserved["skipped"]
     assert "skipped" not in on_time and on_time["wall_s"] >= 0
     failed = gpu._Budget(60.0, lambda m: None).run("part", math.sqrt, -1.0, isolate=False)
     assert failed["error"].startswith("ValueError")  # recorded, the script goes on
