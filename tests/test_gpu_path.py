@@ -142,12 +142,19 @@ def test_compiled_training_under_bf16_autocast_and_channels_last(fmnist_dir, tmp
 
     from lfme_fast.train import run
 
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setattr(compiling, "DEFAULT_BACKEND", "aot_eager")
     torch._dynamo.reset()
     counters.clear()
     out = tmp_path / "bf16"
-    run(_cfg(fmnist_dir, out, "train.compile=true", "precision.mixed_precision=bf16", "precision.channels_last=true",
-             "optim.epochs=1"))
+    # one Accelerate state per process: drop the fp32 one earlier tests made (and this one afterwards)
+    AcceleratorState._reset_state()
+    try:
+        run(_cfg(fmnist_dir, out, "train.compile=true", "precision.mixed_precision=bf16",
+                 "precision.channels_last=true", "optim.epochs=1"))
+    finally:
+        AcceleratorState._reset_state()
     assert counters["stats"]["unique_graphs"] >= 1
     losses = _step_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
