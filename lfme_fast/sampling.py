@@ -45,6 +45,13 @@ before). An epoch shorter than one micro-step (a small expert subset under many 
 (further shuffle cycles, so samples repeat within the epoch) instead of leaving the loader empty;
 :attr:`_ArraySampler.topped_up` reports it.
 
+Memory: an epoch of at most :attr:`_ArraySampler.plan_chunk` positions (4 Mi) is drawn whole, which
+costs about 22 bytes per position on every process (the order, its weights, an n-sized scratch buffer)
+before the share is cut. A longer epoch is planned by the streaming kernels: the identical order
+(tested bit for bit), a chunk at a time, keeping only this rank's positions, so a process holds its
+share plus one chunk and one word per dataset sample (``lfme-bench sampler_memory``,
+``results/bench_sampler_memory.json``).
+
 Curriculum weights (LFME SpIS): a built-in sampler constructed with ``initial_weights=v1`` (one
 float per dataset sample) and ``schedule`` returns, from ``indices_and_weights(epoch, total_epochs)``,
 float32 weights aligned with the indices, computed inside the ``@njit`` kernel that draws the indices
@@ -332,8 +339,9 @@ def _class_cycle_groups(num_classes, seed, group_class):
 
 
 @njit(cache=True)
-def _class_prob_groups(cum_probs, seed, group_class):
-    """``group_class[i]`` ~ class probabilities given by their cumulative sums ``cum_probs``.
+def _class_prob_groups(cum_probs, seed, group_class, i0=0):
+    """``group_class[i]`` ~ class probabilities given by their cumulative sums ``cum_probs`` (draw ``i0 + i``:
+    ``i0`` lets the streaming plan draw groups ``i0..`` of an epoch).
 
     Inverse CDF with a guide table (Chen & Asau 1974): cell ``floor(u C)`` points near the answer and a
     short walk finds ``searchsorted(cum_probs, u * total, side="right")`` exactly — a zero-probability
@@ -344,7 +352,7 @@ def _class_prob_groups(cum_probs, seed, group_class):
     total = cum_probs[num_classes - 1]
     guide = np.searchsorted(cum_probs, np.arange(num_classes) * (total / num_classes), side="right")
     for i in range(group_class.shape[0]):
-        u = _rand_unit(key, i)
+        u = _rand_unit(key, i0 + i)
         x = u * total
         c = guide[min(np.int64(u * num_classes), num_classes - 1)]
         if c > num_classes - 1:
@@ -426,6 +434,112 @@ def _shuffle_kernel(members, v1, seed, code, t, jbuf, work, work_idx, vbuf, wtmp
                 out_idx[start:start + take] = work_idx[:take]
         start += take
 
+
+
+# ==================================================================================================
+# Streaming kernels: the same epoch order, chunk by chunk, in bounded memory.
+#
+# The kernels above fill the whole global order at once (plus an n-sized scratch buffer): 20+ bytes per
+# position, 22 GB for an epoch of 1e9 samples on every process. The streaming kernels below produce the
+# identical order (same draws, same counters: tested bit for bit) a chunk of positions at a time,
+# carrying the state the kernels above keep in scratch: the class cycle, each class's partly shuffled
+# members and how many of its draws are taken, the shuffle cycle. So a process materialises only its
+# share plus one chunk (:meth:`_ArraySampler.indices` switches to them above ``plan_chunk`` positions).
+# ==================================================================================================
+
+
+@njit(cache=True)
+def _stream_class_cycle(num_classes, seed, g0, cycle, out):
+    """Groups ``g0 .. g0 + len(out) - 1`` of :func:`_class_cycle_groups`, continuing its ``cycle`` state
+    (``np.arange(num_classes)`` before group 0): group ``g`` is Fisher-Yates step ``g mod C`` of its
+    cycle with draw ``g`` -- the draws :func:`_class_cycle_groups` makes in blocks."""
+    key = _stream_key(seed, _SALT_CLASSES)
+    for s in range(out.shape[0]):
+        g = g0 + s
+        p = g % num_classes
+        j = p + _rand_below(key, g, num_classes - p)
+        x = cycle[j]
+        cycle[j] = cycle[p]
+        cycle[p] = x
+        out[s] = x
+
+
+@njit(cache=True)
+def _stream_class_draws(group_class, group_size, class_offsets, state, taken, ctr_base, seed, cbuf, out):
+    """The next ``len(out)`` positions of :func:`_fill_from_class_cycles` (the chunk starts at a group
+    boundary; ``group_class`` holds the classes of the groups it overlaps).
+
+    Each position is the next draw ``k = taken[c]`` of its class ``c``: Fisher-Yates step ``k mod m`` over
+    the class's ``m`` members in ``state`` (class-CSR words, carried from chunk to chunk) with draw
+    counter ``ctr_base[c] + k``, ``ctr_base[c]`` being the class's offset in the full kernel's class-CSR
+    buffer, so the counters, and the order, are the same. As in the full kernel, two cache-friendly
+    passes: (a) class by class, the chunk's draws of the class into the class-CSR scratch ``cbuf``
+    (at least ``len(out)``), (b) the groups laid out from it.
+    """
+    key = _stream_key(seed, _SALT_MEMBERS)
+    num_classes = class_offsets.shape[0] - 1
+    n = out.shape[0]
+    num_groups = group_class.shape[0]
+    full_groups = n // group_size
+    off = np.zeros(num_classes + 1, dtype=np.int64)
+    for g in range(full_groups):
+        off[group_class[g] + 1] += group_size
+    if num_groups > full_groups:
+        off[group_class[full_groups] + 1] += n - full_groups * group_size
+    for c in range(num_classes):
+        off[c + 1] += off[c]
+    # (a) class by class
+    for c in range(num_classes):
+        r = off[c]
+        end = off[c + 1]
+        if r == end:
+            continue
+        lo = class_offsets[c]
+        m = class_offsets[c + 1] - lo
+        st = state[lo:lo + m]
+        k = taken[c]
+        base = ctr_base[c]
+        p = k % m
+        while r < end:
+            j = p + _rand_below(key, base + k, m - p)
+            x = st[j]
+            st[j] = st[p]
+            st[p] = x
+            cbuf[r] = x
+            r += 1
+            k += 1
+            p += 1
+            if p == m:
+                p = 0
+        taken[c] = k
+    # (b) lay out the groups; off[c] becomes class c's read pointer
+    for g in range(num_groups):
+        c = group_class[g]
+        ptr = off[c]
+        i = g * group_size
+        cnt = group_size if g < full_groups else n - i
+        for s in range(cnt):
+            out[i + s] = cbuf[ptr + s]
+        off[c] = ptr + cnt
+
+
+@njit(cache=True)
+def _stream_shuffle(init, seed, pos0, state, out):
+    """Positions ``pos0 .. pos0 + len(out) - 1`` of :func:`_shuffle_kernel`: position ``i`` is Fisher-Yates
+    step ``i mod m`` of the current cycle with draw ``i``; ``state`` (``m`` words, carried from chunk to
+    chunk) restarts from ``init`` at each cycle's first position."""
+    key = _stream_key(seed, _SALT_MEMBERS)
+    m = init.shape[0]
+    for s in range(out.shape[0]):
+        i = pos0 + s
+        p = i % m
+        if p == 0:
+            state[:] = init
+        j = p + _rand_below(key, i, m - p)
+        x = state[j]
+        state[j] = state[p]
+        state[p] = x
+        out[s] = x
 
 # ==================================================================================================
 # Helpers
@@ -664,6 +778,11 @@ class _ArraySampler(Sampler):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    #: Epochs longer than this many positions are planned in chunks of about this size (streaming
+    #: kernels: the same order in bounded memory, this rank's share plus one chunk; see
+    #: ``results/bench_sampler_memory.json``). Shorter epochs use the whole-epoch kernels (faster).
+    plan_chunk: int = 1 << 22
+
     def _scratch(self, name: str, size: int, dtype: Any) -> np.ndarray:
         """A reusable scratch array of ``size`` elements (call with ``self._lock`` held)."""
         buf = self._buffers.get(name)
@@ -744,7 +863,129 @@ class _ArraySampler(Sampler):
 
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's int64 dataset indices for ``epoch`` (see the module docstring on sharding)."""
-        return self._take_share(self.global_indices(epoch))
+        return self._plan_share(epoch, False)[0]
+
+    # ---- bounded-memory planning ---------------------------------------------------------------
+    def _plan_share(self, epoch: int, with_w: bool, code: int = 0, t: float = 0.0
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """This rank's share (indices, weights or None) of ``epoch``: from the whole global order when it
+        has at most :attr:`plan_chunk` positions, else streamed chunk by chunk (the same order)."""
+        if self.global_length <= self.plan_chunk:
+            out_idx, out_w = self._global(epoch, with_w, code, t)
+            return self._take_share(out_idx), self._take_share(out_w) if with_w else None
+        return self._streamed_share(epoch, with_w, code, float(t))
+
+    def _stream_group_size(self) -> int:
+        """Positions per group of the streamed order (chunks start at a group boundary)."""
+        return 1
+
+    def _stream(self, seed: int, with_w: bool, code: int, t: float, n: int, chunk: int, epoch: int):
+        """Yield ``(lo, words)``: positions ``lo .. lo + len(words) - 1`` of the global order as uint64 words
+        (``index << 32 | float32 bits of the weight`` with weights, else the index), ``chunk`` at a time."""
+        raise NotImplementedError
+
+    def _streamed_share(self, epoch: int, with_w: bool, code: int, t: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`_plan_share` in bounded memory: the global order is streamed in chunks of about
+        :attr:`plan_chunk` positions and only this rank's positions are kept (its share, by the same
+        rules as :meth:`_take_share`)."""
+        seed = self._epoch_seed(epoch)
+        n, reps, rank, b = self.global_length, self.num_replicas, self.rank, self.shard_block
+        gs = self._stream_group_size()
+        if b is not None:  # blocks of b, block j to rank j mod R, whole micro-steps only
+            step = reps * b
+            kept = (n // step) * step
+            size = (n // step) * b
+            align = int(np.lcm(step, gs))
+            segments = []
+        else:  # the contiguous share of the order padded by wrapping its start
+            per = -(-n // reps)
+            start, end = rank * per, (rank + 1) * per
+            size, kept, step = per, 0, 1
+            segments = [(start, min(end, n), 0)] + ([(0, end - n, n - start)] if end > n else [])
+            align = gs
+        chunk = max(align, (self.plan_chunk // align) * align)
+        share = np.empty(size, dtype=np.int64)
+        wshare = np.empty(size, dtype=np.float32) if with_w else None
+        with self._lock:
+            for lo, words in self._stream(seed, with_w, code, t, n, chunk, int(epoch)):
+                hi = lo + words.size
+                if with_w:
+                    idx = (words >> _U32).astype(np.int64)
+                    w = (words & _LOW32).astype(np.uint32).view(np.float32)
+                else:
+                    idx, w = words.view(np.int64), None
+                if b is not None:
+                    top = min(hi, kept)
+                    if top <= lo:
+                        continue
+                    o = (lo // step) * b
+                    blk = idx[:top - lo].reshape(-1, reps, b)[:, rank, :]
+                    share[o:o + blk.size] = blk.reshape(-1)
+                    if with_w:
+                        wshare[o:o + blk.size] = w[:top - lo].reshape(-1, reps, b)[:, rank, :].reshape(-1)
+                    continue
+                for s0, s1, base in segments:
+                    a, z = max(lo, s0), min(hi, s1)
+                    if a < z:
+                        share[base + a - s0:base + z - s0] = idx[a - lo:z - lo]
+                        if with_w:
+                            wshare[base + a - s0:base + z - s0] = w[a - lo:z - lo]
+        return share, wshare
+
+    def _packed(self, members: np.ndarray, v1: np.ndarray, with_w: bool, code: int, t: float) -> np.ndarray:
+        """``members`` as uint64 stream words: ``member << 32 | float32 bits of f(v1, t)`` with weights
+        (``v1`` aligned with ``members``), else the members themselves."""
+        words = members.astype(np.uint64)
+        if with_w:
+            wt = np.empty(members.size, dtype=np.float32)
+            _schedule_block(np.ascontiguousarray(v1, dtype=np.float64), code, t, wt)
+            words = (words << _U32) | wt.view(np.uint32).astype(np.uint64)
+        return words
+
+    def _stream_groups(self, make_groups, seed: int, with_w: bool, code: int, t: float, n: int, chunk: int):
+        """:meth:`_stream` for the group-based kernels (:func:`_fill_from_class_cycles`): ``make_groups()``
+        returns a fresh ``gen(g0, out)`` writing the classes of groups ``g0 ..`` in order. One pass over
+        the groups counts each class's draws (the counter offsets), a second one draws."""
+        gs = self._stream_group_size()
+        num_classes = self.num_classes
+        num_groups = -(-n // gs)
+        gbuf = np.empty(max(1, chunk // gs), dtype=np.int64)
+        counts = np.zeros(num_classes, dtype=np.int64)
+        gen = make_groups()
+        last = 0
+        for g0 in range(0, num_groups, gbuf.size):
+            cnt = min(gbuf.size, num_groups - g0)
+            gen(g0, gbuf[:cnt])
+            counts += np.bincount(gbuf[:cnt], minlength=num_classes) * gs
+            last = int(gbuf[cnt - 1])
+        if n % gs:
+            counts[last] -= gs - n % gs  # the last group is cut short at n
+        ctr_base = np.zeros(num_classes, dtype=np.int64)
+        np.cumsum(counts[:-1], out=ctr_base[1:])
+        state = self._packed(self.class_members, self._v1_sorted if with_w else _EMPTY_F64, with_w, code, t)
+        taken = np.zeros(num_classes, dtype=np.int64)
+        out = np.empty(chunk, dtype=np.uint64)
+        cbuf = np.empty(chunk, dtype=np.uint64)
+        gen = make_groups()
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            g0, g1 = lo // gs, -(-hi // gs)
+            gen(g0, gbuf[:g1 - g0])
+            _stream_class_draws(gbuf[:g1 - g0], gs, self.class_offsets, state, taken, ctr_base, seed, cbuf,
+                                out[:hi - lo])
+            yield lo, out[:hi - lo]
+
+    def _stream_shuffle_of(self, members: np.ndarray, seed: int, with_w: bool, code: int, t: float, n: int,
+                           chunk: int):
+        """:meth:`_stream` for the shuffle kernel (:func:`_shuffle_kernel`) over ``members``."""
+        v1 = self.initial_weights[members] if with_w else _EMPTY_F64
+        init = self._packed(members, v1, with_w, code, t)
+        state = init.copy()
+        out = np.empty(chunk, dtype=np.uint64)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            _stream_shuffle(init, seed, lo, state, out[:hi - lo])
+            yield lo, out[:hi - lo]
 
     def indices_and_weights(self, epoch: int, total_epochs: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, weights)`` of this rank, the float32 weights computed in the same njit pass.
@@ -758,8 +999,7 @@ class _ArraySampler(Sampler):
         if self.initial_weights is None:
             idx = self.indices(epoch)
             return idx, np.ones(idx.size, dtype=np.float32)
-        out_idx, out_w = self._global(epoch, True, code, t)
-        return self._take_share(out_idx), self._take_share(out_w)
+        return self._plan_share(epoch, True, code, t)
 
 
 # ==================================================================================================
@@ -793,6 +1033,18 @@ class ClassBalancedSampler(_ArraySampler):
         _class_cycle_groups(self.num_classes, seed, group_class)
         self._fill_groups(group_class, spc, seed, with_w, code, t, out_idx, out_w)
 
+    def _stream_group_size(self) -> int:
+        return self.samples_per_class
+
+    def _stream(self, seed, with_w, code, t, n, chunk, epoch):
+        num_classes = self.num_classes
+
+        def make_groups():
+            cycle = np.arange(num_classes, dtype=np.int64)  # _class_cycle_groups' starting cycle
+            return lambda g0, out: _stream_class_cycle(num_classes, seed, g0, cycle, out)
+
+        return self._stream_groups(make_groups, seed, with_w, code, t, n, chunk)
+
 
 class InstanceSampler(_ArraySampler):
     """Plain shuffle: a fresh permutation of all samples each epoch (several back to back if
@@ -805,6 +1057,9 @@ class InstanceSampler(_ArraySampler):
 
     def _draw(self, seed, with_w, code, t, out_idx, out_w, epoch):
         self._shuffle(self._members, seed, with_w, code, t, out_idx, out_w)
+
+    def _stream(self, seed, with_w, code, t, n, chunk, epoch):
+        return self._stream_shuffle_of(self._members, seed, with_w, code, t, n, chunk)
 
 
 class SubsetSampler(_ArraySampler):
@@ -839,6 +1094,9 @@ class SubsetSampler(_ArraySampler):
     def _draw(self, seed, with_w, code, t, out_idx, out_w, epoch):
         self._shuffle(self.subset_indices, seed, with_w, code, t, out_idx, out_w)
 
+    def _stream(self, seed, with_w, code, t, n, chunk, epoch):
+        return self._stream_shuffle_of(self.subset_indices, seed, with_w, code, t, n, chunk)
+
 
 class _ClassProbabilitySampler(_ArraySampler):
     """Draws classes i.i.d. from ``class_probabilities(epoch)``; within a class, its reshuffling cycle."""
@@ -852,6 +1110,11 @@ class _ClassProbabilitySampler(_ArraySampler):
         group_class = self._scratch("group_class", out_idx.size, np.int64)
         _class_prob_groups(cum, seed, group_class)
         self._fill_groups(group_class, 1, seed, with_w, code, t, out_idx, out_w)
+
+    def _stream(self, seed, with_w, code, t, n, chunk, epoch):
+        cum = np.cumsum(self.class_probabilities(epoch))
+        return self._stream_groups(lambda: (lambda g0, out: _class_prob_groups(cum, seed, out, g0)),
+                                   seed, with_w, code, t, n, chunk)
 
 
 class SquareRootSampler(_ClassProbabilitySampler):

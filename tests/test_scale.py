@@ -291,3 +291,41 @@ def test_launch_files_are_valid():
     assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
     text = sbatch.read_text()
     assert "--config_file launch/accelerate_4x8.yaml" in text and '--machine_rank "$SLURM_NODEID"' in text
+
+
+# ---- bounded-memory planning ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, kw", [
+    ("instance", {}),
+    ("instance", {"num_samples": 2500}),
+    ("class_balanced", {"samples_per_class": 4}),
+    ("class_balanced", {"samples_per_class": 3, "num_samples": 1001}),  # the last group cut short
+    ("sqrt", {"num_samples": 1500}),
+    ("progressive", {}),
+    ("subset", {"classes": [0, 2, 5, 7]}),
+])
+@pytest.mark.parametrize("weights", [False, True])
+def test_streamed_plan_is_the_same_order(kind, kw, weights):
+    """Planning an epoch in small chunks (the bounded-memory path of epochs above ``plan_chunk``) gives
+    this rank's share bit for bit as the whole-epoch kernels do: every sampler, with and without
+    curriculum weights, sharded in batches or contiguously (eval), on 1 and 3 processes."""
+    labels = _labels()
+    if weights:
+        kw = {**kw, "initial_weights": np.random.default_rng(1).uniform(0.05, 1.0, labels.size),
+              "schedule": "convex"}
+    for reps in (1, 3):
+        for rank in range(reps):
+            for block in (None, 8):
+                make = lambda: build_sampler(kind, labels, seed=7, num_replicas=reps, rank=rank, total_epochs=5, **kw)
+                whole, streamed = make(), make()
+                if block is not None:
+                    whole.shard_batches(block)
+                    streamed.shard_batches(block)
+                streamed.plan_chunk = 48  # chunks of 48 positions (rounded to the alignment): many chunks
+                assert streamed.global_length > streamed.plan_chunk
+                for epoch in (0, 3):
+                    i0, w0 = whole.indices_and_weights(epoch, 5)
+                    i1, w1 = streamed.indices_and_weights(epoch, 5)
+                    assert np.array_equal(i0, i1), (reps, rank, block, epoch)
+                    assert np.array_equal(w0.view(np.uint32), w1.view(np.uint32)), (reps, rank, block, epoch)
+                    assert np.array_equal(whole.indices(epoch), streamed.indices(epoch))

@@ -23,6 +23,8 @@ BENCHMARKS = {
     "epoch": "a training epoch end to end per loader back end and its data-wait fraction (time in next(iterator) "
              "over the epoch time)",
     "memory": "host memory (RSS, PSS) against 1, 2, 4 loader processes over one prepared dataset",
+    "sampler_memory": "one process's epoch plan (indices + curriculum weights) at 1e8 and 1e9 samples per epoch: "
+                      "the whole-epoch kernels vs the chunked (streaming) plan, 1 and 8 processes",
     "gpu": "the GPU path in one script (DALI mixed decode, ffcv uint8 normalised on the GPU, ResNet-10/50 bf16 "
            "fed by each back end, step costs); a tiny CPU fallback without CUDA",
     "compile": "torch.compile on and off (train.compile): training steps/s of eager vs compiled models after "

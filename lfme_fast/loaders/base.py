@@ -116,8 +116,8 @@ class LoaderOptions:
       CUDA is available; 'torch': the PIL + DataLoader baseline).
     * ``train``: training loader (random augmentation, ``drop_last``, curriculum weights) or eval.
     * ``sampler``: a :class:`lfme_fast.sampling.Sampler` yielding this rank's share (a training loader
-      first calls its ``shard_batches(batch_size)``: the global order is sharded in per-process
-      batches, so the global batches do not depend on the process count). None: the
+      with ``drop_last``, the default, first calls its ``shard_batches(batch_size)``: the global order is
+      sharded in per-process batches, so the global batches do not depend on the process count). None: the
       sequential eval order (``train=False``; with several replicas each rank gets a contiguous,
       disjoint share of 0..N-1, no padding) or an instance shuffle (``train=True``). Weights come from
       ``sampler.indices_and_weights(epoch, total_epochs)`` when a sampler is given and ``train``;
@@ -590,6 +590,13 @@ def resolve_spec(options: LoaderOptions) -> LoaderSpec:
     return spec
 
 
+def _whole_batches(o: LoaderOptions) -> bool:
+    """Whether the loader reads its sampler sharded in per-process batches: a training loader that drops
+    the last partial batch (the default). One that keeps it (``drop_last=False``) reads the contiguous
+    share of every sample instead, as before."""
+    return bool(o.train) and (o.drop_last is None or bool(o.drop_last))
+
+
 def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:
     """``o.sampler`` checked against the :class:`~lfme_fast.sampling.Sampler` contract; without one, an
     instance shuffle for training and None (the eval share of 0..N-1) for evaluation."""
@@ -598,14 +605,14 @@ def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:
     if o.sampler is None:
         if not o.train:
             return None
+        sampler = InstanceSampler(labels, seed=o.seed, num_replicas=o.num_replicas, rank=o.rank)
         # sharded in batches, like the recipes' samplers: the same global batches on any process count
-        return InstanceSampler(labels, seed=o.seed, num_replicas=o.num_replicas, rank=o.rank).shard_batches(
-            int(o.batch_size))
+        return sampler.shard_batches(int(o.batch_size)) if _whole_batches(o) else sampler
     if not isinstance(o.sampler, Sampler):
         raise TypeError(f"sampler must be a lfme_fast.sampling.Sampler, got {type(o.sampler).__name__}: subclass "
                         "Sampler (implement indices(epoch); its docstring lists what the loaders call)")
     sampler = o.sampler
-    if o.train:
+    if _whole_batches(o):
         # A training loader reads its sampler's global order sharded in blocks of its per-process batch
         # (world-size invariant global batches, lfme_fast.sampling); a sampler already sharded for
         # another batch size is copied rather than changed under its other loader.
