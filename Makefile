@@ -31,7 +31,7 @@ SCALE ?= 0.02
 PREP_ARGS ?=
 
 .PHONY: setup test demo clean-venv prep-imagenet-lt prep-places-lt prep-inat18 prep-cifar10-lt \
-        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep bench bench-gpu bench-report
+        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep bench bench-gpu bench-sampler-memory bench-report
 
 setup: $(STAMP)
 
@@ -113,6 +113,11 @@ bench: setup
 bench-gpu: setup
 	$(PY) -m lfme_fast.bench gpu --json-out results/bench_gpu.json
 	$(PY) -m lfme_fast.bench report
+
+# `make bench-sampler-memory`: one process's epoch plan at 1e8 and 1e9 samples per epoch (about 3 minutes
+# and 12 GiB at its peak; not part of `make bench`), results/bench_sampler_memory.json.
+bench-sampler-memory: setup
+	$(PY) -m lfme_fast.bench sampler_memory --json-out results/bench_sampler_memory.json
 
 # The page alone, from the JSONs already in results/.
 bench-report: setup
