@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,20 @@ MARKER = "compare.json"
 
 @dataclass(frozen=True)
 class Row:
-    """One row of a comparison: ``config`` (relative to ``configs/``, or absolute) with ``overrides``."""
+    """One row of a comparison: ``config`` (relative to ``configs/``, or absolute) with ``overrides``.
+
+    ``shares``: folders of the run (e.g. ``experts``, ``offline``) this row takes from row
+    ``share_from``'s run of the same seed, linked before it runs: that row must come earlier in
+    ``--rows`` and trains them, this one finds them up to date (its stages check their fingerprints and
+    the store header, so a mismatch is an error, not a silent reuse).
+    """
 
     config: str
     overrides: tuple[str, ...] = ()
     label: str = ""
     note: str = ""
+    shares: tuple[str, ...] = ()
+    share_from: str | None = None
 
     @property
     def path(self) -> Path:
@@ -82,6 +91,19 @@ def register_row(name: str, row: Row) -> Row:
     ROWS[name] = row
     return row
 
+
+# The baselines of the full comparison (issue 12's row set).
+register_row("ce_instance", Row("fmnist_lt/ce_instance.yaml", label="CE, instance sampling"))
+register_row("ce_balanced", Row("fmnist_lt/ce_balanced.yaml", label="CE, class-balanced sampling"))
+register_row("logit_adjusted", Row("fmnist_lt/logit_adjusted.yaml", label="Logit-adjusted loss"))
+
+# LFME's Table 3 rows on one expert run and one store per seed (the `lfme` row trains them).
+_LFME = "fmnist_lt/lfme.yaml"
+register_row("lfme", Row(_LFME, label="LFME (class-balanced + KD + SpES + SpIS)"))
+register_row("lfme_kd", Row(_LFME, ("lfme.spes=off", "lfme.spis=off"), "Class-balanced + KD",
+                            "LFME's student without its two schedules", ("experts", "offline"), "lfme"))
+register_row("lfme_kd_spes", Row(_LFME, ("lfme.spis=off",), "Class-balanced + KD + SpES",
+                                 "LFME without SpIS", ("experts", "offline"), "lfme"))
 
 _ECL = "fmnist_lt/ecl.yaml"
 register_row("ecl", Row(_ECL, label="ECL (full)", note="KD + re-weighting + feature KD + contrastive"))
@@ -103,18 +125,99 @@ register_row("cbd", Row("fmnist_lt/cbd.yaml", label="CBD (1 standard teacher)"))
 register_row("cbd_ens", Row("fmnist_lt/cbd_ens.yaml", label="CBD-ENS (2 standard + 2 strong teachers)"))
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named comparison: its rows, seeds and comparison-wide overrides (``--preset NAME``)."""
+
+    rows: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...]
+    about: str = ""
+
+
+#: The budget of the Fashion-MNIST-LT comparison (3 seeds x 11 rows + the permuted-order table within
+#: 3 hours on 2 CPU cores): the ffcv back end (one decode worker), a narrower resnet_small28 (stem 8,
+#: widths 16/32/64), 8 student epochs
+#: over the training split, experts 10 epochs, CBD teachers 8; the offline rows replay every pad-crop
+#: view, each stored row computed only if the student draws it.
+FMNIST_PROTOCOL = ("data.backend=ffcv", "data.num_workers=1",
+                   "model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=8", "experts.epochs=10",
+                   "cbd.epochs=8", "lfme.views=all", "lfme.fill=drawn", "cbd.views=all", "cbd.fill=drawn",
+                   "log.progress=false")
+FULL_ROWS = ("ce_balanced", "ce_instance", "balanced_softmax", "logit_adjusted", "lfme", "lfme_kd", "lfme_kd_spes",
+             "cbd_ens", "cbd", "ecl", "ecl_no_reweight")
+PRESETS: dict[str, Preset] = {
+    "fmnist_lt": Preset(FULL_ROWS, (0, 1, 2), FMNIST_PROTOCOL, "every method on Fashion-MNIST-LT"),
+    "fmnist_lt_order": Preset(("ce_balanced", "lfme", "cbd_ens", "ecl"), (0, 1, 2), FMNIST_PROTOCOL,
+                              "the harder variant: a permuted class order (data_prep fmnist-lt --class-order)"),
+    # every row's code path on a tiny budget (a few minutes on 2 cores; the tests run it)
+    "quick": Preset(FULL_ROWS, (0,), ("model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=2",
+                                      "train.max_steps_per_epoch=2", "experts.epochs=1", "experts.eval_test=false",
+                                      "cbd.epochs=1", "lfme.views=all", "lfme.fill=drawn", "cbd.views=all",
+                                      "cbd.fill=drawn", "log.progress=false"), "a smoke run of every row"),
+}
+
+
 # ---------------------------------------------------------------------------------------------------
 # configs and the protocol
 # ---------------------------------------------------------------------------------------------------
 
 
+def _sections(row: Row) -> set[str]:
+    import yaml
+
+    raw = yaml.safe_load(row.path.read_text()) or {}
+    return set(raw) if isinstance(raw, dict) else set()
+
+
+def row_overrides(name: str, overrides: Sequence[str]) -> list[str]:
+    """The comparison-wide ``overrides`` that apply to row ``name``: all of them, except those of a
+    recipe's own section (``lfme.*``, ``cbd.*``...) that the row's config does not have."""
+    import dataclasses
+
+    from lfme_fast.config import Config
+
+    have = _sections(get_row(name)) | {f.name for f in dataclasses.fields(Config)}
+    return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in have]
+
+
+def check_overrides(rows: Sequence[str], overrides: Sequence[str]) -> None:
+    """Every override must apply to at least one row (a misspelt section would otherwise vanish)."""
+    for o in overrides:
+        if not any(o in row_overrides(r, [o]) for r in rows):
+            raise ValueError(f"override {o!r} applies to none of the rows {list(rows)}: no row's config has the "
+                             f"section {o.split('=', 1)[0].split('.', 1)[0]!r}")
+
+
 def row_config(name: str, data: str | Path, seed: int, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
-    """The resolved config of row ``name`` for ``seed`` in ``run_dir`` (row overrides, then ``overrides``)."""
+    """The resolved config of row ``name`` for ``seed`` in ``run_dir`` (row overrides, then those of
+    ``overrides`` that apply to it, :func:`row_overrides`)."""
     from lfme_fast.config import load_config
 
     row = get_row(name)
-    return load_config(row.path, [*row.overrides, f"data.root={json.dumps(str(data))}", *overrides,
-                                  f"seed={seed}", f"output_dir={json.dumps(str(run_dir))}"])
+    return load_config(row.path, [*row.overrides, f"data.root={json.dumps(str(data))}",
+                                  *row_overrides(name, overrides), f"seed={seed}",
+                                  f"output_dir={json.dumps(str(run_dir))}"])
+
+
+def link_shares(name: str, run_dir: Path, out: Path, seed: int) -> None:
+    """Link row ``name``'s shared folders to its ``share_from`` row's run of ``seed`` (relative links)."""
+    row = get_row(name)
+    for rel in row.shares:
+        target = out / row.share_from / f"seed{seed}" / rel
+        link = run_dir / rel
+        if not target.exists():
+            raise RuntimeError(f"row {name!r} shares {rel!r} with row {row.share_from!r}, but {target} does not "
+                               f"exist: list {row.share_from!r} before {name!r} in --rows")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        want = os.path.relpath(target, link.parent)
+        if link.is_symlink() and os.readlink(link) == want:
+            continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise RuntimeError(f"{link} exists and is not a link to {target}: remove it to share {rel!r}")
+        os.symlink(want, link)
 
 
 def get_row(name: str) -> Row:
@@ -259,6 +362,12 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
     if len(set(rows)) != len(rows):
         raise ValueError(f"a row is named twice in {list(rows)}")
     out = Path(out)
+    for r in rows:
+        share_from = get_row(r).share_from
+        if share_from is not None and (share_from not in rows or rows.index(share_from) > rows.index(r)):
+            raise ValueError(f"row {r!r} shares {', '.join(get_row(r).shares)} with row {share_from!r}: list "
+                             f"{share_from!r} before it in --rows")
+    check_overrides(rows, overrides)
     plan = {(r, s): row_config(r, data, s, out / r / f"seed{s}", overrides) for r in rows for s in seeds}
     check_protocol({r: plan[(r, seeds[0])] for r in rows})
     results: dict[str, dict[int, dict[str, float | None]]] = {r: {} for r in rows}
@@ -278,6 +387,8 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                     resumed.append(f"{name}/seed{seed}")
             else:
                 # An interrupted run resumes from its checkpoint: its time then covers this invocation only.
+                if _main_process():
+                    link_shares(name, run_dir, out, seed)
                 was_started = any(run_dir.glob("*/checkpoints/latest.json"))
                 log(f"[compare] seed {seed} ({i + 1}/{len(seeds)}), row {name} ({j + 1}/{len(rows)}) in {run_dir} "
                     f"({time.perf_counter() - t0:.0f} s so far)")
@@ -431,10 +542,16 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m lfme_fast.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="prepared dataset (python -m data_prep ...)")
-    parser.add_argument("--rows", required=True, help=f"comma-separated row names; known: {', '.join(ROWS)}")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--out", required=True, help="folder of the run folders (OUT/<row>/seed<s>/)")
+    parser.add_argument("--data", help="prepared dataset (python -m data_prep ...; with a preset default "
+                                        "data/fmnist_lt_ir100)")
+    parser.add_argument("--rows", help=f"comma-separated row names; known: {', '.join(ROWS)}")
+    parser.add_argument("--seeds", help="comma-separated seeds (default the preset's, else 0)")
+    parser.add_argument("--out", help="folder of the run folders (OUT/<row>/seed<s>/; with a preset default "
+                                      "runs/compare_<preset>)")
+    parser.add_argument("--preset", help="a named comparison (rows, seeds, overrides): " + "; ".join(
+        f"{k}: {v.about}" for k, v in PRESETS.items()))
+    parser.add_argument("--quick", action="store_true", help="--preset quick: every row on a tiny budget, seed 0 "
+                                                             "(a few minutes on 2 CPU cores)")
     parser.add_argument("--reference", help="row the paired differences are taken from (default: the first row)")
     parser.add_argument("--name", default="comparison", help="report file name, without suffix (default comparison)")
     parser.add_argument("--report-dir", help="where <name>.json and .md go (default: --out)")
@@ -444,15 +561,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
                         help="config override for every row (repeatable), e.g. --set optim.epochs=4")
     args = parser.parse_args(argv)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.quick:
+        args.preset = args.preset or "quick"
+    preset = None
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            parser.error(f"unknown --preset {args.preset!r}; known: {', '.join(PRESETS)}")
+        preset = PRESETS[args.preset]
+    if args.rows is None and preset is None:
+        parser.error("give --rows (or a --preset / --quick)")
+    rows = ([r.strip() for r in args.rows.split(",") if r.strip()] if args.rows is not None else list(preset.rows))
     for r in rows:
-        get_row(r)
+        if r not in ROWS:
+            parser.error(f"unknown row {r!r}; known rows: {', '.join(ROWS)}")
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = ([int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds is not None
+                 else list(preset.seeds) if preset is not None else [0])
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-    compare(args.data, args.out, rows, seeds, args.overrides, reference=args.reference, name=args.name,
-            report_dir=args.report_dir, title=args.title, notes=args.notes)
+    overrides = [*(preset.overrides if preset is not None else ()), *args.overrides]
+    data = args.data or ("data/fmnist_lt_ir100" if preset is not None else None)
+    if data is None:
+        parser.error("give --data (a prepared dataset)")
+    out = args.out or (f"runs/compare_{args.preset}" if preset is not None else None)
+    if out is None:
+        parser.error("give --out (the folder of the run folders)")
+    try:
+        compare(data, out, rows, seeds, overrides, reference=args.reference, name=args.name,
+                report_dir=args.report_dir, title=args.title, notes=args.notes)
+    except ValueError as exc:  # protocol, rows, overrides: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
