@@ -615,6 +615,8 @@ def build_accelerator(cfg: Config) -> Any:
     ``log.trackers`` become Accelerate's ``log_with`` (checked first: a tracker whose package is missing
     is a :class:`~lfme_fast.config.ConfigError`, where Accelerate would drop it silently), logging under
     ``RUN/trackers``. Nothing is written here: trackers start in ``Recipe.setup`` once every check passed.
+    ``train.compile`` is checked here too: a machine that cannot compile for the run's device (no C++
+    compiler, no Triton) is a ConfigError before anything is written.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -628,8 +630,16 @@ def build_accelerator(cfg: Config) -> Any:
     trackers = list(cfg.log.trackers)
     check_trackers(trackers)
     project = ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "trackers"))
-    return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, log_with=trackers or None,
-                       project_config=project)
+    acc = Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False, log_with=trackers or None,
+                      project_config=project)
+    if compile_setting(cfg.train.compile) is not None:
+        from lfme_fast import compiling
+
+        why = compiling.compile_unavailable(acc.device) if compiling.DEFAULT_BACKEND == "inductor" else None
+        if why:
+            raise ConfigError(f"train.compile={cfg.train.compile!r}: torch.compile cannot run on this machine "
+                              f"({acc.device.type}): {why}; set train.compile: false")
+    return acc
 
 
 class RunContext:
@@ -702,6 +712,10 @@ class RunContext:
             extra["global_batch"] = {s: list(v) if isinstance(v, tuple) else v for s, v in globals_.items()}
         if not world_invariant(self.launch_cfg):
             extra["world_size"] = self.accelerator.num_processes
+        if self.cfg.train.sync_bn and self.accelerator.num_processes > 1 and self.device.type == "cuda":
+            # batch statistics over all processes train another model (only where SyncBatchNorm applies;
+            # added only then, so the fingerprints of runs without it are unchanged)
+            extra["sync_bn"] = True
         return extra
 
     @property

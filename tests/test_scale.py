@@ -329,3 +329,18 @@ def test_streamed_plan_is_the_same_order(kind, kw, weights):
                     assert np.array_equal(i0, i1), (reps, rank, block, epoch)
                     assert np.array_equal(w0.view(np.uint32), w1.view(np.uint32)), (reps, rank, block, epoch)
                     assert np.array_equal(whole.indices(epoch), streamed.indices(epoch))
+
+
+def test_sync_bn_converts_only_on_several_gpu_processes():
+    import torch
+
+    from lfme_fast.trainer import _maybe_sync_bn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    notes = []
+    cpu2 = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    assert _maybe_sync_bn(model, cpu2, notes.append) is model and "ignored" in notes[0]
+    gpu2 = SimpleNamespace(num_processes=2, device=torch.device("cuda", 0))
+    converted = _maybe_sync_bn(model, gpu2, notes.append)  # conversion itself needs no GPU
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm)
+    assert set(converted.state_dict()) == set(model.state_dict())  # checkpoints and model.pt keep their keys
