@@ -4,8 +4,9 @@
 or a mode name (:data:`COMPILE_MODES`). :func:`compile_setting` turns the config value into the mode
 to use or None; :func:`compile_unavailable` says why compilation cannot run on this machine (no C++
 compiler for Inductor's CPU kernels, no Triton for its GPU kernels, a Python that TorchDynamo does not
-support), so that asking for it fails at the start of a training with a clear message instead of at
-the first forward with a compiler traceback; :func:`compile_model` applies it.
+support), so that asking for it fails before a run writes anything (a ConfigError from
+:func:`lfme_fast.trainer.build_accelerator`) instead of at the first forward with a compiler
+traceback; :func:`compile_model` applies it (and checks again, for direct ``train_model`` callers).
 
 Where it is applied (:mod:`lfme_fast.trainer`): to the model *after* ``accelerator.prepare``, i.e.
 around the DistributedDataParallel wrapper in a multi-process run (as Accelerate itself does), so
@@ -13,7 +14,7 @@ that TorchDynamo's DDP optimiser splits the graph at the gradient buckets and th
 overlaps the backward. Checkpoints, hooks and the returned model always use the module underneath
 (``accelerator.unwrap_model(..., keep_torch_compile=False)``): state-dict keys never carry the
 ``_orig_mod.`` prefix of a compiled module, so a checkpoint written with compile on loads without it
-and the other way round (and :func:`lfme_fast.models.load_state_dict` strips the prefix from foreign
+and the other way round (and :func:`lfme_fast.models.load_pretrained` strips the prefix from foreign
 checkpoints anyway). ``train.compile`` is not part of a stage's fingerprint: turning it on or off
 resumes the same run.
 """
@@ -26,7 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_MODES", "DEFAULT_BACKEND", "compile_setting", "compile_unavailable", "compile_model", "CompileUnavailable"]
+__all__ = ["COMPILE_MODES", "DEFAULT_BACKEND", "compile_setting", "compile_unavailable", "compile_model",
+           "CompileUnavailable"]
 
 #: ``torch.compile`` modes accepted by ``train.compile`` (``true`` = ``"default"``). ``reduce-overhead``
 #: adds CUDA graphs (GPU only; on a CPU it is the default mode); the ``max-autotune`` modes benchmark

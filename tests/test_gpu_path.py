@@ -161,12 +161,23 @@ def test_compiled_training_under_bf16_autocast_and_channels_last(fmnist_dir, tmp
     torch._dynamo.reset()
 
 
-def test_compiled_run_fails_clearly_without_a_compiler(fmnist_dir, tmp_path, monkeypatch):
-    from lfme_fast.train import run
+def test_compiled_run_fails_clearly_without_a_compiler(fmnist_dir, tmp_path, monkeypatch, capsys):
+    """No C++ compiler: a config error before the run writes anything (one line, exit code 2 on the
+    command line); a direct train_model call with compile on fails as clearly."""
+    from lfme_fast.train import main, run
+    from lfme_fast.trainer import LoopSettings
 
     monkeypatch.setattr(compiling, "_cpp_compiler", lambda: None)
-    with pytest.raises(compiling.CompileUnavailable, match="C\\+\\+ compiler"):
-        run(_cfg(fmnist_dir, tmp_path / "run", "train.compile=true"))
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"train\.compile=True: torch\.compile cannot run on this machine \(cpu\): "
+                                          r".*C\+\+ compiler.*set train\.compile: false"):
+        run(_cfg(fmnist_dir, out, "train.compile=true"))
+    assert not out.exists()
+    code = main(["--config", str(REPO / "configs" / "smoke.yaml"), f"data.root={fmnist_dir}", "train.compile=true",
+                 "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "torch.compile cannot run on this machine" in err and not out.exists()
+    assert LoopSettings.from_config(_cfg(fmnist_dir, out, "train.compile=max-autotune")).compile == "max-autotune"
 
 
 # ---- the uint8 path normalised on the device ------------------------------------------------------------
