@@ -155,7 +155,8 @@ def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
     assert res["device"] == "cpu-fallback" and "CPU fallback" in res["note"]
     assert res["config"]["batch_size"] == gpu.FALLBACK_SIZES.batch_size
     assert {"torch_version", "dali_version", "cuda_available"} <= set(res["gpu"])
-    for backend in ("dali", "ffcv"):
+    assert res["decode"]["dali@hw0"]["hw_decoder_load"] == 0.0  # plumbed through (CPU decoding ignores it)
+    for backend in ("dali", "ffcv", "dali@hw0"):
         row = res["decode"][backend]
         assert "error" not in row, row.get("traceback")
         assert row["images_per_s"] > 0 and row["batches_per_epoch"] == gpu.FALLBACK_SIZES.max_batches

@@ -55,6 +55,7 @@ class EpochConfig:
     ceiling_steps: int = 10
     max_batches: int | None = None  # None: the whole epoch
     loader_options: tuple[tuple[str, Any], ...] = ()  # back-end keyword options, e.g. (("batches_ahead", 3),)
+    hw_decoder_load: float | None = None  # DALI mixed decoding's hardware-decoder share (None: DALI's default)
 
     @property
     def cuda(self) -> bool:
@@ -145,7 +146,7 @@ def build_training_loader(backend: str, cfg: EpochConfig, total_epochs: int):
                             sampler=sampler, total_epochs=total_epochs, resolution=cfg.resolution,
                             augment="imagenet", num_workers=cfg.workers or os.cpu_count() or 1,
                             device=cfg.device, dtype=torch.bfloat16 if cfg.cuda else torch.float32,
-                            channels_last=cfg.cuda)
+                            channels_last=cfg.cuda, hw_decoder_load=cfg.hw_decoder_load)
     return build_loader(options, **dict(cfg.loader_options)), int(labels.max()) + 1
 
 

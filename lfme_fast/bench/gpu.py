@@ -6,7 +6,9 @@ start after the budget is recorded as skipped), it writes ``results/bench_gpu.js
 1. **decode**: each loader back end alone at batch 256, RandomResizedCrop 224 + flip + normalise,
    over a synthetic ImageNet-LT-shaped set (stored at max side 256): DALI with ``mixed`` decode
    (nvJPEG / the hardware decoder) and the ffcv back end shipping uint8 batches that are normalised
-   on the GPU; images/s per epoch after a warm-up epoch.
+   on the GPU; images/s per epoch after a warm-up epoch. DALI again at each ``--dali-hw-loads`` value
+   of ``hw_decoder_load`` (``data.hw_decoder_load``; 0 = nvJPEG's CUDA decoder only, 1 = all JPEGs to
+   the hardware decoder), rows ``dali@hw<load>``.
 2. **train**: ResNet-10 and ResNet-50 at 224, bf16 autocast, channels_last, training samples/s fed by
    each back end and by a synthetic on-GPU tensor (the compute ceiling), with the data-wait fraction
    of the epoch (time in ``next(iterator)`` over the epoch time; :mod:`lfme_fast.bench.epoch`).
@@ -136,7 +138,7 @@ def _step_costs(device: str, sizes: Sizes) -> dict[str, Any]:
 
 def run(root: Path, *, device: str, sizes: Sizes, backends: Sequence[str], archs: Sequence[str],
         sections: Sequence[str], workers: int = 0, isolate: bool = True, budget_s: float = 450.0,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, dali_hw_loads: Sequence[float] = ()) -> dict[str, Any]:
     """Every requested section; returns the result's ``decode`` / ``train`` / ``step`` parts."""
     budget = _Budget(budget_s, log)
     base = EpochConfig(root=str(root), resolution=sizes.resolution, batch_size=sizes.batch_size, workers=workers,
@@ -146,6 +148,11 @@ def run(root: Path, *, device: str, sizes: Sizes, backends: Sequence[str], archs
     if "decode" in sections:
         out["decode"] = {b: budget.run(f"decode {b}", measure_decode, b, base, sizes.decode_epochs, isolate=isolate)
                          for b in backends}
+        for load in dali_hw_loads if "dali" in backends else ():
+            cfg = dataclasses.replace(base, hw_decoder_load=float(load))
+            row = budget.run(f"decode dali, hw_decoder_load {load:g}", measure_decode, "dali", cfg,
+                             sizes.decode_epochs, isolate=isolate)
+            out["decode"][f"dali@hw{load:g}"] = {**row, "hw_decoder_load": float(load)}
     if "train" in sections:
         out["train"] = {}
         for arch in archs:
@@ -185,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sections", default="decode,train,step,compile",
                    help="which parts to run (default decode,train,step,compile)")
     p.add_argument("--workers", type=int, default=0, help="loader CPU threads/workers (default: all cores)")
+    p.add_argument("--dali-hw-loads", default=None,
+                   help="DALI decode again at these hw_decoder_load values (default 0,1 on a GPU, 0 in the CPU "
+                        "fallback, where it only shows that the option reaches the loader; '' for none)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="start no part after this many seconds from the script's start, dataset preparation "
                         "included (default 450: the run ends within 8 minutes)")
@@ -203,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine, gpu = machine_info(), gpu_info()
     parts = run(root, device=device, sizes=sizes, backends=split(args.backends), archs=split(args.archs),
                 sections=split(args.sections), workers=args.workers, isolate=not args.no_isolate,
-                budget_s=args.budget_s - (time.perf_counter() - t0))
+                budget_s=args.budget_s - (time.perf_counter() - t0),
+                dali_hw_loads=[float(x) for x in split(args.dali_hw_loads if args.dali_hw_loads is not None
+                                                       else ("0,1" if cuda else "0"))])
     write_result(args.json_out, {
         "benchmark": "gpu",
         "device": "cuda" if cuda else "cpu-fallback",
