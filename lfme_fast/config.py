@@ -26,8 +26,8 @@ key            meaning
                per-process batch is ``global_batch_size / (world size x train.grad_accum)`` and must
                divide; set at most one of the two, :mod:`lfme_fast.scale`), ``eval_batch_size`` (null:
                the per-process batch), ``num_workers`` (null: the CPUs this process may use divided by
-               the processes on this machine, :func:`lfme_fast.scale.default_num_workers`), ``resolution`` (null: the dataset's own), ``augment`` (auto |
-               imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
+               the processes on this machine, :func:`lfme_fast.scale.default_num_workers`),
+               ``resolution`` (null: the dataset's own), ``augment`` (auto | imagenet | pad_crop | none), ``in_memory``, ``train_split``, ``val_split`` (may be
                null), ``test_split``, ``hw_decoder_load`` (dali only: the share of JPEGs the GPU's
                hardware decoder takes in ``mixed`` decoding, in [0, 1]; null: DALI's default, 0.65)
 ``model``      ``arch`` (``lfme_fast.models.MODELS``), ``pretrained`` (local checkpoint or null),

@@ -791,8 +791,8 @@ class RunContext:
         if top is None:
             return
         base, padded = top
-        self._console(f"{what}: {base} samples per epoch is less than one micro-batch of all {self.accelerator.num_processes} "
-                      f"process(es) ({padded} = processes x per-process batch); the epoch is topped up to {padded} "
+        self._console(f"{what}: {base} samples per epoch is less than one micro-batch of all "
+                      f"{self.accelerator.num_processes} process(es) ({padded} = processes x per-process batch); the epoch is topped up to {padded} "
                       f"by repeating samples, one optimizer step per epoch")
 
     def eval_loader(self, split: str, sampler: Any = None, **changes: Any) -> Any:

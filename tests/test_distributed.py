@@ -48,7 +48,8 @@ def test_two_process_cpu_smoke(fmnist_dir, tmp_path, free_port):
     assert [r["global_step"] for r in log if r["event"] == "step"] == list(range(1, 9))
     assert (out / "per_class_accuracy.png").exists() and (out / "train" / "model.pt").exists()
     start = next(r for r in log if r["event"] == "start")
-    assert (start["world_size"], start["per_process_batch"], start["grad_accum"], start["global_batch"]) == (2, 64, 1, 128)
+    layout = (start["world_size"], start["per_process_batch"], start["grad_accum"], start["global_batch"])
+    assert layout == (2, 64, 1, 128)
     assert "world size 2, per-process batch 64, grad_accum 1, global batch 128" in res.stdout
 
     # world-size invariance: one process with the same global batch follows the same loss curve
@@ -64,4 +65,9 @@ def test_two_process_cpu_smoke(fmnist_dir, tmp_path, free_port):
     diffs = [abs(one[s] - two[s]) for s in one]
     print("1 vs 2 processes, step loss differences:", [round(d, 4) for d in diffs])
     assert max(diffs) < LOSS_TOLERANCE, diffs
+    # the exported model's config hash is that of RUN/config.yaml (the file's form, not this launch's)
+    from lfme_fast.export import config_sha256
+
+    info = json.loads((single / "train" / "model.json").read_text())
+    assert info["training"]["config_sha256"] == config_sha256(load_config(single / "config.yaml"))
     assert diffs[0] < 0.005  # the first step: same weights, same samples; BatchNorm only

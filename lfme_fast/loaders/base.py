@@ -137,8 +137,8 @@ class LoaderOptions:
     * ``device``/``dtype``/``channels_last``: where and how ``Batch.images`` arrive (float32,
       bfloat16 or float16; a dtype name is accepted).
     * ``num_workers``: None = the CPUs this process may use (affinity, cgroup quota) divided by the
-      processes on this machine (``LOCAL_WORLD_SIZE``): :func:`lfme_fast.scale.default_num_workers`. ``drop_last``: None = ``train``. ``in_memory``: ffcv's
-      os_cache / the shard reader's page cache (False: read through).
+      processes on this machine (``LOCAL_WORLD_SIZE``): :func:`lfme_fast.scale.default_num_workers`.
+      ``drop_last``: None = ``train``. ``in_memory``: ffcv's os_cache / the shard reader's page cache (False: read through).
     * ``views`` (+ ``fixed_view``): replay stored fixed crops (:class:`FixedViews`) instead of random
       augmentation; ``fixed_view`` shows that view of every sample, else each epoch picks one.
     * ``seed``: the augmentation draws (and the default instance shuffle).

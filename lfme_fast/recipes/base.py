@@ -409,7 +409,7 @@ class Recipe:
         names = ctx.class_names if len(ctx.class_names) == ctx.num_classes else [str(c) for c in
                                                                                    range(ctx.num_classes)]
         training = {"recipe": self.cfg.recipe, "stage": job.name, "run_name": self.cfg.name,
-                    "config_sha256": config_sha256(self.cfg), "stage_fingerprint": job.fingerprint,
+                    "config_sha256": config_sha256(self.ctx.launch_cfg), "stage_fingerprint": job.fingerprint,
                     "dataset": ctx.manifest.get("dataset"), "data_root": str(ctx.root),
                     "train_split": self.cfg.data.train_split,
                     "train_split_fingerprint": ctx.split_fingerprint(self.cfg.data.train_split),

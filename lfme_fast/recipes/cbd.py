@@ -128,8 +128,8 @@ class CBDConfig:
     ``model.arch``), ``global_batch_size`` (the teachers' batch for all processes together; the
     per-process batch is ``global / (world size x train.grad_accum)``; at most one of ``batch_size`` /
     ``global_batch_size``; both null: ``data``'s form and value), ``sampler`` (instance). Student:
-    ``alpha`` (CE weight ``1 - alpha``), ``beta`` (feature-term scale), ``projection`` (``g`` = Linear + ReLU to the concatenated teacher width;
-    false = identity, only when the widths match), ``samples_per_class`` (class-balanced visit size).
+    ``alpha`` (CE weight ``1 - alpha``), ``beta`` (feature-term scale), ``projection`` (``g`` = Linear +
+    ReLU to the concatenated teacher width; false = identity, only when the widths match), ``samples_per_class`` (class-balanced visit size).
     Store: ``views`` (stored views per image, or ``all`` pad-crop views), ``feature_dtype``, ``fill``
     (``all`` rows, or only the rows the student will ``drawn``: see :mod:`lfme_fast.offline`).
     """

@@ -22,8 +22,8 @@ Config section ``experts`` (:class:`ExpertsConfig`; used by the ``experts`` and 
 inclusive lower bounds, any L >= 2), ``epochs``, ``batch_size`` (per process: one int, or one per
 subset, many -> few), ``global_batch_size`` (the same, for all processes together, as the paper gives
 it: 128/64/32 for ImageNet-LT; the per-process batch is ``global / (world size x train.grad_accum)``;
-at most one of the two; both null: ``data``'s form and value), ``lr``, ``arch`` (null: each inherits the ``optim``/``data``/``model`` value), ``sampler``
-(instance), ``eval_test`` (also score each expert on the test split).
+at most one of the two; both null: ``data``'s form and value), ``lr``, ``arch`` (null: each inherits
+the ``optim``/``data``/``model`` value), ``sampler`` (instance), ``eval_test`` (also score each expert on the test split).
 
 ``python -m lfme_fast.experts compare --experts RUN_E --model RUN_B --out FILE`` compares experts with
 a single model on each subset (LFME Fig. 2).
