@@ -32,7 +32,8 @@
 Note: ffcv sets numba's *and torch's* thread counts (to 1 on import, to ``num_workers`` when a
 Loader is made and when an epoch starts); this module restores the caller's counts after each, in
 the calling thread. (ffcv's epoch thread also sets torch's process-wide count to ``num_workers``,
-which with the default — all cores — is torch's own default.)
+which with the default is this process's share of the machine's cores,
+:func:`lfme_fast.scale.default_num_workers`.)
 """
 
 from __future__ import annotations
