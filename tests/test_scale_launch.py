@@ -148,3 +148,11 @@ def test_two_machines_on_localhost_match_one_machine(fmnist_dir, tmp_path, free_
         2, 4, "experts.global_batch_size[2]")
     # metrics: 50 val images, so one image is 2 points of top-1; a few images may flip with BatchNorm
     assert abs(m2["top1"] - m1["top1"]) <= 0.1, (m2["top1"], m1["top1"])
+
+    # a global-batch run folder carries over to another process count: one process on the two-machine
+    # run's folder finds every stage up to date (the world size is not part of their fingerprints)
+    before = {f: f.read_bytes() for f in two.rglob("*") if f.is_file() and f.name != "train.log"}
+    run(load_config(REPO / "configs" / "fmnist_lt" / "lfme.yaml", [*over, f"output_dir={two}"]))
+    after = {f: f.read_bytes() for f in two.rglob("*") if f.is_file() and f.name != "train.log"}
+    assert sorted(after) == sorted(before)
+    assert [str(f.relative_to(two)) for f in before if after[f] != before[f]] == []  # nothing retrained
