@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -141,8 +142,8 @@ class Preset:
 #: over the training split, experts 10 epochs, CBD teachers 8; the offline rows replay every pad-crop
 #: view, each stored row computed only if the student draws it.
 FMNIST_PROTOCOL = ("data.backend=ffcv", "data.num_workers=1",
-                   "model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=8", "experts.epochs=10",
-                   "cbd.epochs=8", "lfme.views=all", "lfme.fill=drawn", "cbd.views=all", "cbd.fill=drawn",
+                   "model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=6", "experts.epochs=8",
+                   "cbd.epochs=6", "lfme.views=all", "lfme.fill=drawn", "cbd.views=all", "cbd.fill=drawn",
                    "log.progress=false")
 FULL_ROWS = ("ce_balanced", "ce_instance", "balanced_softmax", "logit_adjusted", "lfme", "lfme_kd", "lfme_kd_spes",
              "cbd_ens", "cbd", "ecl", "ecl_no_reweight")
@@ -331,13 +332,14 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _finished(run_dir: Path, sha: str) -> dict[str, Any] | None:
-    """The marker of a finished run of exactly this config, or None."""
+def _finished(run_dir: Path, sha: str | None) -> dict[str, Any] | None:
+    """The marker of a finished run of exactly this config (``sha`` None: of any config), or None."""
     try:
         marker = json.loads((run_dir / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if marker.get("config_sha") == sha and (run_dir / "metrics.json").exists() else None
+    same = sha is None or marker.get("config_sha") == sha
+    return marker if same and (run_dir / "metrics.json").exists() else None
 
 
 def _subset_row(metrics: Mapping[str, Any]) -> dict[str, float | None]:
@@ -348,7 +350,7 @@ def _subset_row(metrics: Mapping[str, Any]) -> dict[str, float | None]:
 
 def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequence[int],
              overrides: Sequence[str] = (), *, log: Callable[[str], None] = print,
-             runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+             runner: Callable[[Any], Any] | None = None, report_only: bool = False) -> dict[str, Any]:
     """Train and evaluate every (row, seed) not yet finished; returns the raw results.
 
     ``{"rows": {row: {seed: {"many", "medium", "few", "overall"}}}, "seconds": {row: {seed: s}},
@@ -380,6 +382,12 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
             cfg = plan[(name, seed)]
             run_dir, sha = Path(cfg.run_dir), _config_sha(cfg)
             marker = _finished(run_dir, sha)
+            if report_only:
+                # the runs as they are: a marker of this runner and the metrics, whatever code wrote them
+                marker = _finished(run_dir, None)
+                if marker is None:
+                    raise ValueError(f"--report-only: {name}/seed{seed} has not finished ({run_dir} has no "
+                                     f"{MARKER} and metrics.json); run without --report-only first")
             if marker is not None:
                 skipped.append(f"{name}/seed{seed}")
                 seconds[name][seed] = marker["seconds"]
@@ -402,7 +410,74 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                     resumed.append(f"{name}/seed{seed}")
             results[name][seed] = _subset_row(json.loads((run_dir / "metrics.json").read_text()))
     return {"rows": results, "seconds": seconds, "configs": {r: plan[(r, seeds[0])] for r in rows},
+            "all_configs": {r: {s: plan[(r, s)] for s in seeds} for r in rows},
             "skipped": skipped, "resumed": resumed, "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# convergence
+# ---------------------------------------------------------------------------------------------------
+
+#: A run still moving: its val top-1 changed by more than this (percentage points) over the last fifth
+#: of its epochs.
+MOVING_POINTS = 0.5
+#: The stage of a run whose curve is the row's (the model that is evaluated), by recipe.
+MAIN_STAGE = {"baseline": "train", "ecl": "train", "lfme": "student", "cbd": "student"}
+
+
+def val_curves(run_dir: str | Path) -> dict[str, list[float]]:
+    """Every training stage's per-epoch ``val_top1`` (fractions) under ``run_dir``, by the stage folder
+    relative to it (``train``, ``student``, ``experts/many``, ``teachers/t0``...); shared folders
+    (links to another row's run) included. Stages that logged no val accuracy are left out."""
+    run_dir = Path(run_dir)
+    out: dict[str, list[float]] = {}
+    for folder, _, files in os.walk(run_dir, followlinks=True):
+        if "log.jsonl" not in files:
+            continue
+        values = []
+        for line in (Path(folder) / "log.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == "epoch" and rec.get("val_top1") is not None:
+                values.append(float(rec["val_top1"]))
+        if values:
+            out[os.path.relpath(folder, run_dir)] = values
+    return dict(sorted(out.items()))
+
+
+def movement(values: Sequence[float]) -> dict[str, Any]:
+    """How much a val curve (fractions) still moved at the end: the range (max - min, in points) over
+    its last fifth of epochs and the epoch before it; ``moving`` when that exceeds
+    :data:`MOVING_POINTS`. A one-epoch curve cannot be judged (``moving`` None)."""
+    if len(values) < 2:
+        return {"epochs": len(values), "last": 100 * values[-1] if values else None, "moved": None, "moving": None}
+    window = values[-(math.ceil(len(values) / 5) + 1):]
+    moved = round(100 * (max(window) - min(window)), 6)  # 1 of 200 val images is 0.5 points exactly
+    return {"epochs": len(values), "last": 100 * values[-1], "moved": moved,
+            "window_epochs": len(window), "moving": moved > MOVING_POINTS}
+
+
+def convergence(configs: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{row: {seed: {stage: movement(...)}}}`` for every run (``configs[row][seed]``)."""
+    return {row: {str(seed): {stage: {**movement(v), "main": stage == MAIN_STAGE.get(cfg.recipe)}
+                              for stage, v in val_curves(cfg.run_dir).items()}
+                  for seed, cfg in per_seed.items()}
+            for row, per_seed in configs.items()}
+
+
+def _moving_lines(conv: Mapping[str, Mapping[str, Mapping[str, Any]]], rows: Sequence[str]) -> list[str]:
+    lines = []
+    for row in rows:
+        for seed, stages in conv.get(row, {}).items():
+            for stage, m in stages.items():
+                if m["moving"]:
+                    what = "the evaluated model" if m["main"] else "a stage it builds on"
+                    lines.append(f"- `{row}` seed {seed}, `{stage}` ({what}): val top-1 moved {m['moved']:.1f} points "
+                                 f"over its last {m['window_epochs']} epochs (of {m['epochs']}), ending at "
+                                 f"{m['last']:.1f}%.")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,8 +525,10 @@ def _cell(s: Mapping[str, Any], signed: bool = False) -> str:
 def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequence[int], reference: str,
                     protocol: Mapping[str, Any], facts: Mapping[str, Mapping[str, Any]], title: str,
                     overrides: Sequence[str] = (), seconds: Mapping[str, Mapping[int, float]] | None = None,
-                    convention: str | None = None, resumed: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
-    """The markdown page: protocol, the mean ± std table, the paired-difference table, per-seed values."""
+                    convention: str | None = None, resumed: Sequence[str] = (), notes: Sequence[str] = (),
+                    conv: Mapping[str, Any] | None = None, report_name: str | None = None) -> str:
+    """The markdown page: protocol, the mean ± std table, the paired-difference table, the runs still
+    moving at the end (:func:`movement`), the plots (``report_name``), the rows' definitions and wall times."""
     n = len(seeds)
     lines = [f"# {title}", "",
              f"Test top-1 (%), mean ± sample std over {n} seed{'s' if n > 1 else ''} ({', '.join(map(str, seeds))}). "
@@ -480,6 +557,16 @@ def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequ
         cells = " | ".join(_cell(summary[name][c]["diff"], signed=True) for c in COLUMNS)
         per = ", ".join(f"{v:+.2f}" for v in summary[name]["overall"]["diff"]["per_seed"].values())
         lines.append(f"| {_label(name)} | {cells} | {per} |")
+    if conv is not None:
+        moving = _moving_lines(conv, rows)
+        lines += ["", f"**Convergence.** A run is flagged when its validation top-1 moved by more than "
+                      f"{MOVING_POINTS} points over the last fifth of its epochs (and the epoch before), for the "
+                      "evaluated model and for every stage it builds on (experts, teachers). "
+                      + ("Flagged:" if moving else "No run is flagged."), ""]
+        lines += [*moving, *([""] if moving else [])]
+    if report_name:
+        lines += ["", f"![test top-1 per row]({report_name}.png)", "",
+                  f"![validation curves]({report_name}_curves.png)"]
     lines += ["", "**Rows:**", ""]
     for name in rows:
         row, f = ROWS.get(name), facts[name]
@@ -505,15 +592,20 @@ def _label(name: str) -> str:
 def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequence[int],
             overrides: Sequence[str] = (), *, reference: str | None = None, name: str = "comparison",
             report_dir: str | Path | None = None, title: str | None = None, notes: Sequence[str] = (),
-            log: Callable[[str], None] = print, runner: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json`` and ``.md``; returns the report.
+            log: Callable[[str], None] = print, runner: Callable[[Any], Any] | None = None,
+            report_only: bool = False) -> dict[str, Any]:
+    """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json``, ``.md``, ``.png`` (per row
+    many / medium / few / overall, mean and std) and ``_curves.png`` (each row's val curve per seed);
+    returns the report.
 
-    ``notes``: free sentences for the page and the JSON (e.g. what else ran on the machine)."""
+    ``notes``: free sentences for the page and the JSON (e.g. what else ran on the machine).
+    ``report_only``: train nothing; report the finished runs as they are (an error names a missing one)."""
     reference = reference or rows[0]
     if reference not in rows:
         raise ValueError(f"--reference {reference!r} must be one of the rows {list(rows)}")
-    raw = run_rows(data, out, rows, seeds, overrides, log=log, runner=runner)
+    raw = run_rows(data, out, rows, seeds, overrides, log=log, runner=runner, report_only=report_only)
     configs = raw["configs"]
+    conv = convergence(raw["all_configs"])
     facts = {r: row_facts(cfg) for r, cfg in configs.items()}
     protocol = describe_protocol(check_protocol(configs), facts)
     summary = summarise(raw["rows"], seeds, reference)
@@ -528,11 +620,22 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
               "results": summary, "run_seconds": {r: {str(s): v for s, v in d.items()} for r, d in raw["seconds"].items()},
               "skipped_finished": raw["skipped"], "resumed_runs": raw["resumed"], "notes": list(notes),
               "wall_seconds_this_invocation": raw["wall_seconds"],
+              "moving_points": MOVING_POINTS, "convergence": conv,
+              "val_curves": {r: {str(s): val_curves(c.run_dir) for s, c in per.items()}
+                             for r, per in raw["all_configs"].items()},
+              "report_only": report_only,
               "run_dirs": {r: str(Path(configs[r].run_dir).parent) for r in rows}}
     page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
-                           convention, raw["resumed"], notes)
+                           convention, raw["resumed"], notes, conv, name)
     if _main_process():
+        from lfme_fast.plots import plot_comparison, plot_val_curves
+
         target = Path(report_dir) if report_dir is not None else Path(out)
+        labels = {r: ROWS[r].label or r for r in rows}
+        plot_comparison(target / f"{name}.png", summary, rows, labels, COLUMNS, title)
+        main_curves = {r: {s: curve for s, stages in report["val_curves"][r].items() for st, curve in stages.items()
+                           if st == MAIN_STAGE.get(configs[r].recipe)} for r in rows}
+        plot_val_curves(target / f"{name}_curves.png", main_curves, labels, f"{title}: validation top-1 per epoch")
         atomic_write_json(target / f"{name}.json", report)
         atomic_write_text(target / f"{name}.md", page)
     log(page)
@@ -550,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "runs/compare_<preset>)")
     parser.add_argument("--preset", help="a named comparison (rows, seeds, overrides): " + "; ".join(
         f"{k}: {v.about}" for k, v in PRESETS.items()))
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the finished runs as they are")
     parser.add_argument("--quick", action="store_true", help="--preset quick: every row on a tiny budget, seed 0 "
                                                              "(a few minutes on 2 CPU cores)")
     parser.add_argument("--reference", help="row the paired differences are taken from (default: the first row)")
@@ -588,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --out (the folder of the run folders)")
     try:
         compare(data, out, rows, seeds, overrides, reference=args.reference, name=args.name,
-                report_dir=args.report_dir, title=args.title, notes=args.notes)
+                report_dir=args.report_dir, title=args.title, notes=args.notes, report_only=args.report_only)
     except ValueError as exc:  # protocol, rows, overrides: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ Both write PNGs atomically (``lfme_fast.io.atomic_path``) with matplotlib's Agg 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -188,4 +188,56 @@ def plot_per_class_overlay(path: str | Path, rows: dict[str, Sequence[float | No
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title or "per-class test top-1")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_comparison(path: str | Path, summary: Mapping[str, Any], rows: Sequence[str], labels: Mapping[str, str],
+                    columns: Sequence[str] = ("many", "medium", "few", "overall"), title: str = "") -> Path:
+    """``<name>.png`` of a comparison: per row, a group of bars (one per column: many / medium / few /
+    overall test top-1 in %), mean over seeds with sample-std error bars."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(rows) + 2), 4.2))
+    width = 0.8 / len(columns)
+    for j, col in enumerate(columns):
+        means = [summary[r][col]["mean"] or 0.0 for r in rows]
+        stds = [summary[r][col]["std"] or 0.0 for r in rows]
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=col)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([labels.get(r, r) for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=len(columns), fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=10, wrap=True)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_val_curves(path: str | Path, curves: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str],
+                    title: str = "") -> Path:
+    """``<name>_curves.png``: one panel per row, its validation top-1 (%) per epoch, one line per seed
+    (``curves[row][seed]``)."""
+    plt = _plt()
+    rows = list(curves)
+    ncol = min(4, max(1, len(rows)))
+    nrow = (len(rows) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.5 * nrow), squeeze=False, sharey=True)
+    for ax, row in zip(axes.flat, rows):
+        for seed, values in curves[row].items():
+            ax.plot(range(1, len(values) + 1), [100 * v for v in values], marker=".", lw=1, label=f"seed {seed}")
+        ax.set_title(labels.get(row, row), fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(_integer_locator())
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val top-1 (%)")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    if rows:
+        axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
