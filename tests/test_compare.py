@@ -152,9 +152,16 @@ def test_protocol_mismatch_is_refused_before_training(tmp_path):
         ROWS.pop("_test_more_epochs")
 
 
-def test_bad_arguments_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown row 'nope'; known rows: ecl, "):
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
         compare.main(["--data", "D", "--rows", "ecl,nope", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "unknown row 'nope'; known rows: ce_instance, " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--data", "D", "--out", str(tmp_path)])
+    assert "give --rows (or a --preset / --quick)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--preset", "nope"])
+    assert "unknown --preset 'nope'; known: fmnist_lt" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--reference 'ecl_no_kd' must be one of the rows"):
         compare.compare("D", tmp_path, ["ecl"], [0], reference="ecl_no_kd")
     with pytest.raises(ValueError, match="already registered"):
@@ -171,3 +178,75 @@ def test_summarise_pairs_only_common_seeds():
     assert s["b"]["overall"]["diff"]["mean"] == pytest.approx(12.5)
     assert s["b"]["overall"]["mean"] == pytest.approx(72.5) and s["b"]["overall"]["n"] == 2
     assert s["ref"]["few"]["mean"] is None and s["ref"]["few"]["diff"]["n"] == 0
+
+
+# ---- issue 12: the full row set, shared folders, presets, convergence -------------------------------
+
+def test_full_row_set_resolves_under_the_fmnist_preset():
+    preset = compare.PRESETS["fmnist_lt"]
+    assert len(preset.seeds) >= 3
+    cfgs = {r: row_config(r, "DATA", 0, f"/tmp/{r}", preset.overrides) for r in preset.rows}
+    shared = check_protocol(cfgs)  # one protocol for every row, before anything trains
+    assert shared["optim"]["epochs"] == 6 and shared["data.backend"] == "ffcv"
+    # the offline rows replay every pad-crop view, computing only the rows their student draws
+    for r in ("lfme", "lfme_kd", "lfme_kd_spes"):
+        assert cfgs[r].lfme.views == "all" and cfgs[r].lfme.fill == "drawn"
+    for r in ("cbd", "cbd_ens"):
+        assert cfgs[r].cbd.views == "all" and cfgs[r].cbd.fill == "drawn"
+    # recipe-section overrides reach only the rows that have the section
+    assert "experts" not in cfgs["ce_balanced"].sections and cfgs["lfme"].experts.epochs == 8
+    assert (cfgs["lfme_kd"].lfme.spes, cfgs["lfme_kd"].lfme.spis) == ("off", "off")
+    assert (cfgs["lfme_kd_spes"].lfme.spes, cfgs["lfme_kd_spes"].lfme.spis) == ("matched", "off")
+    order = compare.PRESETS["fmnist_lt_order"]
+    assert set(order.rows) == {"ce_balanced", "lfme", "cbd_ens", "ecl"}
+
+
+def test_override_for_no_row_and_share_order_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"override 'lfmee.views=2' applies to none of the rows"):
+        compare.run_rows("DATA", tmp_path, ["ce_balanced"], [0], ["lfmee.views=2"], runner=lambda cfg: None)
+    with pytest.raises(ValueError, match=r"row 'lfme_kd' shares experts, offline with row 'lfme': list 'lfme' before"):
+        compare.run_rows("DATA", tmp_path, ["lfme_kd", "lfme"], [0], runner=lambda cfg: None)
+
+
+@pytest.mark.parametrize("values, moved, moving", [
+    ([0.5, 0.7, 0.8, 0.85, 0.85, 0.85], 0.0, False),   # last fifth of 6 = 2 epochs (+ the one before): flat
+    ([0.5, 0.7, 0.8, 0.84, 0.85, 0.85], 1.0, True),
+    ([0.5, 0.7, 0.8, 0.845, 0.85, 0.85], 0.5, False),  # exactly 0.5 points (1 of 200 images) is not moving
+    ([0.3, 0.9], 60.0, True),
+])
+def test_movement_over_the_last_fifth(values, moved, moving):
+    m = compare.movement(values)
+    assert m["moved"] == pytest.approx(moved) and m["moving"] is moving and m["epochs"] == len(values)
+    assert compare.movement([0.4])["moving"] is None
+
+
+def test_quick_preset_runs_every_row_and_reports(fmnist_dir, tmp_path):
+    """``--quick`` on the fixture: every row of the full comparison trains, the LFME rows share one
+    expert run and store, the page flags moving runs and the two PNGs are written."""
+    out = tmp_path / "quick"
+    args = ["--quick", "--data", str(fmnist_dir), "--out", str(out), "--name", "q",
+            "--set", "data.test_split=val", "--set", "eval.thresholds=[100, 20]", "--set", "experts.thresholds=[100, 20]",
+            "--set", "data.batch_size=32", "--set", "experts.batch_size=[16, 8, 4]"]
+    assert compare.main(args) == 0
+    report = json.loads((out / "q.json").read_text())
+    assert report["rows"] == list(compare.FULL_ROWS)
+    for name in ("q.png", "q_curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # shared: the LFME ablation rows link the lfme row's experts and store
+    link = out / "lfme_kd" / "seed0" / "offline"
+    assert link.is_symlink() and link.resolve() == (out / "lfme" / "seed0" / "offline").resolve()
+    assert json.loads((out / "lfme" / "seed0" / "offline" / "header.json").read_text())["views"]["fill"] == "drawn"
+    # every run's evaluated model logged a val curve, and the experts and teachers theirs
+    conv = report["convergence"]
+    for row in compare.FULL_ROWS:
+        stages = conv[row]["0"]
+        assert any(s["main"] for s in stages.values()), row
+    assert {"experts/many", "experts/few"} <= set(conv["lfme"]["0"])
+    assert {"teachers/t0", "teachers/t3"} <= set(conv["cbd_ens"]["0"])
+    page = (out / "q.md").read_text()
+    assert "**Convergence.**" in page and "![validation curves](q_curves.png)" in page
+    # a report-only pass trains nothing and gives the same table
+    before = (out / "lfme" / "seed0" / "metrics.json").stat().st_mtime_ns
+    assert compare.main([*args, "--report-only"]) == 0
+    assert (out / "lfme" / "seed0" / "metrics.json").stat().st_mtime_ns == before
+    assert json.loads((out / "q.json").read_text())["results"] == report["results"]
