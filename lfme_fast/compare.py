@@ -51,8 +51,8 @@ CONFIG_DIR = REPO / "configs"
 COLUMNS = ("many", "medium", "few", "overall")
 #: Keys every row of one comparison must share (the protocol); dotted config keys or whole sections.
 PROTOCOL_KEYS = (
-    "data.root", "data.backend", "data.batch_size", "data.resolution", "data.augment", "data.train_split",
-    "data.val_split", "data.test_split", "model.arch", "model.kwargs", "model.pretrained", "optim",
+    "data.root", "data.backend", "data.batch_size", "data.global_batch_size", "data.resolution", "data.augment",
+    "data.train_split", "data.val_split", "data.test_split", "model.arch", "model.kwargs", "model.pretrained", "optim",
     "train.epoch_samples", "train.max_steps_per_epoch", "train.grad_accum", "precision", "eval",
 )
 MARKER = "compare.json"
@@ -138,8 +138,8 @@ class Preset:
 
 #: The budget of the Fashion-MNIST-LT comparison (3 seeds x 11 rows + the permuted-order table within
 #: 3 hours on 2 CPU cores): the ffcv back end (one decode worker), a narrower resnet_small28 (stem 8,
-#: widths 16/32/64), 8 student epochs
-#: over the training split, experts 10 epochs, CBD teachers 8; the offline rows replay every pad-crop
+#: widths 16/32/64), 6 student epochs
+#: over the training split, experts 8 epochs, CBD teachers 6; the offline rows replay every pad-crop
 #: view, each stored row computed only if the student draws it.
 FMNIST_PROTOCOL = ("data.backend=ffcv", "data.num_workers=1",
                    "model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=6", "experts.epochs=8",
@@ -290,8 +290,9 @@ def describe_protocol(shared: Mapping[str, Any], facts: Mapping[str, Mapping[str
     size = _train_size(shared["data.root"])
     samples = shared["train.epoch_samples"] or size
     steps_cap = shared["train.max_steps_per_epoch"]
-    if steps_cap is not None and samples is not None:
-        samples = min(samples, steps_cap * shared["data.batch_size"] * shared["train.grad_accum"])
+    batch = shared["data.batch_size"] if shared["data.batch_size"] is not None else shared["data.global_batch_size"]
+    if steps_cap is not None and samples is not None and batch is not None:
+        samples = min(samples, steps_cap * batch * shared["train.grad_accum"])
     two = [n for n, f in facts.items() if f["views_per_sample"] == 2]
     augment = shared["data.augment"]
     aug_text = {"auto": "auto: pad-crop (4 px zero padding, random corner) + horizontal flip for images of at "
@@ -376,18 +377,20 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
     seconds: dict[str, dict[int, float]] = {r: {} for r in rows}
     skipped: list[str] = []
     resumed: list[str] = []
+    stale: list[str] = []
     t0 = time.perf_counter()
     for i, seed in enumerate(seeds):  # seed-major: a partial comparison has every row for its first seeds
         for j, name in enumerate(rows):
             cfg = plan[(name, seed)]
             run_dir, sha = Path(cfg.run_dir), _config_sha(cfg)
             marker = _finished(run_dir, sha)
-            if report_only:
-                # the runs as they are: a marker of this runner and the metrics, whatever code wrote them
+            if report_only and marker is None:
+                # the run as it is: it finished, but for another resolved config than this command's
                 marker = _finished(run_dir, None)
                 if marker is None:
                     raise ValueError(f"--report-only: {name}/seed{seed} has not finished ({run_dir} has no "
                                      f"{MARKER} and metrics.json); run without --report-only first")
+                stale.append(f"{name}/seed{seed}")
             if marker is not None:
                 skipped.append(f"{name}/seed{seed}")
                 seconds[name][seed] = marker["seconds"]
@@ -397,7 +400,7 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                 # An interrupted run resumes from its checkpoint: its time then covers this invocation only.
                 if _main_process():
                     link_shares(name, run_dir, out, seed)
-                was_started = any(run_dir.glob("*/checkpoints/latest.json"))
+                was_started = any(run_dir.glob("**/checkpoints/latest.json"))
                 log(f"[compare] seed {seed} ({i + 1}/{len(seeds)}), row {name} ({j + 1}/{len(rows)}) in {run_dir} "
                     f"({time.perf_counter() - t0:.0f} s so far)")
                 start = time.perf_counter()
@@ -411,7 +414,7 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
             results[name][seed] = _subset_row(json.loads((run_dir / "metrics.json").read_text()))
     return {"rows": results, "seconds": seconds, "configs": {r: plan[(r, seeds[0])] for r in rows},
             "all_configs": {r: {s: plan[(r, s)] for s in seeds} for r in rows},
-            "skipped": skipped, "resumed": resumed, "wall_seconds": round(time.perf_counter() - t0, 1)}
+            "skipped": skipped, "resumed": resumed, "stale": stale, "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -440,7 +443,9 @@ def val_curves(run_dir: str | Path) -> dict[str, list[float]]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("event") == "epoch" and rec.get("val_top1") is not None:
+            if rec.get("event") == "start":
+                values = []  # a stage trained again in its folder: only its last training counts
+            elif rec.get("event") == "epoch" and rec.get("val_top1") is not None:
                 values.append(float(rec["val_top1"]))
         if values:
             out[os.path.relpath(folder, run_dir)] = values
@@ -623,8 +628,12 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
               "moving_points": MOVING_POINTS, "convergence": conv,
               "val_curves": {r: {str(s): val_curves(c.run_dir) for s, c in per.items()}
                              for r, per in raw["all_configs"].items()},
-              "report_only": report_only,
+              "report_only": report_only, "stale_runs": raw["stale"],
               "run_dirs": {r: str(Path(configs[r].run_dir).parent) for r in rows}}
+    notes = list(notes)
+    if raw["stale"]:
+        notes.insert(0, f"Warning: {len(raw['stale'])} run(s) finished under another resolved config than the one "
+                        f"described here (reported as they are by --report-only): {', '.join(raw['stale'])}.")
     page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
                            convention, raw["resumed"], notes, conv, name)
     if _main_process():

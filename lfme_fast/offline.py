@@ -139,6 +139,9 @@ ARRAY_DTYPES = ("float16", "float32")
 _RESERVED = ("header.json", "views.npz", "progress.json", "written.npy", "drawn.npy")
 #: The published store's record of which ``(sample, view)`` rows a ``fill: drawn`` store computed.
 DRAWN_FILE = "drawn.npy"
+#: The epoch-plan algorithm a drawn store was filled for (sampler sharding, view choice): a store made
+#: for another is rebuilt. 2: one global order sharded in per-process batch blocks.
+PLAN_VERSION = 2
 #: How a store is filled: every ``(sample, view)`` row, or only those the student will draw.
 FILLS = ("all", "drawn")
 
@@ -313,16 +316,18 @@ def drawn_identity(fill: str, *, sampler: str, epochs: int, batch_size: int, see
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     if fill == "all":
         return {}
-    draws = {"sampler": sampler, "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
-             "num_processes": int(num_processes), **{k: settings[k] for k in sorted(settings)}}
+    draws = {"plan": PLAN_VERSION, "sampler": sampler, "epochs": int(epochs), "batch_size": int(batch_size),
+             "seed": int(seed), "num_processes": int(num_processes), **{k: settings[k] for k in sorted(settings)}}
     return {"fill": "drawn", "draws": draws}
 
 
-def drawn_pairs(options: Any, epochs: int) -> np.ndarray:
+def drawn_pairs(options: Any, epochs: int, max_batches: int | None = None) -> np.ndarray:
     """bool ``[N, K]``: the ``(sample, stored view)`` rows that a training loader built from
     ``options`` (:class:`lfme_fast.loaders.LoaderOptions` with ``views=`` the store's table, and the
-    student's sampler) shows over its ``epochs`` epochs, on this process. No pixel work: the epoch
-    plans only (seed + epoch), so this is what the student will read, row for row."""
+    student's sampler) shows over its ``epochs`` epochs, on this process; ``max_batches``: the
+    trainer stops each epoch after that many loader batches (``train.max_steps_per_epoch`` x
+    ``grad_accum``). No pixel work: the epoch plans only (seed + epoch), so this is what the student
+    will read, row for row."""
     from lfme_fast.loaders.base import plan_epoch, resolve_spec
 
     spec = resolve_spec(options)
@@ -331,7 +336,8 @@ def drawn_pairs(options: Any, epochs: int) -> np.ndarray:
     mask = np.zeros((spec.num_samples, spec.views.num_views), dtype=bool)
     for epoch in range(int(epochs)):
         plan = plan_epoch(spec, epoch)
-        mask[plan.indices, plan.views] = True
+        stop = None if max_batches is None else int(max_batches) * spec.batch_size
+        mask[plan.indices[:stop], plan.views[:stop]] = True
     return mask
 
 
@@ -656,6 +662,14 @@ def _barrier(accelerator: Any) -> None:
         accelerator.wait_for_everyone()
 
 
+def _sum_over_ranks(value: int, accelerator: Any) -> int:
+    """``value`` summed over all processes (a collective; just ``value`` without an accelerator)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return int(value)
+    t = torch.tensor([int(value)], device=accelerator.device)
+    return int(accelerator.reduce(t, reduction="sum").item())
+
+
 def _is_main(accelerator: Any) -> bool:
     return accelerator is None or accelerator.is_main_process
 
@@ -723,13 +737,13 @@ class _Partial:
     def progress(self) -> dict[str, Any]:
         return json.loads((self.path / "progress.json").read_text())
 
-    def mark_done(self, view: int | None) -> None:
-        """Record a finished pass (``view`` None: the eval pass)."""
+    def mark_done(self, views: Sequence[int] | None) -> None:
+        """Record finished passes (the views now written; None: the eval pass)."""
         p = self.progress()
-        if view is None:
+        if views is None:
             p["eval_done"] = True
         else:
-            p["done_views"] = sorted(set(p["done_views"]) | {int(view)})
+            p["done_views"] = sorted(set(p["done_views"]) | {int(v) for v in views})
         atomic_write_json(self.path / "progress.json", p)
 
     # ---- every process ----------------------------------------------------------------------
@@ -794,8 +808,9 @@ def _as_numpy(x: Any) -> np.ndarray:
     return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _write_rows(spec: ArraySpec, group: tuple[np.ndarray, ...], idx: np.ndarray, col: int, value: Any) -> None:
-    """Rows ``idx`` of array ``spec`` in view column ``col``, from the producer's ``value``."""
+def _write_rows(spec: ArraySpec, group: tuple[np.ndarray, ...], idx: np.ndarray, col: Any, value: Any) -> None:
+    """Rows ``idx`` of array ``spec`` in view column ``col`` (one column, or one per row), from the
+    producer's ``value``."""
     t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     if t.ndim == 1 and spec.width == 1:
         t = t[:, None]
@@ -812,11 +827,12 @@ def _write_rows(spec: ArraySpec, group: tuple[np.ndarray, ...], idx: np.ndarray,
 
 
 @torch.no_grad()
-def _run_pass(loader: Any, producer: Producer, targets: Mapping[str, int], specs: Mapping[str, ArraySpec],
-              arrays: Mapping[str, tuple[np.ndarray, ...]], written: np.ndarray, written_col: int,
+def _run_pass(loader: Any, producer: Producer, targets: Mapping[str, int | None], specs: Mapping[str, ArraySpec],
+              arrays: Mapping[str, tuple[np.ndarray, ...]], written: np.ndarray, written_col: int | None,
               accelerator: Any, progress: Callable[[int], None]) -> None:
     """Run ``producer`` on every batch of ``loader``; write array ``name`` at view column
-    ``targets[name]`` for the batch's rows, and mark them in ``written[:, written_col]``."""
+    ``targets[name]`` for the batch's rows, and mark them in ``written[:, written_col]``. A column of
+    None means each row's own view (``batch.views``: a drawn pass over (sample, view) pairs)."""
     for batch in loader:
         autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
         with autocast:
@@ -826,11 +842,13 @@ def _run_pass(loader: Any, producer: Producer, targets: Mapping[str, int], specs
             raise ValueError(f"producer returned array(s) {unknown} that the header does not declare "
                              f"({', '.join(specs)})")
         idx = _as_numpy(batch.indices).astype(np.int64, copy=False)
+        views = getattr(batch, "views", None)  # only a drawn pass needs them (a column of None)
+        own = None if views is None else _as_numpy(views).astype(np.int64, copy=False)
         for name, col in targets.items():
             if name not in out:
                 raise ValueError(f"producer returned no array {name!r} (it returned {sorted(out)})")
-            _write_rows(specs[name], arrays[name], idx, col, out[name])
-        written[idx, written_col] = 1
+            _write_rows(specs[name], arrays[name], idx, own if col is None else col, out[name])
+        written[idx, own if written_col is None else written_col] = 1
         progress(len(idx))
 
 
@@ -860,9 +878,10 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
         storage_extra: figures added to ``header.json``'s ``storage`` (e.g. LFME's logit bytes).
         store_class: the class that opens the result (a recipe's layer over :class:`ArrayStore`).
         drawn: for a ``fill: drawn`` header, bool ``[N, K]``: the rows *this process's* student will
-            read (:func:`drawn_pairs`). Pass ``k`` then shows only the samples drawn in view ``k``,
-            through ``make_loader(views, k, rows)`` (``rows``: int64 sample indices, this process's
-            own, not to be sharded again); a pass that also fills eval-view arrays covers every sample.
+            read (:func:`drawn_pairs`). One pass then shows exactly those (sample, view) pairs,
+            through ``make_loader(views, pair_views, rows)`` (``rows``: int64 sample indices, this
+            process's own, not to be sharded again; ``pair_views``: each row's view, a per-position
+            ``fixed_view``). View 0 gets a full pass first when it also fills eval-view arrays.
     """
     run_dir = Path(run_dir)
     _check_views(header, views)
@@ -889,46 +908,56 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
     todo = [k for k in range(partial.k) if k not in progress["done_views"]]
     eval_todo = needs_eval and not progress["eval_done"]
 
-    def pass_rows(k: int) -> np.ndarray | None:
-        """None: this process's share of every sample; else the samples it draws in view ``k``."""
-        if drawn is None or (k == 0 and header["views"]["first_is_eval"] and per_sample):
-            return None
-        return np.flatnonzero(drawn[:, k]).astype(np.int64)
-
-    rows_todo = {k: pass_rows(k) for k in todo}
-    total = sum(partial.n if r is None else r.size for r in rows_todo.values()) + int(eval_todo) * partial.n
+    # Drawn fill: view 0 first over every sample when it also carries the eval-view arrays, then one
+    # pass over all of this process's remaining drawn (sample, view) pairs (a loader per view would
+    # cost more to build than its few rows to compute).
+    full_first = drawn is not None and 0 in todo and header["views"]["first_is_eval"] and bool(per_sample)
+    pair_views = [k for k in todo if not (full_first and k == 0)] if drawn is not None else []
+    if drawn is not None:
+        pair_idx, col = np.nonzero(drawn[:, pair_views]) if pair_views else (np.zeros(0, np.int64),) * 2
+        pair_view = np.asarray(pair_views, dtype=np.int64)[col] if pair_views else col
+        total = pair_idx.size + int(full_first) * partial.n
+    else:
+        total = len(todo) * partial.n
+    total += int(eval_todo) * partial.n
     pbar = _Progress(total, "offline", show_progress and _is_main(accelerator))
 
-    def finish(view: int | None, what: str) -> None:
+    def finish(done: Sequence[int] | None, what: str) -> None:
         for g in arrays.values():
             for a in g:
                 a.flush()
         written.flush()
         _barrier(accelerator)
         if _is_main(accelerator):
-            partial.mark_done(view)
+            partial.mark_done(done)
         log(f"[offline] {what} written ({time.perf_counter() - t0:.1f} s)")
 
-    for k in todo:
+    for k in (todo if drawn is None else [0] if full_first else []):
         targets = {a: k for a in per_view}
         if k == 0 and header["views"]["first_is_eval"]:
             targets.update({a: 0 for a in per_sample})
-        rows = rows_todo[k]
-        if rows is None:
-            _run_pass(make_loader(views, k), producer, targets, specs, arrays, written, k, accelerator, pbar)
-        elif rows.size:
-            _run_pass(make_loader(views, k, rows), producer, targets, specs, arrays, written, k, accelerator, pbar)
-        finish(k, f"view {k + 1}/{partial.k}" + ("" if rows is None else f" ({rows.size} drawn samples)"))
+        _run_pass(make_loader(views, k), producer, targets, specs, arrays, written, k, accelerator, pbar)
+        finish([k], f"view {k + 1}/{partial.k}")
+    if pair_views:
+        if pair_idx.size:
+            _run_pass(make_loader(views, pair_view, pair_idx.astype(np.int64)), producer, {a: None for a in per_view},
+                      specs, arrays, written, None, accelerator, pbar)
+        finish(pair_views, f"{pair_idx.size} drawn (image, view) rows of {len(pair_views)} views")
     if eval_todo:
         _run_pass(make_loader(eval_views, 0), producer, {a: 0 for a in per_sample}, specs, arrays, written,
                   partial.k, accelerator, pbar)
         finish(None, "eval view")
     pbar.close()
-    if drawn is not None:  # every process checks its own plan's rows (the main one cannot see the others')
+    if drawn is not None:
+        # every process checks its own plan's rows (the main one cannot see the others'), and all
+        # agree before the main one publishes: a store missing any rank's rows is never published
         missing = np.argwhere(drawn & (np.asarray(written[:, :partial.k]) == 0))
-        if missing.size:
-            i, v = (int(x) for x in missing[0])
-            raise RuntimeError(f"offline pass left {len(missing)} drawn row(s) unwritten, first sample {i} view {v}")
+        total_missing = _sum_over_ranks(len(missing), accelerator)
+        if total_missing:
+            first = (f", first on this process: sample {int(missing[0][0])} view {int(missing[0][1])}"
+                     if len(missing) else "")
+            raise RuntimeError(f"offline pass left {total_missing} drawn row(s) unwritten{first}; delete "
+                               f"{partial.path} and run the 'offline' stage again")
     del arrays, written
     if _is_main(accelerator):
         full = partial.publish(run_dir / name, time.perf_counter() - t0, storage_extra)

@@ -199,7 +199,8 @@ def plot_comparison(path: str | Path, summary: Mapping[str, Any], rows: Sequence
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(rows) + 2), 4.2))
     width = 0.8 / len(columns)
     for j, col in enumerate(columns):
-        means = [summary[r][col]["mean"] or 0.0 for r in rows]
+        # a missing value (an empty subset) is no bar, not a 0 % one
+        means = [float("nan") if summary[r][col]["mean"] is None else summary[r][col]["mean"] for r in rows]
         stds = [summary[r][col]["std"] or 0.0 for r in rows]
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=col)

@@ -48,7 +48,8 @@ def student_pairs(root, cfg, views):
                             samples_per_class=cfg.cbd.samples_per_class)
     opts = LoaderOptions(root, "train", backend="torch", train=True, batch_size=cfg.data.batch_size, sampler=sampler,
                          total_epochs=cfg.optim.epochs, views=views, num_workers=0, seed=cfg.seed)
-    return drawn_pairs(opts, cfg.optim.epochs)
+    steps = cfg.train.max_steps_per_epoch  # the trainer stops each epoch there: later rows are never read
+    return drawn_pairs(opts, cfg.optim.epochs, None if steps is None else steps * cfg.train.grad_accum)
 
 
 def test_store_computes_exactly_the_student_draws(drawn_run, fmnist_dir):
@@ -95,20 +96,37 @@ def test_drawn_rows_equal_a_live_teacher_and_other_rows_are_refused(drawn_run, f
 
 
 def test_store_for_another_plan_is_rebuilt(drawn_run, fmnist_dir, tmp_path):
-    """Three student epochs draw other rows: the two-epoch store is refused by its header and rebuilt."""
+    """Three student epochs draw other rows: the two-epoch store's header is refused and a new one built."""
+    import shutil
+
     cfg = drawn_run
+    header = ArrayStore.open(cfg.run_dir).header
+    other_plan = {**header, "views": {**header["views"], "draws": {**header["views"]["draws"], "epochs": 3}}}
+    with pytest.raises(OfflineStoreError, match=r"views"):
+        ArrayStore.open(cfg.run_dir, other_plan)
     other = tmp_path / "other"
     other.mkdir()
-    (other / "teachers").symlink_to(cfg.run_dir / "teachers")
-    # cbd.epochs pinned to the first run's 2: the same teachers (their fingerprint), another student plan
-    cfg3 = cbd_cfg(fmnist_dir, other, "optim.epochs=3", "stages=[teachers, offline]", "cbd.epochs=2")
+    shutil.copytree(cfg.run_dir / "teachers", other / "teachers")
     (other / "offline").symlink_to(cfg.run_dir / "offline")
+    cfg3 = cbd_cfg(fmnist_dir, other, "optim.epochs=3", "stages=[teachers, offline]", "cbd.epochs=2")
     run(cfg3)
     assert not (other / "offline").is_symlink()  # the old store was not taken: a new one replaced the link
     store = ArrayStore.open(other)
     assert store.header["views"]["draws"]["epochs"] == 3
     np.testing.assert_array_equal(np.asarray(store.drawn), student_pairs(fmnist_dir, cfg3, store.views))
     assert ArrayStore.open(cfg.run_dir).header["views"]["draws"]["epochs"] == 2  # the first run's store is intact
+
+
+def test_a_linked_stage_is_never_retrained_into_its_owner(drawn_run, fmnist_dir, tmp_path):
+    """A run whose teachers/ links to another run's but whose settings differ refuses to train there."""
+    cfg = drawn_run
+    other = tmp_path / "linked"
+    other.mkdir()
+    (other / "teachers").symlink_to(cfg.run_dir / "teachers")
+    before = (cfg.run_dir / "teachers" / "t0" / "model.pt").stat().st_mtime_ns
+    with pytest.raises(RuntimeError, match=r"stage 'teacher-t0' is not up to date in .* outside this run"):
+        run(cbd_cfg(fmnist_dir, other, "cbd.epochs=3", "stages=[teachers]"))
+    assert (cfg.run_dir / "teachers" / "t0" / "model.pt").stat().st_mtime_ns == before
 
 
 def test_drawn_identity_and_pairs_check_their_input(fmnist_dir):

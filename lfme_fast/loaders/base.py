@@ -140,7 +140,9 @@ class LoaderOptions:
       processes on this machine (``LOCAL_WORLD_SIZE``): :func:`lfme_fast.scale.default_num_workers`.
       ``drop_last``: None = ``train``. ``in_memory``: ffcv's os_cache / the shard reader's page cache (False: read through).
     * ``views`` (+ ``fixed_view``): replay stored fixed crops (:class:`FixedViews`) instead of random
-      augmentation; ``fixed_view`` shows that view of every sample, else each epoch picks one.
+      augmentation; ``fixed_view`` shows that view of every sample (an int), or view ``fixed_view[j]``
+      at position ``j`` of the sampler's order (an int array as long as the order: an offline pass
+      over chosen (sample, view) pairs), else each epoch picks one.
     * ``seed``: the augmentation draws (and the default instance shuffle).
     * ``num_replicas``/``rank``: this process's place in a distributed run.
     * ``views_per_sample``: 1, or 2 for two independently augmented views of every sample in each
@@ -173,7 +175,7 @@ class LoaderOptions:
     drop_last: bool | None = None
     in_memory: bool = True
     views: FixedViews | None = None
-    fixed_view: int | None = None
+    fixed_view: int | np.ndarray | None = None
     seed: int = 0
     num_replicas: int = 1
     rank: int = 0
@@ -244,7 +246,7 @@ class LoaderSpec:
     sampler: object | None  # lfme_fast.sampling.Sampler; None = eval share of 0..N-1
     use_weights: bool
     views: FixedViews | None
-    fixed_view: int | None
+    fixed_view: int | np.ndarray | None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_ratio: float = CENTER_CROP_RATIO
@@ -376,7 +378,11 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
         weights = None if weights is None else weights[:keep]
     views = None
     if spec.views is not None:
-        if spec.fixed_view is not None:
+        if spec.fixed_view is not None and np.ndim(spec.fixed_view) > 0:
+            if spec.fixed_view.size < indices.size:
+                raise ValueError(f"fixed_view has {spec.fixed_view.size} entries for an order of {indices.size}")
+            views = spec.fixed_view[:indices.size]
+        elif spec.fixed_view is not None:
             views = np.full(indices.size, spec.fixed_view, dtype=np.int64)
         else:
             views = spec.views.choose(epoch, indices)
@@ -570,8 +576,14 @@ def resolve_spec(options: LoaderOptions) -> LoaderSpec:
                              f"use augment='imagenet' for variable-size images")
     if views is not None:
         views.check_fits(heights.astype(np.int64), widths.astype(np.int64))
-        if fixed_view is not None and not 0 <= int(fixed_view) < views.num_views:
+        if fixed_view is not None and np.ndim(fixed_view) == 0 and not 0 <= int(fixed_view) < views.num_views:
             raise ValueError(f"fixed_view must be in 0..{views.num_views - 1}, got {fixed_view}")
+        if fixed_view is not None and np.ndim(fixed_view) > 0:
+            fixed_view = np.ascontiguousarray(fixed_view, dtype=np.int64)
+            if fixed_view.ndim != 1 or o.sampler is None:
+                raise ValueError("a per-position fixed_view must be a 1-D array aligned with a sampler's order")
+            if fixed_view.size and (fixed_view.min() < 0 or fixed_view.max() >= views.num_views):
+                raise ValueError(f"fixed_view must be in 0..{views.num_views - 1}")
     sampler = _resolve_sampler(o, labels)
     num_workers = default_num_workers() if o.num_workers is None else o.num_workers
     drop_last = bool(train) if o.drop_last is None else o.drop_last
@@ -581,7 +593,8 @@ def resolve_spec(options: LoaderOptions) -> LoaderSpec:
                       num_workers=int(num_workers), drop_last=bool(drop_last), in_memory=bool(o.in_memory),
                       seed=int(o.seed), num_replicas=o.num_replicas, rank=o.rank, total_epochs=int(o.total_epochs),
                       sampler=sampler, use_weights=o.sampler is not None and bool(train), views=views,
-                      fixed_view=None if fixed_view is None else int(fixed_view), colour=o.colour,
+                      fixed_view=(None if fixed_view is None else int(fixed_view) if np.ndim(fixed_view) == 0
+                                  else fixed_view), colour=o.colour,
                       colour_strength=float(o.colour_strength), views_per_sample=o.views_per_sample,
                       hw_decoder_load=o.hw_decoder_load)
     if spec.views_per_sample > 1 and spec.geometry not in ("rrc", "pad_crop"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from lfme_fast.checkpoint import load_model_file, remove_checkpoints, save_model_file, stage_done, write_done
@@ -308,9 +309,12 @@ class Recipe:
             return True
         return False
 
-    def offline_up_to_date(self, header: Mapping[str, Any], store_class: Any = None) -> bool:
+    def offline_up_to_date(self, header: Mapping[str, Any], store_class: Any = None,
+                           draws: Callable[[], Any] | None = None) -> bool:
         """True (and a message) when ``RUN/offline`` holds a finished store with identity ``header``;
-        otherwise False, saying why an existing store is rebuilt (the recipes' ``offline`` stages)."""
+        otherwise False, saying why an existing store is rebuilt (the recipes' ``offline`` stages).
+        ``draws``: for a drawn store, this process's rows (:meth:`student_draws`); a store that lacks
+        any of them on any process is rebuilt (e.g. one made by other plan code under the same header)."""
         from lfme_fast.offline import ArrayStore, OfflineStoreError
 
         try:
@@ -319,6 +323,15 @@ class Recipe:
             if (self.run_dir / "offline").exists():
                 self.console(f"offline: rebuilding ({exc})")
             return False
+        if draws is not None and store.drawn is not None:
+            lacking = int((draws() & ~np.asarray(store.drawn)).sum())
+            if self.accelerator.num_processes > 1:
+                t = torch.tensor([lacking], device=self.accelerator.device)
+                lacking = int(self.accelerator.reduce(t, reduction="sum").item())
+            if lacking:
+                self.console(f"offline: rebuilding ({store.directory} lacks {lacking} (image, view) rows this run's "
+                             "plan draws)")
+                return False
         self.console(f"offline: store in {store.directory} is up to date ({store.data_bytes_per_image:.0f} "
                      "bytes/image); skipping")
         return True
@@ -342,7 +355,8 @@ class Recipe:
         c = self.cfg
         return drawn_identity(fill, sampler=sampler, epochs=c.optim.epochs, batch_size=c.data.batch_size,
                               seed=c.seed, num_processes=self.accelerator.num_processes,
-                              epoch_samples=c.train.epoch_samples, **settings)
+                              epoch_samples=c.train.epoch_samples, max_steps_per_epoch=c.train.max_steps_per_epoch,
+                              grad_accum=c.train.grad_accum, **settings)
 
     def student_draws(self, sampler: Any, views: Any) -> Any:
         """bool ``[N, K]``: the stored rows this process's student reads over ``optim.epochs`` epochs
@@ -352,7 +366,8 @@ class Recipe:
         c = self.cfg
         opts = self.ctx.loader_options(c.data.train_split, train=True, batch_size=c.data.batch_size, sampler=sampler,
                                        total_epochs=c.optim.epochs, views=views)
-        return drawn_pairs(opts, c.optim.epochs)
+        steps = c.train.max_steps_per_epoch
+        return drawn_pairs(opts, c.optim.epochs, None if steps is None else steps * c.train.grad_accum)
 
     def train_stage(self, job: TrainJob) -> TrainResult | None:
         """Run ``job`` (skip / resume / train / save / done-marker); None when it was up to date.
@@ -362,6 +377,12 @@ class Recipe:
         self.curve_stages[job.name] = Path(job.stage_dir)
         if self.skip_if_done(job.stage_dir, job.fingerprint, job.name):
             return None
+        if not Path(job.stage_dir).resolve().is_relative_to(self.run_dir.resolve()):
+            # a folder linked from another run (compare's shared experts): never retrain into it
+            raise RuntimeError(f"stage {job.name!r} is not up to date in {job.stage_dir}, which links to "
+                               f"{Path(job.stage_dir).resolve()} outside this run ({self.run_dir}); this run's "
+                               "settings differ from the run it shares that folder with: remove the link to train "
+                               "its own")
         parts = job.build()
         loop = LoopSettings.from_config(self.cfg, epochs=parts.epochs, desc=job.name)
         result = train_model(parts.model, parts.loader, parts.loss_fn, accelerator=self.accelerator,

@@ -447,12 +447,16 @@ class CBDRecipe(Recipe):
     # ---- offline -------------------------------------------------------------------------------
     def stage_offline(self) -> None:
         header = self.expected_header()
-        if self.offline_up_to_date(header):
-            return
         cfg = self.cfg
         mode, _, heights, widths = self._geometry()
         views = build_views(heights, widths, cfg.cbd.views, cfg.seed, "center", mode)
-        drawn = self.student_draws(self._student_sampler(), views) if cfg.cbd.fill == "drawn" else None
+
+        def draws():
+            return self.student_draws(self._student_sampler(), views)
+
+        if self.offline_up_to_date(header, draws=draws if cfg.cbd.fill == "drawn" else None):
+            return
+        drawn = draws() if cfg.cbd.fill == "drawn" else None
         per_image = self._feature_bytes(header)
         producer = teacher_producer([self.load_teacher(t) for t in self.teachers])
         store = write_store(self.run_dir, header, views, producer, self.offline_loader, accelerator=self.accelerator,

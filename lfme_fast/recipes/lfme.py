@@ -327,15 +327,18 @@ class LFMERecipe(Recipe):
 
     def stage_offline(self) -> None:
         header = self.expected_header()
-        if self.offline_up_to_date(header, OfflineStore):
-            return
         mode, _, heights, widths = self._geometry()
         f = self.cfg.lfme
         views = build_views(heights, widths, f.views, self.cfg.seed, f.view_kind, mode)
-        # The student's indices do not depend on the SpIS weights (checked in the tests), so its draws
-        # are known before the store's confidences exist.
-        drawn = (self.student_draws(self._build_sampler(self.ctx.labels(self.cfg.data.train_split), None), views)
-                 if f.fill == "drawn" else None)
+
+        def draws():
+            # The student's indices do not depend on the SpIS weights (checked in the tests), so its
+            # draws are known before the store's confidences exist.
+            return self.student_draws(self._build_sampler(self.ctx.labels(self.cfg.data.train_split), None), views)
+
+        if self.offline_up_to_date(header, OfflineStore, draws if f.fill == "drawn" else None):
+            return
+        drawn = draws() if f.fill == "drawn" else None
         write_offline(self.run_dir, header, self._expert_sources(True), views, self.offline_loader,
                       self.ctx.num_classes,
                       eval_views=eval_view_boxes(heights, widths, mode) if f.view_kind == "random" else None,
