@@ -598,13 +598,16 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
             overrides: Sequence[str] = (), *, reference: str | None = None, name: str = "comparison",
             report_dir: str | Path | None = None, title: str | None = None, notes: Sequence[str] = (),
             log: Callable[[str], None] = print, runner: Callable[[Any], Any] | None = None,
-            report_only: bool = False) -> dict[str, Any]:
+            report_only: bool = False, also: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Run the rows (:func:`run_rows`) and write ``REPORT/<name>.json``, ``.md``, ``.png`` (per row
     many / medium / few / overall, mean and std) and ``_curves.png`` (each row's val curve per seed);
     returns the report.
 
     ``notes``: free sentences for the page and the JSON (e.g. what else ran on the machine).
-    ``report_only``: train nothing; report the finished runs as they are (an error names a missing one)."""
+    ``report_only``: train nothing; report the finished runs as they are (an error names a missing one).
+    ``also``: other reports (``<name>.json`` written by this runner, with their ``.md`` beside them) to
+    append to this page as further sections and to this JSON under ``also`` (e.g. the permuted-order
+    table of the same comparison)."""
     reference = reference or rows[0]
     if reference not in rows:
         raise ValueError(f"--reference {reference!r} must be one of the rows {list(rows)}")
@@ -636,6 +639,14 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
                         f"described here (reported as they are by --report-only): {', '.join(raw['stale'])}.")
     page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
                            convention, raw["resumed"], notes, conv, name)
+    if also:
+        report["also"] = []
+        for other in also:
+            other = Path(other)
+            report["also"].append(json.loads(other.read_text()))
+            # its page as a section of this one: every heading one level down
+            section = other.with_suffix(".md").read_text()
+            page += "\n" + "\n".join("#" + line if line.startswith("#") else line for line in section.splitlines()) + "\n"
     if _main_process():
         from lfme_fast.plots import plot_comparison, plot_val_curves
 
@@ -662,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "runs/compare_<preset>)")
     parser.add_argument("--preset", help="a named comparison (rows, seeds, overrides): " + "; ".join(
         f"{k}: {v.about}" for k, v in PRESETS.items()))
+    parser.add_argument("--also", action="append", default=[], metavar="REPORT.json",
+                        help="another report of this runner to append to the page and the JSON (repeatable)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the report from the finished runs as they are")
     parser.add_argument("--quick", action="store_true", help="--preset quick: every row on a tiny budget, seed 0 "
@@ -702,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --out (the folder of the run folders)")
     try:
         compare(data, out, rows, seeds, overrides, reference=args.reference, name=args.name,
-                report_dir=args.report_dir, title=args.title, notes=args.notes, report_only=args.report_only)
+                report_dir=args.report_dir, title=args.title, notes=args.notes, report_only=args.report_only,
+                also=args.also)
     except ValueError as exc:  # protocol, rows, overrides: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -250,3 +250,9 @@ def test_quick_preset_runs_every_row_and_reports(fmnist_dir, tmp_path):
     assert compare.main([*args, "--report-only"]) == 0
     assert (out / "lfme" / "seed0" / "metrics.json").stat().st_mtime_ns == before
     assert json.loads((out / "q.json").read_text())["results"] == report["results"]
+    # --also appends another report (here: the same one) as a section of the page and of the JSON
+    args2 = [a if a != "q" else "q2" for a in args]
+    assert compare.main([*args2, "--report-only", "--also", str(out / "q.json")]) == 0
+    page2 = (out / "q2.md").read_text()
+    assert page2.count("**Convergence.**") == 2 and "\n## " + report["title"] in page2
+    assert json.loads((out / "q2.json").read_text())["also"][0]["results"] == report["results"]
