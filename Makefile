@@ -31,7 +31,7 @@ SCALE ?= 0.02
 PREP_ARGS ?=
 
 .PHONY: setup test demo clean-venv prep-imagenet-lt prep-places-lt prep-inat18 prep-cifar10-lt \
-        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt bench-prep bench bench-gpu bench-sampler-memory bench-report
+        prep-cifar100-lt prep-fmnist-lt prep-synthetic-lt compare-fmnist-lt bench-prep bench bench-gpu bench-sampler-memory bench-report
 
 setup: $(STAMP)
 
@@ -80,6 +80,22 @@ prep-cifar100-lt: setup
 
 prep-fmnist-lt: setup
 	$(PY) -m data_prep fmnist-lt --root $(FMNIST_ROOT) --imbalance-ratio $(IR) --out $(DATA)/fmnist_lt_ir$(IR) $(PREP_ARGS)
+
+# The issue-12 comparison on Fashion-MNIST-LT: every method under one protocol, 3 seeds, plus the
+# permuted class order (CLASS_ORDER) table; resumable (a re-run skips finished runs). Writes
+# results/fmnist_lt_comparison.{json,md,png} (+ _curves.png) with the second table appended.
+CLASS_ORDER ?= 1
+compare-fmnist-lt: setup
+	@test -f $(DATA)/fmnist_lt_ir100/manifest.json || $(PY) -m data_prep fmnist-lt --root $(FMNIST_ROOT) \
+	  --imbalance-ratio 100 --out $(DATA)/fmnist_lt_ir100
+	@test -f $(DATA)/fmnist_lt_ir100_order$(CLASS_ORDER)/manifest.json || $(PY) -m data_prep fmnist-lt \
+	  --root $(FMNIST_ROOT) --imbalance-ratio 100 --class-order $(CLASS_ORDER) --out $(DATA)/fmnist_lt_ir100_order$(CLASS_ORDER)
+	$(PY) -m lfme_fast.compare --preset fmnist_lt_order --data $(DATA)/fmnist_lt_ir100_order$(CLASS_ORDER) \
+	  --out runs/compare_fmnist_lt_order$(CLASS_ORDER) --report-dir results --name fmnist_lt_order$(CLASS_ORDER)_comparison \
+	  --title "Fashion-MNIST-LT (IR 100), class order permuted with seed $(CLASS_ORDER)"
+	$(PY) -m lfme_fast.compare --preset fmnist_lt --data $(DATA)/fmnist_lt_ir100 --out runs/compare_fmnist_lt \
+	  --report-dir results --name fmnist_lt_comparison --title "Fashion-MNIST-LT (IR 100): every method under one protocol" \
+	  --also results/fmnist_lt_order$(CLASS_ORDER)_comparison.json
 
 prep-synthetic-lt: setup
 	$(PY) -m data_prep synthetic-lt --scale $(SCALE) --out $(DATA)/synthetic_lt $(PREP_ARGS)
