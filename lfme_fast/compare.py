@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -453,12 +452,13 @@ def val_curves(run_dir: str | Path) -> dict[str, list[float]]:
 
 
 def movement(values: Sequence[float]) -> dict[str, Any]:
-    """How much a val curve (fractions) still moved at the end: the range (max - min, in points) over
-    its last fifth of epochs and the epoch before it; ``moving`` when that exceeds
-    :data:`MOVING_POINTS`. A one-epoch curve cannot be judged (``moving`` None)."""
+    """How much a val curve (fractions) still moved at the end: the range (max - min, in points) of
+    its values over the last fifth of its epochs (``round(E / 5)`` epochs, at least one) and at the
+    start of that fifth (the epoch before); ``moving`` when that exceeds :data:`MOVING_POINTS`. A
+    one-epoch curve cannot be judged (``moving`` None)."""
     if len(values) < 2:
         return {"epochs": len(values), "last": 100 * values[-1] if values else None, "moved": None, "moving": None}
-    window = values[-(math.ceil(len(values) / 5) + 1):]
+    window = values[-(max(1, round(len(values) / 5)) + 1):]
     moved = round(100 * (max(window) - min(window)), 6)  # 1 of 200 val images is 0.5 points exactly
     return {"epochs": len(values), "last": 100 * values[-1], "moved": moved,
             "window_epochs": len(window), "moving": moved > MOVING_POINTS}
@@ -565,7 +565,8 @@ def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequ
     if conv is not None:
         moving = _moving_lines(conv, rows)
         lines += ["", f"**Convergence.** A run is flagged when its validation top-1 moved by more than "
-                      f"{MOVING_POINTS} points over the last fifth of its epochs (and the epoch before), for the "
+                      f"{MOVING_POINTS} points over the last fifth of its epochs (round(epochs / 5), at least one, "
+                      "measured from the epoch before), for the "
                       "evaluated model and for every stage it builds on (experts, teachers). "
                       + ("Flagged:" if moving else "No run is flagged."), ""]
         lines += [*moving, *([""] if moving else [])]
