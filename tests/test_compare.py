@@ -212,7 +212,7 @@ def test_override_for_no_row_and_share_order_are_refused(tmp_path):
     ([0.5, 0.7, 0.8, 0.6, 0.85, 0.85], 0.0, False),    # last fifth of 6 = 1 epoch, from epoch 5: flat
     ([0.5, 0.7, 0.8, 0.8, 0.84, 0.85], 1.0, True),
     ([0.5, 0.7, 0.8, 0.8, 0.845, 0.85], 0.5, False),   # exactly 0.5 points (1 of 200 images) is not moving
-    ([0.5, 0.6, 0.7, 0.8, 0.84, 0.85, 0.85, 0.85], 1.0, True),  # 8 epochs: the last 2, from epoch 6
+    ([0.5, 0.6, 0.7, 0.8, 0.8, 0.84, 0.85, 0.85], 1.0, True),  # 8 epochs: the last 2, from epoch 6
     ([0.3, 0.9], 60.0, True),
 ])
 def test_movement_over_the_last_fifth(values, moved, moving):
