@@ -763,6 +763,8 @@ class _Partial:
         store's view columns are checked by each process against its own plan (:func:`write_store`)."""
         written = np.load(self.path / "written.npy", mmap_mode="r")
         cols = [] if self.drawn_fill else list(range(self.k))
+        if self.drawn_fill and self.header["views"]["first_is_eval"] and any(not s.per_view for s in self.specs.values()):
+            cols.append(0)  # view 0 carries the per-sample (eval-view) arrays: every sample, drawn or not
         cols += [self.k] if _needs_eval_pass(self.header) else []
         for c in cols:
             missing = np.flatnonzero(written[:, c] == 0)
