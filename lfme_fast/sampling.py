@@ -240,6 +240,21 @@ def _schedule_block(src, code, t, dst):
 
 
 @njit(cache=True)
+def _class_offsets(group_class, group_size, n, num_classes):
+    """int64 ``[C + 1]``: where each class's draws start in a class-CSR buffer of the ``n`` positions
+    laid out as groups of ``group_size`` (class ``group_class[g]``; the last group may be cut short)."""
+    full_groups = n // group_size
+    off = np.zeros(num_classes + 1, dtype=np.int64)
+    for g in range(full_groups):
+        off[np.int64(group_class[g]) + 1] += group_size
+    if group_class.shape[0] > full_groups:
+        off[np.int64(group_class[full_groups]) + 1] += n - full_groups * group_size
+    for c in range(num_classes):
+        off[c + 1] += off[c]
+    return off
+
+
+@njit(cache=True)
 def _fill_from_class_cycles(group_class, group_size, class_offsets, class_members, v1_sorted, code, t, seed,
                             buf, scratch, wtmp, wtmp_bits, jbuf, out_idx, out_w_bits):
     """Fill the epoch given its class sequence: group ``g`` is ``group_size`` draws of class
@@ -271,14 +286,7 @@ def _fill_from_class_cycles(group_class, group_size, class_offsets, class_member
     want_w = out_w_bits.shape[0] > 0
     num_groups = group_class.shape[0]
     full_groups = n // group_size  # all groups but a possibly cut-short last one
-    buf_off = np.zeros(num_classes + 1, dtype=np.int64)
-    one = np.uint64(1)
-    for g in range(full_groups):
-        buf_off[np.uint64(group_class[g]) + one] += group_size
-    if num_groups > full_groups:
-        buf_off[group_class[full_groups] + 1] += n - full_groups * group_size
-    for c in range(num_classes):
-        buf_off[c + 1] += buf_off[c]
+    buf_off = _class_offsets(group_class, group_size, n, num_classes)
     # (a) class by class: each class's draws for the epoch, in class-CSR order
     for c in range(num_classes):
         r = buf_off[c]
@@ -481,13 +489,7 @@ def _stream_class_draws(group_class, group_size, class_offsets, state, taken, ct
     n = out.shape[0]
     num_groups = group_class.shape[0]
     full_groups = n // group_size
-    off = np.zeros(num_classes + 1, dtype=np.int64)
-    for g in range(full_groups):
-        off[group_class[g] + 1] += group_size
-    if num_groups > full_groups:
-        off[group_class[full_groups] + 1] += n - full_groups * group_size
-    for c in range(num_classes):
-        off[c + 1] += off[c]
+    off = _class_offsets(group_class, group_size, n, num_classes)
     # (a) class by class
     for c in range(num_classes):
         r = off[c]
