@@ -29,6 +29,7 @@ and library versions) and every run's wall time.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -163,11 +164,17 @@ PRESETS: dict[str, Preset] = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def _sections(row: Row) -> set[str]:
+def _sections(row: Row) -> frozenset[str]:
+    return _file_sections(row.path)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sections(path: Path) -> frozenset[str]:
+    """The top-level keys of a config file (read once: every override asks for every row's)."""
     import yaml
 
-    raw = yaml.safe_load(row.path.read_text()) or {}
-    return set(raw) if isinstance(raw, dict) else set()
+    raw = yaml.safe_load(path.read_text()) or {}
+    return frozenset(raw) if isinstance(raw, dict) else frozenset()
 
 
 def row_overrides(name: str, overrides: Sequence[str]) -> list[str]:
