@@ -6,7 +6,9 @@
 A **row** is a named ``(config file, overrides)`` pair from :data:`ROWS` (start: the ECL ablation and the
 balanced-softmax single model on Fashion-MNIST-LT). Every run is ``OUT/<row>/seed<s>/``, a normal run
 folder. ``--set`` overrides go to every row, after the row's own overrides (so a budget such as
-``optim.epochs=4`` applies to all).
+``optim.epochs=4`` applies to all); one that would replace a value a row sets itself (``--set
+lfme.spis=official`` on ``lfme_kd``, which turns SpIS off) is an error naming the row, the key and both
+values, since the row would become another method under its old label.
 
 **One protocol.** The rows must agree on every key in :data:`PROTOCOL_KEYS` (backbone, optimiser and
 epochs, batch size, samples per epoch, augmentation, splits, precision, evaluation); a disagreement is
@@ -17,7 +19,10 @@ sample a step sees (ECL's contrastive branch trains on two).
 **Resumable.** A run whose ``metrics.json`` exists next to this runner's ``compare.json`` marker for the
 same resolved config is not started again; any other run goes through the recipe, whose stage
 fingerprints skip finished stages and resume interrupted ones from their checkpoints (the page names
-the resumed runs: their wall time covers the last invocation only).
+the resumed runs: their wall time covers the last invocation only). The marker is removed before the
+recipe starts, so an interrupted re-run never leaves an old marker claiming the folder; a re-run that
+trains nothing (every stage up to date, ``metrics.json`` untouched, e.g. after ``log.progress``
+changed) adds its seconds to the earlier marker's, so a run's wall time stays its training time.
 
 **Report** (``REPORT/<name>.json`` and ``.md``, ``REPORT`` = ``--report-dir``, default ``OUT``): per row
 the test top-1 for many / medium / few / overall as mean ± sample std over seeds, every seed's value,
@@ -43,7 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 from lfme_fast.io import atomic_write_json, atomic_write_text
 
 __all__ = ["Row", "ROWS", "PROTOCOL_KEYS", "COLUMNS", "register_row", "row_config", "check_protocol",
-           "describe_protocol", "run_rows", "summarise", "format_markdown", "main"]
+           "describe_protocol", "run_rows", "run_stages", "val_curves", "movement", "check_overrides",
+           "check_preset_data", "summarise", "format_markdown", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -64,8 +70,12 @@ class Row:
 
     ``shares``: folders of the run (e.g. ``experts``, ``offline``) this row takes from row
     ``share_from``'s run of the same seed, linked before it runs: that row must come earlier in
-    ``--rows`` and trains them, this one finds them up to date (its stages check their fingerprints and
-    the store header, so a mismatch is an error, not a silent reuse).
+    ``--rows`` and trains them, this one finds them up to date. Nothing is reused silently: a linked
+    training stage (``experts/<subset>``) whose fingerprint does not match this row's is an error
+    (the recipe never trains into another run's folder), while a linked store (``offline``) whose
+    header does not match is rebuilt in this row's own run folder, replacing the link (the row then
+    pays for its own store, and a later invocation that has to run this row again stops at
+    :func:`link_shares` until that folder is removed).
     """
 
     config: str
@@ -128,12 +138,19 @@ register_row("cbd_ens", Row("fmnist_lt/cbd_ens.yaml", label="CBD-ENS (2 standard
 
 @dataclass(frozen=True)
 class Preset:
-    """A named comparison: its rows, seeds and comparison-wide overrides (``--preset NAME``)."""
+    """A named comparison: its rows, seeds and comparison-wide overrides (``--preset NAME``).
+
+    ``data``: the prepared dataset used when ``--data`` is not given. ``permuted_order``: the preset
+    needs a permuted class order, i.e. a dataset whose ``manifest.json`` records ``source.class_order``
+    (``data_prep fmnist-lt --class-order SEED``); other data is refused (:func:`check_preset_data`).
+    """
 
     rows: tuple[str, ...]
     seeds: tuple[int, ...]
     overrides: tuple[str, ...]
     about: str = ""
+    data: str = "data/fmnist_lt_ir100"
+    permuted_order: bool = False
 
 
 #: The budget of the Fashion-MNIST-LT comparison (3 seeds x 11 rows + the permuted-order table within
@@ -150,13 +167,35 @@ FULL_ROWS = ("ce_balanced", "ce_instance", "balanced_softmax", "logit_adjusted",
 PRESETS: dict[str, Preset] = {
     "fmnist_lt": Preset(FULL_ROWS, (0, 1, 2), FMNIST_PROTOCOL, "every method on Fashion-MNIST-LT"),
     "fmnist_lt_order": Preset(("ce_balanced", "lfme", "cbd_ens", "ecl"), (0, 1, 2), FMNIST_PROTOCOL,
-                              "the harder variant: a permuted class order (data_prep fmnist-lt --class-order)"),
+                              "the harder variant: a permuted class order (data_prep fmnist-lt --class-order)",
+                              data="data/fmnist_lt_ir100_order1", permuted_order=True),
     # every row's code path on a tiny budget (a few minutes on 2 cores; the tests run it)
     "quick": Preset(FULL_ROWS, (0,), ("model.kwargs={stem_width: 8, widths: [16, 32, 64]}", "optim.epochs=2",
                                       "train.max_steps_per_epoch=2", "experts.epochs=1", "experts.eval_test=false",
                                       "cbd.epochs=1", "lfme.views=all", "lfme.fill=drawn", "cbd.views=all",
                                       "cbd.fill=drawn", "log.progress=false"), "a smoke run of every row"),
 }
+
+
+def check_preset_data(name: str, data: str | Path) -> None:
+    """Refuse ``data`` for preset ``name`` when the preset needs a permuted class order and the
+    dataset's ``manifest.json`` does not record one (``source.class_order``)."""
+    preset = PRESETS[name]
+    if not preset.permuted_order:
+        return
+    make = (f"make it with `python -m data_prep fmnist-lt --root FMNIST_ROOT --imbalance-ratio 100 --class-order 1 "
+            f"--out {preset.data}` (or `make compare-fmnist-lt`) and pass it with --data")
+    manifest = Path(data) / "manifest.json"
+    try:
+        source = json.loads(manifest.read_text()).get("source") or {}
+    except OSError:
+        raise ValueError(f"preset {name!r} needs a dataset with a permuted class order, but {data} has no "
+                         f"manifest.json: {make}") from None
+    except ValueError as exc:
+        raise ValueError(f"preset {name!r}: cannot read {manifest} ({exc})") from None
+    if source.get("class_order") is None:
+        raise ValueError(f"preset {name!r} needs a dataset with a permuted class order, but {data} has the "
+                         f"label order (its manifest.json records no source.class_order): {make}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,12 +227,33 @@ def row_overrides(name: str, overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in have]
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether dotted keys ``a`` and ``b`` set the same value (equal, or one inside the other)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
 def check_overrides(rows: Sequence[str], overrides: Sequence[str]) -> None:
-    """Every override must apply to at least one row (a misspelt section would otherwise vanish)."""
+    """Every override must apply to at least one row (a misspelt section would otherwise vanish), and
+    none may replace a key a row sets itself with another value (the row would become another method
+    under its own label; the same value is allowed, it changes nothing for that row)."""
+    from lfme_fast.config import parse_override
+
     for o in overrides:
         if not any(o in row_overrides(r, [o]) for r in rows):
             raise ValueError(f"override {o!r} applies to none of the rows {list(rows)}: no row's config has the "
                              f"section {o.split('=', 1)[0].split('.', 1)[0]!r}")
+    for r in rows:
+        own = get_row(r).overrides
+        for o in row_overrides(r, overrides):
+            key, value = parse_override(o)
+            for mine in own:
+                my_key, my_value = parse_override(mine)
+                if _overlap(".".join(key), ".".join(my_key)) and (key != my_key or value != my_value):
+                    raise ValueError(
+                        f"override {o!r} would replace a value row {r!r} sets itself: {'.'.join(my_key)} is "
+                        f"{mine.partition('=')[2].strip()!r} in that row and {o.partition('=')[2].strip()!r} in the "
+                        f"override, so the row would no longer be what its label says; leave "
+                        f"{'.'.join(key)} to the rows, or compare that row separately")
 
 
 def row_config(name: str, data: str | Path, seed: int, run_dir: str | Path, overrides: Sequence[str] = ()) -> Any:
@@ -295,10 +355,16 @@ def describe_protocol(shared: Mapping[str, Any], facts: Mapping[str, Mapping[str
     optim = shared["optim"]
     size = _train_size(shared["data.root"])
     samples = shared["train.epoch_samples"] or size
+    source = "train.epoch_samples" if shared["train.epoch_samples"] else f"the training split ({size} images)"
     steps_cap = shared["train.max_steps_per_epoch"]
     batch = shared["data.batch_size"] if shared["data.batch_size"] is not None else shared["data.global_batch_size"]
     if steps_cap is not None and samples is not None and batch is not None:
-        samples = min(samples, steps_cap * batch * shared["train.grad_accum"])
+        accum = shared["train.grad_accum"]
+        capped = steps_cap * batch * accum
+        if capped < samples:
+            samples = capped
+            source += (f", capped by train.max_steps_per_epoch={steps_cap} (steps of batch {batch}"
+                       + (f" x grad_accum {accum}" if accum != 1 else "") + ")")
     two = [n for n, f in facts.items() if f["views_per_sample"] == 2]
     augment = shared["data.augment"]
     aug_text = {"auto": "auto: pad-crop (4 px zero padding, random corner) + horizontal flip for images of at "
@@ -312,8 +378,7 @@ def describe_protocol(shared: Mapping[str, Any], facts: Mapping[str, Mapping[str
     gpu = machine.get("gpu") if machine.get("cuda_available") else None
     return {
         "epochs": optim["epochs"], "samples_per_epoch": samples,
-        "samples_per_epoch_source": ("train.epoch_samples" if shared["train.epoch_samples"] else
-                                     f"the training split ({size} images)"),
+        "samples_per_epoch_source": source,
         "batch_size": shared["data.batch_size"], "optimiser": optim, "augmentation": aug_text,
         "backbone": shared["model.arch"], "views": views, "evaluation": shared["eval"],
         "test_split": shared["data.test_split"], "data": shared["data.root"], "shared_keys": dict(shared),
@@ -347,6 +412,15 @@ def _finished(run_dir: Path, sha: str | None) -> dict[str, Any] | None:
         return None
     same = sha is None or marker.get("config_sha") == sha
     return marker if same and (run_dir / "metrics.json").exists() else None
+
+
+def _file_state(path: Path) -> tuple[int, bytes] | None:
+    """``(mtime_ns, content)`` of ``path`` (None when it does not exist): equal before and after a
+    recipe run means the run did not write it."""
+    try:
+        return path.stat().st_mtime_ns, path.read_bytes()
+    except OSError:
+        return None
 
 
 def _subset_row(metrics: Mapping[str, Any]) -> dict[str, float | None]:
@@ -407,11 +481,21 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                 if _main_process():
                     link_shares(name, run_dir, out, seed)
                 was_started = any(run_dir.glob("**/checkpoints/latest.json"))
+                # The earlier marker (another config's) and result: a re-run that trains nothing keeps its time.
+                earlier = _finished(run_dir, None)
+                before = _file_state(run_dir / "metrics.json")
+                if _main_process():
+                    # no marker while the recipe runs: an interrupted re-run leaves none claiming the folder
+                    (run_dir / MARKER).unlink(missing_ok=True)
                 log(f"[compare] seed {seed} ({i + 1}/{len(seeds)}), row {name} ({j + 1}/{len(rows)}) in {run_dir} "
                     f"({time.perf_counter() - t0:.0f} s so far)")
                 start = time.perf_counter()
                 runner(cfg)
                 seconds[name][seed] = round(time.perf_counter() - start, 1)
+                if earlier is not None and before is not None and _file_state(run_dir / "metrics.json") == before:
+                    # every stage was up to date (the result file is untouched): the time is the earlier run's
+                    seconds[name][seed] = round(seconds[name][seed] + float(earlier.get("seconds", 0.0)), 1)
+                    was_started = was_started or bool(earlier.get("resumed"))
                 if _main_process():
                     atomic_write_json(run_dir / MARKER, {"row": name, "seed": seed, "config_sha": sha,
                                                          "seconds": seconds[name][seed], "resumed": was_started})
@@ -434,17 +518,48 @@ MOVING_POINTS = 0.5
 MAIN_STAGE = {"baseline": "train", "ecl": "train", "lfme": "student", "cbd": "student"}
 
 
-def val_curves(run_dir: str | Path) -> dict[str, list[float]]:
-    """Every training stage's per-epoch ``val_top1`` (fractions) under ``run_dir``, by the stage folder
-    relative to it (``train``, ``student``, ``experts/many``, ``teachers/t0``...); shared folders
-    (links to another row's run) included. Stages that logged no val accuracy are left out."""
+def run_stages(cfg: Any) -> list[str] | None:
+    """The training-stage folders (relative to the run folder) that ``cfg``'s run consists of: the
+    evaluated model's (:data:`MAIN_STAGE`), one ``experts/<subset>`` per subset of the ``experts``
+    section (LFME) and one ``teachers/t<k>`` per entry of ``cbd.teachers`` (CBD), whether this
+    invocation trains them or an earlier one did (``stages`` does not matter: a later stage builds on
+    them either way). None for a recipe this runner does not know (then every stage folder counts).
+
+    The rule is by name, not by the folders on disk: a folder left by an earlier config of the same run
+    folder (``teachers/t3`` after fewer teachers, ``experts/medium`` after two thresholds) is not the
+    current config's and is left out; a folder the config does name was trained (or found up to date)
+    under the current config's fingerprint by the finished run, so its log is this run's.
+    """
+    from lfme_fast.subsets import resolve_thresholds, subset_names
+
+    recipe = cfg.recipe
+    if recipe not in MAIN_STAGE and recipe != "experts":
+        return None
+    stages = []
+    if "experts" in cfg.sections:
+        e = cfg.experts
+        stages += [f"experts/{n}" for n in subset_names(len(resolve_thresholds(e.convention, e.thresholds)) + 1)]
+    if "cbd" in cfg.sections:
+        stages += [f"teachers/t{k}" for k in range(len(cfg.cbd.teachers))]
+    if recipe in MAIN_STAGE:
+        stages.append(MAIN_STAGE[recipe])
+    return stages
+
+
+def val_curves(run_dir: str | Path, stages: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """Each training stage's per-epoch ``val_top1`` (fractions) by the stage folder relative to
+    ``run_dir`` (``train``, ``student``, ``experts/many``, ``teachers/t0``...), for the folders in
+    ``stages`` (:func:`run_stages`; None: every folder under ``run_dir`` with a ``log.jsonl``); shared
+    folders (links to another row's run) included. Stages that logged no val accuracy are left out."""
     run_dir = Path(run_dir)
+    if stages is None:
+        folders = [Path(f) for f, _, files in os.walk(run_dir, followlinks=True) if "log.jsonl" in files]
+    else:
+        folders = [run_dir / s for s in stages if (run_dir / s / "log.jsonl").is_file()]
     out: dict[str, list[float]] = {}
-    for folder, _, files in os.walk(run_dir, followlinks=True):
-        if "log.jsonl" not in files:
-            continue
+    for folder in folders:
         values = []
-        for line in (Path(folder) / "log.jsonl").read_text().splitlines():
+        for line in (folder / "log.jsonl").read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -462,7 +577,10 @@ def movement(values: Sequence[float]) -> dict[str, Any]:
     """How much a val curve (fractions) still moved at the end: the range (max - min, in points) of
     its values over the last fifth of its epochs (``round(E / 5)`` epochs, at least one) and at the
     start of that fifth (the epoch before); ``moving`` when that exceeds :data:`MOVING_POINTS`. A
-    one-epoch curve cannot be judged (``moving`` None)."""
+    one-epoch curve cannot be judged (``moving`` None).
+
+    ``window_epochs`` counts the epoch-end values the range is taken over: the last fifth's epochs
+    plus the one before it (so one more than the epochs of the last fifth)."""
     if len(values) < 2:
         return {"epochs": len(values), "last": 100 * values[-1] if values else None, "moved": None, "moving": None}
     window = values[-(max(1, round(len(values) / 5)) + 1):]
@@ -474,7 +592,7 @@ def movement(values: Sequence[float]) -> dict[str, Any]:
 def convergence(configs: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """``{row: {seed: {stage: movement(...)}}}`` for every run (``configs[row][seed]``)."""
     return {row: {str(seed): {stage: {**movement(v), "main": stage == MAIN_STAGE.get(cfg.recipe)}
-                              for stage, v in val_curves(cfg.run_dir).items()}
+                              for stage, v in val_curves(cfg.run_dir, run_stages(cfg)).items()}
                   for seed, cfg in per_seed.items()}
             for row, per_seed in configs.items()}
 
@@ -486,9 +604,11 @@ def _moving_lines(conv: Mapping[str, Mapping[str, Mapping[str, Any]]], rows: Seq
             for stage, m in stages.items():
                 if m["moving"]:
                     what = "the evaluated model" if m["main"] else "a stage it builds on"
+                    last = m["window_epochs"] - 1  # the window holds the epoch before the last fifth too
+                    span = (f"epoch {m['epochs']}" if last == 1 else f"epochs {m['epochs'] - last + 1}-{m['epochs']}")
                     lines.append(f"- `{row}` seed {seed}, `{stage}` ({what}): val top-1 moved {m['moved']:.1f} points "
-                                 f"over its last {m['window_epochs']} epochs (of {m['epochs']}), ending at "
-                                 f"{m['last']:.1f}%.")
+                                 f"over its last {last} epoch{'s' if last > 1 else ''} ({span} of {m['epochs']}, "
+                                 f"measured from epoch {m['epochs'] - last}), ending at {m['last']:.1f}%.")
     return lines
 
 
@@ -574,7 +694,8 @@ def format_markdown(summary: Mapping[str, Any], rows: Sequence[str], seeds: Sequ
         lines += ["", f"**Convergence.** A run is flagged when its validation top-1 moved by more than "
                       f"{MOVING_POINTS} points over the last fifth of its epochs (round(epochs / 5), at least one, "
                       "measured from the epoch before), for the "
-                      "evaluated model and for every stage it builds on (experts, teachers). "
+                      "evaluated model and for every stage it builds on (the experts or teachers its config "
+                      "names; folders left by an earlier config are not read). "
                       + ("Flagged:" if moving else "No run is flagged."), ""]
         lines += [*moving, *([""] if moving else [])]
     if report_name:
@@ -634,10 +755,10 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
               "row_definitions": {r: {"config": ROWS[r].config, "overrides": list(ROWS[r].overrides),
                                       "label": ROWS[r].label, "note": ROWS[r].note} for r in rows},
               "results": summary, "run_seconds": {r: {str(s): v for s, v in d.items()} for r, d in raw["seconds"].items()},
-              "skipped_finished": raw["skipped"], "resumed_runs": raw["resumed"], "notes": list(notes),
+              "skipped_finished": raw["skipped"], "resumed_runs": raw["resumed"], "notes": [],
               "wall_seconds_this_invocation": raw["wall_seconds"],
               "moving_points": MOVING_POINTS, "convergence": conv,
-              "val_curves": {r: {str(s): val_curves(c.run_dir) for s, c in per.items()}
+              "val_curves": {r: {str(s): val_curves(c.run_dir, run_stages(c)) for s, c in per.items()}
                              for r, per in raw["all_configs"].items()},
               "report_only": report_only, "stale_runs": raw["stale"],
               "run_dirs": {r: str(Path(configs[r].run_dir).parent) for r in rows}}
@@ -645,6 +766,7 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
     if raw["stale"]:
         notes.insert(0, f"Warning: {len(raw['stale'])} run(s) finished under another resolved config than the one "
                         f"described here (reported as they are by --report-only): {', '.join(raw['stale'])}.")
+    report["notes"] = notes
     page = format_markdown(summary, rows, seeds, reference, protocol, facts, title, overrides, raw["seconds"],
                            convention, raw["resumed"], notes, conv, name)
     if also:
@@ -673,8 +795,8 @@ def compare(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Seque
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m lfme_fast.compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="prepared dataset (python -m data_prep ...; with a preset default "
-                                        "data/fmnist_lt_ir100)")
+    parser.add_argument("--data", help="prepared dataset (python -m data_prep ...; with a preset default the "
+                                        "preset's: " + ", ".join(f"{k}: {v.data}" for k, v in PRESETS.items()) + ")")
     parser.add_argument("--rows", help=f"comma-separated row names; known: {', '.join(ROWS)}")
     parser.add_argument("--seeds", help="comma-separated seeds (default the preset's, else 0)")
     parser.add_argument("--out", help="folder of the run folders (OUT/<row>/seed<s>/; with a preset default "
@@ -715,13 +837,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     overrides = [*(preset.overrides if preset is not None else ()), *args.overrides]
-    data = args.data or ("data/fmnist_lt_ir100" if preset is not None else None)
+    data = args.data or (preset.data if preset is not None else None)
     if data is None:
         parser.error("give --data (a prepared dataset)")
     out = args.out or (f"runs/compare_{args.preset}" if preset is not None else None)
     if out is None:
         parser.error("give --out (the folder of the run folders)")
     try:
+        if preset is not None:
+            check_preset_data(args.preset, data)
         compare(data, out, rows, seeds, overrides, reference=args.reference, name=args.name,
                 report_dir=args.report_dir, title=args.title, notes=args.notes, report_only=args.report_only,
                 also=args.also)

@@ -7,7 +7,9 @@ Runs are one step of 16 images each (the point is the runner, not accuracy)."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -245,7 +247,7 @@ def test_quick_preset_runs_every_row_and_reports(fmnist_dir, tmp_path):
     assert {"experts/many", "experts/few"} <= set(conv["lfme"]["0"])
     assert {"teachers/t0", "teachers/t3"} <= set(conv["cbd_ens"]["0"])
     page = (out / "q.md").read_text()
-    assert "**Convergence.**" in page and "![validation curves](q_curves.png)" in page
+    assert "![validation curves](q_curves.png)" in page
     # a report-only pass trains nothing and gives the same table
     before = (out / "lfme" / "seed0" / "metrics.json").stat().st_mtime_ns
     assert compare.main([*args, "--report-only"]) == 0
@@ -257,3 +259,195 @@ def test_quick_preset_runs_every_row_and_reports(fmnist_dir, tmp_path):
     page2 = (out / "q2.md").read_text()
     assert page2.count("**Convergence.**") == 2 and "\n## " + report["title"] in page2
     assert json.loads((out / "q2.json").read_text())["also"][0]["results"] == report["results"]
+
+
+# ---- review fixes: overrides, preset data, markers, stage curves, report text ---------------------
+
+def _quiet(message):
+    pass
+
+
+def _refuse(cfg):
+    raise AssertionError(f"{cfg.run_dir} was run")
+
+
+def test_set_may_not_replace_a_value_a_row_sets_itself(tmp_path):
+    # lfme_kd turns SpIS off itself: a comparison-wide SpIS would make it another method under its label
+    with pytest.raises(ValueError, match=r"'lfme\.spis=official'.*row 'lfme_kd'.*lfme\.spis.*'off'.*'official'"):
+        compare.run_rows("DATA", tmp_path, ["lfme", "lfme_kd"], [0], ["lfme.spis=official"], runner=_refuse)
+    with pytest.raises(ValueError, match=r"row 'ecl_no_kd'.*ecl\.kd.*'false'.*'true'"):
+        compare.check_overrides(["ecl", "ecl_no_kd"], ["ecl.kd=true"])
+    # the value the row sets anyway, and keys no row sets itself, are fine
+    compare.check_overrides(["lfme", "lfme_kd"], ["lfme.spis=off", "lfme.views=all", "optim.epochs=2"])
+    compare.check_overrides(["cbd_ce", "cbd"], ["cbd.epochs=1"])
+    # a key inside one the override sets whole (model.kwargs) counts as the same key
+    compare.register_row("_test_stem", Row("fmnist_lt/ce_balanced.yaml", ("model.kwargs.stem_width=4",)))
+    try:
+        with pytest.raises(ValueError, match=r"row '_test_stem'.*model\.kwargs\.stem_width"):
+            compare.check_overrides(["_test_stem"], ["model.kwargs={stem_width: 8}"])
+    finally:
+        ROWS.pop("_test_stem")
+
+
+def _manifest(folder: Path, **source) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"num_samples": 930}},
+                                                      "source": {"seed": 0, **source}}))
+    return folder
+
+
+def test_preset_data_defaults_and_the_permuted_order_is_checked(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(compare, "compare", lambda data, out, rows, seeds, overrides, **kw: calls.append(str(data)))
+    monkeypatch.chdir(tmp_path)
+    assert compare.PRESETS["fmnist_lt_order"].data == "data/fmnist_lt_ir100_order1"
+    assert compare.PRESETS["fmnist_lt"].data == compare.PRESETS["quick"].data == "data/fmnist_lt_ir100"
+    # without --data: the preset's own folder (here with the permutation recorded)
+    _manifest(tmp_path / "data" / "fmnist_lt_ir100_order1", class_order=1, class_permutation=list(range(10)))
+    assert compare.main(["--preset", "fmnist_lt_order"]) == 0
+    assert calls == ["data/fmnist_lt_ir100_order1"]
+    assert compare.main(["--preset", "fmnist_lt"]) == 0 and calls[-1] == "data/fmnist_lt_ir100"
+    # the label-order data (or none at all) is refused for the permuted-order preset, naming the fix
+    plain = _manifest(tmp_path / "plain")
+    assert compare.main(["--preset", "fmnist_lt_order", "--data", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert str(plain) in err and "source.class_order" in err and "data_prep fmnist-lt" in err
+    assert "--class-order 1" in err
+    assert compare.main(["--preset", "fmnist_lt_order", "--data", str(tmp_path / "missing")]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err and len(calls) == 2
+
+
+def _metrics_json(top1: float) -> str:
+    return json.dumps({"top1": top1, "convention": "test", "subsets": {k: {"top1": top1} for k in ("many", "medium", "few")}})
+
+
+def test_a_rerun_that_trains_nothing_keeps_the_training_time_and_no_marker_outlives_a_run(tmp_path):
+    run_dir = tmp_path / "ce_balanced" / "seed0"
+    marker_path = run_dir / "compare.json"
+    seen = []
+
+    def train(top1):
+        def runner(cfg):
+            seen.append(marker_path.exists())  # the old marker must be gone while the recipe runs
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if top1 is not None:
+                (run_dir / "metrics.json").write_text(_metrics_json(top1))
+        return runner
+
+    def rows(overrides, runner, **kw):
+        return compare.run_rows("DATA", tmp_path, ["ce_balanced"], [0], overrides, runner=runner, log=_quiet, **kw)
+
+    rows(["log.progress=false"], train(0.5))
+    marker = json.loads(marker_path.read_text())
+    marker_path.write_text(json.dumps({**marker, "seconds": 1000.0}))  # as if training took 1000 s
+    # a cosmetic change: the recipe finds every stage up to date and writes nothing
+    raw = rows(["log.progress=true"], train(None))
+    assert seen == [False, False]
+    again = json.loads(marker_path.read_text())
+    assert 1000.0 <= raw["seconds"]["ce_balanced"][0] < 1060 and again["seconds"] == raw["seconds"]["ce_balanced"][0]
+    assert again["config_sha"] != marker["config_sha"]
+    # a run that writes a new result records its own time, not the earlier one's
+    raw = rows(["log.progress=false"], train(0.6))
+    assert raw["seconds"]["ce_balanced"][0] < 60 and json.loads(marker_path.read_text())["seconds"] < 60
+    # an interrupted re-run under another config leaves no marker claiming the folder
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rows(["log.progress=true"], interrupted)
+    assert not marker_path.exists() and (run_dir / "metrics.json").exists()
+    with pytest.raises(ValueError, match="has not finished"):
+        rows(["log.progress=true"], _refuse, report_only=True)
+
+
+def _log(folder: Path, values, before=()) -> None:
+    """A stage's log.jsonl: an earlier training (``before``), then a restart with ``values``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recs = [{"event": "start"}, *({"event": "epoch", "val_top1": v} for v in before)] if before else []
+    recs += [{"event": "start"}, *({"event": "epoch", "epoch": e, "val_top1": v} for e, v in enumerate(values))]
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+
+def test_val_curves_read_only_the_stages_the_config_names(tmp_path):
+    cfg = row_config("cbd", "DATA", 0, tmp_path / "cbd", ["optim.epochs=3"])
+    assert len(cfg.cbd.teachers) == 1
+    run_dir = Path(cfg.run_dir)
+    _log(run_dir / "teachers" / "t0", [0.5, 0.6, 0.62], before=[0.1, 0.2])
+    _log(run_dir / "teachers" / "t3", [0.1, 0.5, 0.9])  # left by an earlier 4-teacher config
+    _log(run_dir / "student", [0.4, 0.5, 0.5])
+    assert compare.run_stages(cfg) == ["teachers/t0", "student"]
+    assert set(compare.val_curves(run_dir)) == {"teachers/t0", "teachers/t3", "student"}  # every folder
+    curves = compare.val_curves(run_dir, compare.run_stages(cfg))
+    assert curves == {"student": [0.4, 0.5, 0.5], "teachers/t0": [0.5, 0.6, 0.62]}
+    conv = compare.convergence({"cbd": {0: cfg}})["cbd"]["0"]
+    assert set(conv) == {"teachers/t0", "student"} and conv["student"]["main"] and not conv["teachers/t0"]["main"]
+
+    # LFME: one expert per subset of experts.thresholds (two thresholds: many, medium, few)
+    lfme = row_config("lfme", "DATA", 0, tmp_path / "lfme")
+    for name in ("many", "medium", "few", "subset3"):
+        _log(Path(lfme.run_dir) / "experts" / name, [0.5, 0.6])
+    _log(Path(lfme.run_dir) / "student", [0.5, 0.6])
+    assert compare.run_stages(lfme) == ["experts/many", "experts/medium", "experts/few", "student"]
+    assert set(compare.convergence({"lfme": {0: lfme}})["lfme"]["0"]) == set(compare.run_stages(lfme))
+    two = row_config("lfme", "DATA", 0, tmp_path / "lfme", ["experts.thresholds=[1000]", "experts.batch_size=64"])
+    assert compare.run_stages(two) == ["experts/many", "experts/few", "student"]
+    assert compare.run_stages(row_config("ecl", "DATA", 0, tmp_path / "ecl")) == ["train"]
+
+
+def _protocol_inputs(tmp_path, overrides):
+    data = _manifest(tmp_path / "data")
+    cfgs = {r: row_config(r, data, 0, tmp_path / r / "seed0", overrides) for r in ("ce_balanced", "ce_instance")}
+    facts = {r: compare.row_facts(c) for r, c in cfgs.items()}
+    return cfgs, facts, compare.describe_protocol(check_protocol(cfgs), facts)
+
+
+def test_a_run_still_moving_over_its_last_fifth_is_flagged_and_a_settled_one_is_not(tmp_path):
+    cfgs, facts, protocol = _protocol_inputs(tmp_path, ["optim.epochs=10"])
+    # 10 epochs: the last fifth is epochs 9-10, measured from epoch 8
+    _log(Path(cfgs["ce_instance"].run_dir) / "train", [0.3, 0.5, 0.6, 0.7, 0.75, 0.78, 0.79, 0.80, 0.81, 0.806])
+    _log(Path(cfgs["ce_balanced"].run_dir) / "train", [0.1, 0.3, 0.5, 0.6, 0.7, 0.75, 0.78, 0.80, 0.803, 0.801])
+    conv = compare.convergence({r: {0: c} for r, c in cfgs.items()})
+    assert conv["ce_instance"]["0"]["train"]["moving"] is True
+    assert conv["ce_instance"]["0"]["train"]["moved"] == pytest.approx(1.0)
+    assert conv["ce_balanced"]["0"]["train"]["moving"] is False  # 0.3 points, though it rose 70 before
+    one = {"many": 0.5, "medium": 0.5, "few": 0.5, "overall": 0.5}
+    rows = ["ce_balanced", "ce_instance"]
+    summary = summarise({r: {0: one} for r in rows}, [0], "ce_balanced")
+    page = compare.format_markdown(summary, rows, [0], "ce_balanced", protocol, facts, "T", conv=conv)
+    flagged = [line for line in page.splitlines() if "val top-1 moved" in line]
+    assert flagged == ["- `ce_instance` seed 0, `train` (the evaluated model): val top-1 moved 1.0 points over its "
+                       "last 2 epochs (epochs 9-10 of 10, measured from epoch 8), ending at 80.6%."]
+    assert "Flagged:" in page
+    # nothing moving: the page says so and lists no run
+    _log(Path(cfgs["ce_instance"].run_dir) / "train", [0.3, 0.5, 0.6, 0.7, 0.75, 0.78, 0.79, 0.80, 0.80, 0.80])
+    conv = compare.convergence({r: {0: c} for r, c in cfgs.items()})
+    page = compare.format_markdown(summary, rows, [0], "ce_balanced", protocol, facts, "T", conv=conv)
+    assert "No run is flagged." in page and "val top-1 moved" not in page
+
+
+def test_the_source_line_names_the_step_cap(tmp_path):
+    _, _, protocol = _protocol_inputs(tmp_path / "a", ["train.max_steps_per_epoch=2", "data.batch_size=16"])
+    assert protocol["samples_per_epoch"] == 32
+    assert protocol["samples_per_epoch_source"] == ("the training split (930 images), capped by "
+                                                    "train.max_steps_per_epoch=2 (steps of batch 16)")
+    _, _, protocol = _protocol_inputs(tmp_path / "b", ["data.batch_size=16"])
+    assert protocol["samples_per_epoch"] == 930
+    assert protocol["samples_per_epoch_source"] == "the training split (930 images)"
+
+
+def test_the_stale_run_warning_reaches_the_json_notes(tmp_path):
+    data = _manifest(tmp_path / "data")
+    out = tmp_path / "out"
+
+    def fake(cfg):
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / "metrics.json").write_text(_metrics_json(0.5))
+
+    compare.compare(data, out, ["ce_balanced"], [0], ["optim.epochs=1"], runner=fake, log=_quiet, notes=["n"])
+    report = compare.compare(data, out, ["ce_balanced"], [0], ["optim.epochs=2"], runner=_refuse, log=_quiet,
+                             notes=["n"], report_only=True)
+    assert report["stale_runs"] == ["ce_balanced/seed0"]
+    assert report["notes"][0].startswith("Warning: 1 run(s) finished under another resolved config")
+    assert report["notes"][1:] == ["n"]
+    assert json.loads((out / "comparison.json").read_text())["notes"] == report["notes"]
+    assert "- Warning: 1 run(s)" in (out / "comparison.md").read_text()
