@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,16 +155,19 @@ def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
               "--json-out", str(out)])
     capsys.readouterr()
     res = json.loads(out.read_text())
-    assert res["device"] == "cpu-fallback" and "CPU fallback" in res["note"]
+    assert res["device"] == "cpu-fallback" and "CPU fallback" in res["note"] and res["status"] == "complete"
     assert res["config"]["batch_size"] == gpu.FALLBACK_SIZES.batch_size
+    assert res["config"]["cudnn_benchmark"] is False  # on only for the GPU measurements
     assert {"torch_version", "dali_version", "cuda_available"} <= set(res["gpu"])
     assert res["decode"]["dali@hw0"]["hw_decoder_load"] == 0.0  # plumbed through (CPU decoding ignores it)
-    for backend in ("dali", "ffcv", "dali@hw0"):
+    assert "hardware decoder was not used" in res["decode"]["dali@hw0"]["note"]
+    assert "hardware decoder was not used" in res["decode"]["dali@hw0"]["output"]  # the page's text
+    for backend in ("dali", "ffcv", "torch", "dali@hw0"):
         row = res["decode"][backend]
         assert "error" not in row, row.get("traceback")
         assert row["images_per_s"] > 0 and row["batches_per_epoch"] == gpu.FALLBACK_SIZES.max_batches
     for arch in ("resnet10",):
-        for feed in ("synthetic", "dali", "ffcv"):
+        for feed in ("synthetic", "dali", "ffcv", "torch"):
             row = res["train"][arch][feed]
             assert "error" not in row, row.get("traceback")
             assert row["batches"] == gpu.FALLBACK_SIZES.max_batches and 0 <= row["data_wait_fraction"] < 1
@@ -178,11 +184,22 @@ def test_compile_bench_records_on_off_and_unavailable(tmp_path, monkeypatch, cap
     from lfme_fast.bench import compile as compile_bench
 
     out = tmp_path / "bench_compile.json"
-    compile_bench.main(["--device", "cpu", "--cases", "resnet_small28@28:4", "--steps", "2", "--warmup", "1",
+    starts = []
+
+    class CountingStopwatch(common.Stopwatch):
+        def start(self) -> None:
+            starts.append(1)
+            super().start()
+
+    monkeypatch.setattr(compile_bench, "Stopwatch", CountingStopwatch)
+    compile_bench.main(["--device", "cpu", "--cases", "resnet_small28@28:4", "--steps", "3", "--warmup", "1",
                         "--backend", "aot_eager", "--no-isolate", "--json-out", str(out)])
     res = json.loads(out.read_text())
     (row,) = res["results"]
-    assert res["machine"]["cpu_count"] and row["num_classes"] == 10 and row["eager"]["steps_timed"] == 2
+    assert res["machine"]["cpu_count"] and row["num_classes"] == 10 and row["eager"]["steps_timed"] == 3
+    # one timing (a CUDA event pair on a GPU) around all steady steps of each variant, the compiling step apart
+    assert len(starts) == 3 and row["compiled"]["steps_timed"] == 3 and row["eager"]["timed_block_s"] > 0
+    assert row["cudnn_benchmark"] is False  # a CPU case; GPU cases turn it on
     assert row["compiled"]["supported"] and row["speedup"] > 0 and row["compiled"]["compile_s"] is not None
     # no C++ compiler: the case says why instead of a figure
     monkeypatch.setattr(compiling, "_cpp_compiler", lambda: None)
@@ -202,6 +219,183 @@ def test_gpu_budget_skips_what_would_start_late():
     assert "skipped" not in on_time and on_time["wall_s"] >= 0
     failed = gpu._Budget(60.0, lambda m: None).run("part", math.sqrt, -1.0, isolate=False)
     assert failed["error"].startswith("ValueError")  # recorded, the script goes on
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed orphan is one until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_run_isolated_kills_a_child_past_its_time_limit_with_the_processes_it_started(tmp_path):
+    marker = tmp_path / "grandchild.pid"
+    t0 = time.perf_counter()
+    with pytest.raises(common.IsolatedTimeout, match="timed out after 5 s") as info:
+        common.run_isolated(subprocess.run, ["sh", "-c", f"echo $$ > '{marker}'; exec sleep 120"], timeout_s=5.0)
+    assert time.perf_counter() - t0 < 15 and info.value.timeout_s == 5.0
+    grandchild = int(marker.read_text())
+    deadline = time.time() + 5
+    while _running(grandchild) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _running(grandchild)  # a loader worker would not outlive its measurement either
+
+
+def test_gpu_part_past_its_time_limit_is_recorded_and_the_next_part_runs():
+    # the limit: at most part_limit_s, else the budget left plus the margin
+    budget = gpu._Budget(60.0, lambda m: None, margin_s=5.0, part_limit_s=2.0)
+    t0 = time.perf_counter()
+    hung = budget.run("hangs", time.sleep, 120, isolate=True)
+    assert hung["timed_out"] and "timed out after 2 s" in hung["error"] and hung["timeout_s"] == 2.0
+    assert time.perf_counter() - t0 < 12
+    after = budget.run("next part", dict, isolate=False)
+    assert "error" not in after and "skipped" not in after
+    late = gpu._Budget(0.5, lambda m: None, margin_s=1.0).run("hangs late", time.sleep, 120, isolate=True)
+    assert late["timed_out"] and late["timeout_s"] <= 1.5
+
+
+def test_gpu_script_writes_its_json_after_every_part(synthetic_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench_gpu.json"
+    seen = []
+
+    def fake_decode(backend, cfg, epochs):
+        seen.append(json.loads(out.read_text()))  # what a kill at this moment would leave
+        if backend == "b":
+            raise RuntimeError("broken loader")
+        return {"backend": backend, "images_per_s": 1.0}
+
+    monkeypatch.setattr(gpu, "measure_decode", fake_decode)
+    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
+              "--backends", "a,b,c", "--dali-hw-loads", "", "--json-out", str(out)])
+    capsys.readouterr()
+    assert [sorted(s.get("decode", {})) for s in seen] == [[], ["a"], ["a", "b"]]
+    assert all(s["status"].startswith("running") and s["dataset"]["num_images"] == 41 for s in seen)
+    res = json.loads(out.read_text())
+    assert res["status"] == "complete" and res["decode"]["c"]["images_per_s"] == 1.0
+    assert res["decode"]["b"]["error"] == "RuntimeError: broken loader"
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary name, nothing left behind
+
+
+def test_gpu_script_records_a_failing_dataset_description_and_measures_on(synthetic_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    from lfme_fast.bench import loader
+
+    def broken(root, split):
+        raise ModuleNotFoundError("No module named 'simplejpeg'")
+
+    monkeypatch.setattr(loader, "dataset_stats", broken)
+    monkeypatch.setattr(gpu, "measure_decode", lambda backend, cfg, epochs: {"images_per_s": 2.0})
+    out = tmp_path / "bench_gpu.json"
+    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
+              "--backends", "a", "--dali-hw-loads", "", "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["dataset"]["error"].startswith("ModuleNotFoundError") and res["dataset"]["dir"] == str(synthetic_dir)
+    assert res["status"] == "complete" and res["decode"]["a"]["images_per_s"] == 2.0
+
+
+def _without_packages(monkeypatch, *names: str) -> None:
+    """Make ``names`` look uninstalled, as on the fixed GPU image: find_spec finds nothing and (for
+    simplejpeg, which is imported directly) ``import`` fails."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, package=None: None if name in names else real(name, package))
+    if "simplejpeg" in names:
+        monkeypatch.setitem(sys.modules, "simplejpeg", None)
+
+
+def test_gpu_script_records_missing_packages_as_skipped_rows(synthetic_dir, tmp_path, monkeypatch, capsys):
+    _without_packages(monkeypatch, "nvidia.dali", "ffcv", "simplejpeg")
+    out = tmp_path / "bench_gpu.json"
+    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+              "--sections", "decode,train", "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["status"] == "complete" and res["config"]["packages"] == {"nvidia.dali": False, "ffcv": False,
+                                                                         "simplejpeg": False}
+    assert "Pillow" in res["config"]["jpeg_codec"] and res["dataset"]["num_images"] == 41
+    for rows in (res["decode"], res["train"]["resnet10"]):
+        assert rows["dali"] == {"skipped": "needs nvidia.dali (not installed here)"}
+        assert rows["ffcv"] == {"skipped": "needs ffcv (not installed here)"}
+        assert "error" not in rows["torch"], rows["torch"].get("traceback")  # the loader path measured anyway
+    assert res["decode"]["dali@hw0"]["skipped"].startswith("needs nvidia.dali")
+    assert res["decode"]["torch"]["images_per_s"] > 0 and res["train"]["resnet10"]["synthetic"]["samples_per_s"] > 0
+
+
+def test_gpu_script_runs_the_parts_without_a_dataset_when_preparation_fails(tmp_path, monkeypatch, capsys):
+    from lfme_fast.bench import loader
+
+    def broken(scale, cache, max_side=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loader, "prepare_synthetic", broken)
+    out = tmp_path / "bench_gpu.json"
+    gpu.main(["--cache", str(tmp_path), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+              "--sections", "decode,train", "--backends", "torch", "--json-out", str(out)])
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["status"] == "complete" and res["dataset"]["error"] == "OSError: disk full"
+    for row in (res["decode"]["torch"], res["train"]["resnet10"]["synthetic"]):
+        assert row["skipped"].startswith("needs a prepared dataset (preparing the synthetic set failed: OSError")
+
+
+def test_pil_jpeg_stand_in_answers_like_simplejpeg():
+    simplejpeg = pytest.importorskip("simplejpeg")
+    from data_prep.synthetic import synthetic_image
+
+    stand_in = common.pil_jpeg_module()
+    image = synthetic_image(0, 3, 2)  # ~500x320, as the synthetic set's sources
+    for sub in ("420", "444"):
+        data = stand_in.encode_jpeg(image, quality=90, colorspace="RGB", colorsubsampling=sub)
+        assert stand_in.decode_jpeg_header(data) == simplejpeg.decode_jpeg_header(data)
+        assert np.array_equal(stand_in.decode_jpeg(data), simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        small = stand_in.decode_jpeg(data, colorspace="RGB", min_height=100, min_width=100)  # a DCT-scaled decode
+        assert 100 <= small.shape[0] < image.shape[0] and small.shape[1] >= 100 and small.flags.writeable
+    gray = stand_in.encode_jpeg(image[..., :1], colorspace="GRAY")
+    assert stand_in.decode_jpeg_header(gray)[2:] == ("Gray", "Gray") and stand_in.decode_jpeg(gray).shape[2] == 3
+    for bad in (data[: len(data) // 2], b"not a jpeg"):  # simplejpeg's error type, which data_prep catches
+        with pytest.raises(ValueError):
+            stand_in.decode_jpeg(bad)
+
+
+_PREPARE_WITHOUT_FFCV_OR_SIMPLEJPEG = """
+import json, sys
+from pathlib import Path
+import numpy as np
+sys.modules["simplejpeg"] = None  # as on the GPU image: neither is installed
+sys.modules["ffcv"] = None
+import data_prep.synthetic as synthetic
+synthetic.default_histogram = lambda: np.array([6, 3, 2])  # 11 images
+from lfme_fast.bench.common import jpeg_codec_fallback
+from lfme_fast.bench.loader import dataset_stats, prepare_synthetic
+root = prepare_synthetic(1.0, Path(sys.argv[1]))
+with jpeg_codec_fallback():
+    stats = dataset_stats(root, "train")
+print(json.dumps({"root": str(root), "manifest": json.loads((root / "manifest.json").read_text()), "stats": stats}))
+"""
+
+
+def test_prepare_synthetic_without_ffcv_or_simplejpeg(tmp_path):
+    # a fresh interpreter: data_prep.images must first be imported with simplejpeg absent
+    proc = subprocess.run([sys.executable, "-c", _PREPARE_WITHOUT_FFCV_OR_SIMPLEJPEG, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    root = Path(res["root"])
+    assert res["manifest"]["formats"] == ["wds"] and not (root / "ffcv").exists()  # only what can be written
+    assert res["stats"]["num_images"] == 11 and res["stats"]["stored_max_side"] == 256
+    from PIL import Image
+
+    from lfme_fast.shards import ShardReader
+
+    import io
+
+    reader = ShardReader(root, "train")
+    with Image.open(io.BytesIO(bytes(reader.get_bytes(0)))) as img:  # real JPEGs, stored at max side 256
+        assert img.format == "JPEG" and max(img.size) == 256
 
 
 # ---- the CBD step rows ---------------------------------------------------------------------------

@@ -8,13 +8,18 @@ same seed:
 * **eager**: ``--warmup`` untimed steps, then ``--steps`` timed steps;
 * **compiled**: the model through :func:`lfme_fast.compiling.compile_model` (Inductor, ``--mode``),
   exactly what ``train.compile`` does to a training. Its first step compiles the forward and the
-  backward; that step's time is reported on its own (``first_step_s``, and ``compile_s`` = first step
-  minus a steady step) and never enters the step figures. Then ``--warmup`` untimed steps and
-  ``--steps`` timed steps.
+  backward; that step is timed on its own (``first_step_s``, and ``compile_s`` = first step minus a
+  steady step) and never enters the step figures. Then ``--warmup`` untimed steps and ``--steps``
+  timed steps.
 
-Steps/s and samples/s are from the median step time; ``speedup`` = compiled / eager steps/s. On a GPU
-the steps are bf16 autocast and channels_last (the training path) and timed with CUDA events; on a
-CPU fp32 in torch's default layout (``--channels-last`` to change it), wall clock. Inductor's on-disk
+The ``--steps`` steady steps are timed as one block, one start and one end mark around all of them
+(``step_s_mean`` = block / steps; steps/s and samples/s from it): the host queues step after step as
+a training loop does, so eager mode's launch overhead counts only where the GPU waits for it, and no
+per-step synchronisation adds gaps that a training loop does not have. ``speedup`` = compiled / eager
+steps/s. On a GPU the steps are bf16 autocast and channels_last (the training path) with
+``torch.backends.cudnn.benchmark`` on (a training's setting: convolution algorithms chosen by timing
+during the warm-up), timed with CUDA events; on a CPU fp32 in torch's default layout
+(``--channels-last`` to change it), wall clock. Inductor's on-disk
 caches are pointed at a fresh folder per process, so ``compile_s`` is a cold compile. When
 compilation cannot run here (no C++ compiler, no Triton) or fails, the case records why instead of a
 figure. Results: ``results/bench_compile_cpu.json`` (``_gpu`` on a GPU) with :func:`machine_info`.
@@ -26,7 +31,6 @@ import argparse
 import dataclasses
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,6 +65,7 @@ class CompileCase:
     num_classes: int = 1000
     threads: int | None = None  # torch CPU threads (None: torch's default)
     backend: str = "inductor"  # a TorchDynamo backend; "aot_eager" only shows that the code runs
+    cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark on a GPU (as a training sets it)
 
     @property
     def cuda(self) -> bool:
@@ -99,14 +104,20 @@ def _step_fn(model: torch.nn.Module, case: CompileCase) -> Callable[[], None]:
     return step
 
 
-def _timed(step: Callable[[], None], device: str, n: int) -> list[float]:
-    watch = Stopwatch(device)
-    out = []
+def _run(step: Callable[[], None], n: int) -> None:
+    """``n`` untimed steps (warm-up)."""
     for _ in range(n):
-        watch.start()
         step()
-        out.append(watch.stop())
-    return out
+
+
+def _timed_block(step: Callable[[], None], device: str, n: int) -> float:
+    """Seconds of ``n`` back-to-back steps: one :class:`Stopwatch` (a CUDA event pair on a GPU) around
+    all of them, so the host keeps queueing ahead as in training (a pair and a synchronise per step
+    would add a host round trip per step, which falls hardest on eager mode's many small launches)."""
+    watch = Stopwatch(device)
+    watch.start()
+    _run(step, n)
+    return watch.stop()
 
 
 def _build(case: CompileCase) -> torch.nn.Module:
@@ -117,10 +128,11 @@ def _build(case: CompileCase) -> torch.nn.Module:
     return build_model(case.arch, case.num_classes).to(case.device, memory_format=fmt).train()
 
 
-def _summary(times: Sequence[float], batch_size: int) -> dict[str, Any]:
-    med = statistics.median(times)
-    return {"step_s_median": med, "step_s_min": min(times), "steps_per_s": 1.0 / med,
-            "samples_per_s": batch_size / med, "steps_timed": len(times)}
+def _summary(block_s: float, steps: int, batch_size: int) -> dict[str, Any]:
+    """Figures of ``steps`` steps timed as one block of ``block_s`` seconds."""
+    mean = block_s / steps
+    return {"step_s_mean": mean, "steps_per_s": 1.0 / mean, "samples_per_s": batch_size / mean,
+            "steps_timed": steps, "timed_block_s": block_s}
 
 
 def measure_case(case: CompileCase) -> dict[str, Any]:
@@ -129,11 +141,17 @@ def measure_case(case: CompileCase) -> dict[str, Any]:
 
     if case.threads:
         torch.set_num_threads(case.threads)
+    if case.cuda:  # for eager and compiled alike; the warm-up steps do the algorithm search
+        torch.backends.cudnn.benchmark = case.cudnn_benchmark
     row: dict[str, Any] = {**dataclasses.asdict(case), "channels_last": case.layout_channels_last,
-                           "precision": "bf16 autocast" if case.cuda else "fp32", "torch_threads": torch.get_num_threads()}
+                           "precision": "bf16 autocast" if case.cuda else "fp32",
+                           "torch_threads": torch.get_num_threads(),
+                           "cudnn_benchmark": bool(case.cuda and torch.backends.cudnn.benchmark),
+                           "timing": "steady steps as one block: " + ("one CUDA event pair" if case.cuda
+                                                                       else "wall clock")}
     eager_step = _step_fn(_build(case), case)
-    _timed(eager_step, case.device, case.warmup)
-    row["eager"] = _summary(_timed(eager_step, case.device, case.steps), case.batch_size)
+    _run(eager_step, case.warmup)
+    row["eager"] = _summary(_timed_block(eager_step, case.device, case.steps), case.steps, case.batch_size)
 
     why = compiling.compile_unavailable(case.device) if case.backend == "inductor" else None
     if why:
@@ -148,16 +166,16 @@ def measure_case(case: CompileCase) -> dict[str, Any]:
     try:
         model = compiling.compile_model(_build(case), case.mode, case.device, backend=case.backend)
         step = _step_fn(model, case)
-        first = _timed(step, case.device, 1)[0]  # compiles forward and backward
-        _timed(step, case.device, case.warmup)
-        times = _timed(step, case.device, case.steps)
+        first = _timed_block(step, case.device, 1)  # compiles forward and backward: timed on its own
+        _run(step, case.warmup)
+        block = _timed_block(step, case.device, case.steps)
     except Exception as exc:  # recorded as what happened on this machine
         row["compiled"] = {"supported": False, **error_record(exc)}
         return row
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    compiled = {"supported": True, **_summary(times, case.batch_size), "first_step_s": first,
-                "compile_s": first - statistics.median(times),
+    compiled = {"supported": True, **_summary(block, case.steps, case.batch_size), "first_step_s": first,
+                "compile_s": first - block / case.steps,
                 "graphs": int(counters["stats"].get("unique_graphs", 0)),
                 "graph_breaks": int(sum(counters["graph_break"].values()))}
     row["compiled"] = compiled
@@ -213,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last on a CPU too")
     p.add_argument("--backend", default="inductor", help="TorchDynamo backend (default inductor; aot_eager: "
                                                           "tests only, measures no code generation)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off on a GPU (default on, as a training sets it)")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process (tests)")
     p.add_argument("--json-out", default=None, help="default results/bench_compile_{cpu,gpu}.json")
     args = p.parse_args(argv)
@@ -227,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                          mode=args.mode, steps=args.steps or (30 if gpu else 10),
                          warmup=args.warmup if args.warmup is not None else (10 if gpu else 2),
                          channels_last=True if args.channels_last else None, threads=args.threads,
-                         backend=args.backend, num_classes=NUM_CLASSES.get(a, 1000))
+                         backend=args.backend, num_classes=NUM_CLASSES.get(a, 1000),
+                         cudnn_benchmark=not args.no_cudnn_benchmark)
              for a, r, b in given]
     t0 = time.perf_counter()
     machine = machine_info()
@@ -237,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_result(args.json_out or f"results/bench_compile_{'gpu' if gpu else 'cpu'}.json", {
         "benchmark": "compile",
         "what": "training step (forward, CE, backward, SGD) on a resident batch, eager vs torch.compile "
-                "(lfme_fast.compiling.compile_model, as train.compile does); steps/s from the median step after "
-                "warm-up; the compiling first step reported apart (compile_s = first step - median step; cold "
-                "Inductor caches)",
+                "(lfme_fast.compiling.compile_model, as train.compile does); steps/s from the steady steps after "
+                "warm-up timed as one block (one CUDA event pair on a GPU); the compiling first step timed apart "
+                "(compile_s = first step - mean steady step; cold Inductor caches); cudnn.benchmark on a GPU",
         "machine": machine, "load_average": os.getloadavg(),
         "device": device, "mode": args.mode, "backend": args.backend,
         "compile_available": compile_unavailable(device) is None, "compile_unavailable": compile_unavailable(device),

@@ -1,23 +1,43 @@
 """The GPU path, measured in one script: ``python -m lfme_fast.bench gpu`` (``make bench-gpu``).
 
-Sized to finish within 8 minutes on one H100/H200-class GPU (``--budget-s``: a section that would
-start after the budget is recorded as skipped), it writes ``results/bench_gpu.json``:
+Sized to finish within 8 minutes on one H100/H200-class GPU, it writes ``results/bench_gpu.json``:
 
 1. **decode**: each loader back end alone at batch 256, RandomResizedCrop 224 + flip + normalise,
    over a synthetic ImageNet-LT-shaped set (stored at max side 256): DALI with ``mixed`` decode
-   (nvJPEG / the hardware decoder) and the ffcv back end shipping uint8 batches that are normalised
-   on the GPU; images/s per epoch after a warm-up epoch. DALI again at each ``--dali-hw-loads`` value
-   of ``hw_decoder_load`` (``data.hw_decoder_load``; 0 = nvJPEG's CUDA decoder only, 1 = all JPEGs to
-   the hardware decoder), rows ``dali@hw<load>``.
-2. **train**: ResNet-10 and ResNet-50 at 224, bf16 autocast, channels_last, training samples/s fed by
-   each back end and by a synthetic on-GPU tensor (the compute ceiling), with the data-wait fraction
-   of the epoch (time in ``next(iterator)`` over the epoch time; :mod:`lfme_fast.bench.epoch`).
+   (nvJPEG / the hardware decoder), the ffcv back end shipping uint8 batches that are normalised
+   on the GPU, and the ``torch`` back end (DataLoader + Pillow, pinned uint8 batches normalised on the
+   GPU: the loader path that needs neither DALI nor ffcv); images/s per epoch after a warm-up epoch.
+   DALI again at each ``--dali-hw-loads`` value of ``hw_decoder_load`` (``data.hw_decoder_load``;
+   0 = nvJPEG's CUDA decoder only, 1 = all JPEGs to the hardware decoder), rows ``dali@hw<load>``.
+   Our DALI pipeline decodes a region of interest (``fn.decoders.image_slice``), and DALI's docs for
+   older releases say ROI decoding does not use the hardware decoder: identical hw0 and hw1 figures
+   mean it was not used (the rows say so).
+2. **train**: ResNet-10 and ResNet-50 at 224, bf16 autocast, channels_last, ``cudnn.benchmark`` on,
+   training samples/s fed by each back end and by a synthetic on-GPU tensor (the compute ceiling),
+   with the data-wait fraction of the epoch (time in ``next(iterator)`` over the epoch time;
+   :mod:`lfme_fast.bench.epoch`).
 3. **step**: student step costs on stored outputs against plain CE and against live teachers
    (:mod:`lfme_fast.bench.step`: LFME, and the ECL / CBD rows it has).
 4. **compile**: ``torch.compile`` on and off (``train.compile``) for the train section's models at
    224, bf16 channels_last: training steps/s eager and compiled after warm-up, the compile time apart
    (:mod:`lfme_fast.bench.compile`). Last, as the part the budget may skip; ``--sections compile``
    runs it alone.
+
+Staying within the time: ``--budget-s`` (default 450) is when the last part may start, counted from the
+script's start with the dataset preparation; a part starts only if its reserve (a guess of its length:
+``Sizes.*_reserve_s``) still fits, else it is recorded as skipped. Each part runs in its own process
+with a time limit of the budget left plus ``--part-margin-s`` (default 20), and at most
+``--part-limit-s`` (default 240, so that a part hanging early leaves time for the others); past it the
+process and the processes it started are killed, the part is recorded with ``"timed_out": true`` and
+the script goes on. So the script ends by about budget + margin (470 s). The JSON is rewritten (atomically)
+after every part, with ``"status"`` saying whether the run got to its end: a run killed from outside
+keeps what it finished.
+
+Missing packages: a back end whose package is not installed (``nvidia.dali``, ``ffcv``) gets
+``{"skipped": "needs <package> ..."}`` rows and the other parts run. The synthetic set is prepared
+without the ffcv beton when ffcv is absent, and with Pillow encoding and decoding its JPEGs when
+simplejpeg is absent (:func:`~lfme_fast.bench.common.jpeg_codec_fallback`; ``config.jpeg_codec``
+records which). A part that fails records its error; nothing stops the script.
 
 Timing: epochs and steps use CUDA events after warm-up (:class:`~lfme_fast.bench.common.Stopwatch`);
 the host waits of the data-wait fraction are wall clock. GPU name, driver, CUDA, cuDNN, torch and
@@ -32,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -41,10 +62,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lfme_fast.bench.common import error_record, gpu_info, machine_info, run_isolated, write_result
+from lfme_fast.bench.common import (
+    IsolatedTimeout,
+    error_record,
+    gpu_info,
+    jpeg_codec,
+    jpeg_codec_fallback,
+    machine_info,
+    package_available,
+    run_isolated,
+    write_result,
+)
 from lfme_fast.bench.epoch import EpochConfig, build_training_loader, measure_backend, timed_loop
 
-__all__ = ["Sizes", "GPU_SIZES", "FALLBACK_SIZES", "measure_decode", "run", "main"]
+__all__ = ["Sizes", "GPU_SIZES", "FALLBACK_SIZES", "PartSetup", "BACKEND_PACKAGES", "backend_unavailable",
+           "measure_decode", "run", "main"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +97,18 @@ class Sizes:
     compile_steps: int = 30
     compile_warmup: int = 10
     compile_backend: str = "inductor"  # the fallback's aot_eager only shows that the section runs
-    #: budget left that a compile part needs to start: a guess (a cold Inductor compile of a ResNet's forward
-    #: and backward, plus the eager and compiled steps) to replace by the first GPU run's compile_s
+    #: Budget left that a part needs to start (the budget only decides when a part starts; these keep a part
+    #: from starting when it would run far past it). Guesses for an H100/H200 at GPU_SIZES, each to replace by
+    #: the first GPU run's wall_s: a cold Inductor compile of a ResNet's forward and backward plus the eager
+    #: and compiled steps; a train part's process start, CUDA init, cuDNN autotuning, warm-up epoch and timed
+    #: epoch over ~11.6k images; the step section's stores and models; one back end's four decode epochs.
     compile_reserve_s: float = 120.0
+    train_reserve_s: float = 45.0
+    step_reserve_s: float = 60.0
+    decode_reserve_s: float = 20.0
+    #: Longest any one part may run, whatever the budget left: a part that hangs early (a loader that never
+    #: delivers) costs at most this, not the rest of the run. Above the longest reserve with room to spare.
+    part_limit_s: float = 240.0
 
 
 GPU_SIZES = Sizes(batch_size=256, resolution=224, decode_epochs=3, warmup_steps=10, ceiling_steps=30,
@@ -76,7 +117,36 @@ GPU_SIZES = Sizes(batch_size=256, resolution=224, decode_epochs=3, warmup_steps=
 FALLBACK_SIZES = Sizes(batch_size=8, resolution=32, decode_epochs=1, warmup_steps=1, ceiling_steps=2,
                        max_batches=3, step_batch_size=4, step_resolution=32, step_repeats=2,
                        step_store_samples=64, scale=0.01, compile_steps=2, compile_warmup=1,
-                       compile_backend="aot_eager", compile_reserve_s=0.0)
+                       compile_backend="aot_eager", compile_reserve_s=0.0, train_reserve_s=0.0,
+                       step_reserve_s=0.0, decode_reserve_s=0.0)
+
+#: Loader back end -> the package it imports (``torch`` needs only torch and Pillow).
+BACKEND_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
+
+#: Default margin past the budget that a running part gets before it is killed (seconds).
+PART_MARGIN_S = 20.0
+
+#: Recorded with each ``dali@hw<load>`` row (and shortened into its ``output`` text, which the page shows).
+HW_DECODER_NOTE = ("our DALI pipeline decodes a region of interest (fn.decoders.image_slice); DALI's docs for "
+                   "older releases say ROI decoding does not use the hardware JPEG decoder, so identical dali@hw0 "
+                   "and dali@hw1 figures mean the hardware decoder was not used")
+_HW_OUTPUT_NOTE = "ROI decode (image_slice): equal hw0/hw1 figures mean the hardware decoder was not used"
+
+
+def backend_unavailable(backend: str, root: str | os.PathLike | None = None) -> str | None:
+    """Why ``backend``'s rows cannot run here — its package is not installed, or (ffcv) the dataset at
+    ``root`` was prepared without the beton — or None. Looked up without importing anything."""
+    package = BACKEND_PACKAGES.get(backend)
+    if package and not package_available(package):
+        return f"needs {package} (not installed here)"
+    if backend == "ffcv" and root is not None:
+        try:
+            formats = json.loads((Path(root) / "manifest.json").read_text()).get("formats", ["wds", "ffcv"])
+        except (OSError, ValueError):
+            return None  # unreadable manifest: let the part run and record its own error
+        if "ffcv" not in formats:
+            return "needs the ffcv beton (the dataset was prepared without it: ffcv was not installed then)"
+    return None
 
 
 def measure_decode(backend: str, cfg: EpochConfig, epochs: int) -> dict[str, Any]:
@@ -99,31 +169,74 @@ def measure_decode(backend: str, cfg: EpochConfig, epochs: int) -> dict[str, Any
             "output": ("bf16 NCHW channels_last on the GPU" if cfg.cuda else "float32 on the CPU (fallback)")}
 
 
-class _Budget:
-    """Skips what would start after ``seconds`` (the script must end within its time on the GPU)."""
+@dataclass(frozen=True)
+class PartSetup:
+    """What each part's process sets before it measures (picklable: it crosses into that process)."""
 
-    def __init__(self, seconds: float, log: Callable[[str], None]):
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark, as a GPU training sets it
+    jpeg_fallback: bool = False  # the parent found no simplejpeg: the Pillow stand-in (common.jpeg_codec_fallback)
+
+
+def _part(setup: PartSetup, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` under ``setup`` (module level: it is what the part's process runs). The settings are
+    restored after, for the in-process runs of the tests."""
+    previous = torch.backends.cudnn.benchmark
+    if setup.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    try:
+        # None: still install the stand-in if this process lacks simplejpeg (it would fail otherwise)
+        with jpeg_codec_fallback(True if setup.jpeg_fallback else None):
+            return fn(*args)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+class _Budget:
+    """Starts parts while the budget allows and stops the ones that run past it.
+
+    A part starts only if ``reserve_s`` still fits in the ``seconds`` budget; it runs in its own process
+    (``isolate``) with a time limit of the budget left plus ``margin_s`` (at most ``part_limit_s``), after
+    which it is killed and recorded as timed out. So the whole run ends within about ``seconds + margin_s``.
+    """
+
+    def __init__(self, seconds: float, log: Callable[[str], None], *, margin_s: float = PART_MARGIN_S,
+                 part_limit_s: float | None = None, setup: PartSetup = PartSetup()):
         self.seconds = seconds
+        self.margin_s = margin_s
+        self.part_limit_s = part_limit_s
+        self.setup = setup
         self.t0 = time.perf_counter()
         self.log = log
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, isolate: bool,
             reserve_s: float = 0.0) -> dict[str, Any]:
         """``fn(*args)`` (in its own process when ``isolate``), or a skip record when the budget is spent or
-        fewer than ``reserve_s`` seconds of it are left (a part known to take long)."""
+        fewer than ``reserve_s`` seconds of it are left (a part known to take long); a timed-out or failed
+        part returns its error record (``"timed_out": True`` for the former)."""
         elapsed = time.perf_counter() - self.t0
         if elapsed + reserve_s > self.seconds:
             need = f", this part needs about {reserve_s:.0f} s" if reserve_s else ""
             self.log(f"[bench gpu] {name}: skipped, {elapsed:.0f} s of the {self.seconds:.0f} s budget used{need}")
             return {"skipped": f"over the time budget ({elapsed:.0f} s of {self.seconds:.0f} s used{need})"}
-        self.log(f"[bench gpu] {name} ...")
+        timeout = max(0.0, self.seconds - elapsed) + self.margin_s
+        if self.part_limit_s is not None:
+            timeout = min(timeout, self.part_limit_s)
+        self.log(f"[bench gpu] {name} ..." + (f" (time limit {timeout:.0f} s)" if isolate else ""))
         t0 = time.perf_counter()
         try:
-            out = run_isolated(fn, *args, isolate=isolate)
+            out = run_isolated(_part, self.setup, fn, *args, isolate=isolate, timeout_s=timeout if isolate else None,
+                               label=name)
+            if not isinstance(out, dict):
+                out = {"value": out}
+        except IsolatedTimeout as exc:  # killed; the next part still gets its turn (no traceback: it was stopped)
+            out = {"error": str(exc), "timed_out": True}
+            self.log(f"[bench gpu] {name}: {out['error']}")
         except Exception as exc:  # recorded; the other parts still run
             out = error_record(exc)
             self.log(f"[bench gpu] {name}: {out['error']}")
         out["wall_s"] = time.perf_counter() - t0
+        if isolate:
+            out["timeout_s"] = round(timeout, 1)
         return out
 
 
@@ -136,43 +249,83 @@ def _step_costs(device: str, sizes: Sizes) -> dict[str, Any]:
                     store_samples=sizes.step_store_samples, views=1)
 
 
-def run(root: Path, *, device: str, sizes: Sizes, backends: Sequence[str], archs: Sequence[str],
+def run(root: Path | None, *, device: str, sizes: Sizes, backends: Sequence[str], archs: Sequence[str],
         sections: Sequence[str], workers: int = 0, isolate: bool = True, budget_s: float = 450.0,
-        log: Callable[[str], None] = print, dali_hw_loads: Sequence[float] = ()) -> dict[str, Any]:
-    """Every requested section; returns the result's ``decode`` / ``train`` / ``step`` parts."""
-    budget = _Budget(budget_s, log)
-    base = EpochConfig(root=str(root), resolution=sizes.resolution, batch_size=sizes.batch_size, workers=workers,
-                       device=device, warmup_steps=sizes.warmup_steps, ceiling_steps=sizes.ceiling_steps,
-                       max_batches=sizes.max_batches)
+        log: Callable[[str], None] = print, dali_hw_loads: Sequence[float] = (),
+        margin_s: float = PART_MARGIN_S, part_limit_s: float | None = None, setup: PartSetup = PartSetup(),
+        checkpoint: Callable[[dict[str, Any]], None] | None = None, root_error: str | None = None) -> dict[str, Any]:
+    """Every requested section; returns the result's ``decode`` / ``train`` / ``step`` / ``compile`` parts.
+
+    ``checkpoint(parts)`` is called after every part with the parts so far (the script writes its JSON
+    there). ``part_limit_s`` (default ``sizes.part_limit_s``) caps each part's time limit. ``root`` None
+    (the dataset could not be prepared: ``root_error`` says why) skips the parts that read a dataset
+    (decode, train) and runs the others.
+    """
+    budget = _Budget(budget_s, log, margin_s=margin_s, setup=setup,
+                     part_limit_s=sizes.part_limit_s if part_limit_s is None else part_limit_s)
+    base = EpochConfig(root=str(root or ""), resolution=sizes.resolution, batch_size=sizes.batch_size,
+                       workers=workers, device=device, warmup_steps=sizes.warmup_steps,
+                       ceiling_steps=sizes.ceiling_steps, max_batches=sizes.max_batches)
+    no_data = None if root is not None else f"needs a prepared dataset ({root_error or 'none given'})"
     out: dict[str, Any] = {}
+
+    def put(path: tuple[str, ...], row: dict[str, Any]) -> None:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = row
+        if checkpoint is not None:
+            checkpoint(out)
+
+    def skipped(name: str, why: str) -> dict[str, Any]:
+        log(f"[bench gpu] {name}: skipped, {why}")
+        return {"skipped": why}
+
     if "decode" in sections:
-        out["decode"] = {b: budget.run(f"decode {b}", measure_decode, b, base, sizes.decode_epochs, isolate=isolate)
-                         for b in backends}
+        for b in backends:
+            why = no_data or backend_unavailable(b, root)
+            put(("decode", b), skipped(f"decode {b}", why) if why else
+                budget.run(f"decode {b}", measure_decode, b, base, sizes.decode_epochs, isolate=isolate,
+                           reserve_s=sizes.decode_reserve_s))
         for load in dali_hw_loads if "dali" in backends else ():
-            cfg = dataclasses.replace(base, hw_decoder_load=float(load))
-            row = budget.run(f"decode dali, hw_decoder_load {load:g}", measure_decode, "dali", cfg,
-                             sizes.decode_epochs, isolate=isolate)
-            out["decode"][f"dali@hw{load:g}"] = {**row, "hw_decoder_load": float(load)}
+            name = f"decode dali, hw_decoder_load {load:g}"
+            why = no_data or backend_unavailable("dali", root)
+            row = skipped(name, why) if why else budget.run(
+                name, measure_decode, "dali", dataclasses.replace(base, hw_decoder_load=float(load)),
+                sizes.decode_epochs, isolate=isolate, reserve_s=sizes.decode_reserve_s)
+            if "output" in row:
+                row["output"] = f"{row['output']}; {_HW_OUTPUT_NOTE}"
+            put(("decode", f"dali@hw{load:g}"), {**row, "hw_decoder_load": float(load), "note": HW_DECODER_NOTE})
     if "train" in sections:
-        out["train"] = {}
         for arch in archs:
             cfg = dataclasses.replace(base, arch=arch)
-            out["train"][arch] = {feed: budget.run(f"train {arch} fed by {feed}", measure_backend, feed, cfg,
-                                                   isolate=isolate)
-                                  for feed in ("synthetic", *backends)}
+            for feed in ("synthetic", *backends):
+                why = no_data or (None if feed == "synthetic" else backend_unavailable(feed, root))
+                put(("train", arch, feed), skipped(f"train {arch} fed by {feed}", why) if why else
+                    budget.run(f"train {arch} fed by {feed}", measure_backend, feed, cfg, isolate=isolate,
+                               reserve_s=sizes.train_reserve_s))
     if "step" in sections:
-        out["step"] = budget.run("student step costs", _step_costs, device, sizes, isolate=isolate)
+        put(("step",), budget.run("student step costs", _step_costs, device, sizes, isolate=isolate,
+                                  reserve_s=sizes.step_reserve_s))
     if "compile" in sections:
         from lfme_fast.bench.compile import NUM_CLASSES, CompileCase, measure_case
 
-        out["compile"] = {}
         for arch in archs:
             case = CompileCase(arch=arch, resolution=sizes.resolution, batch_size=sizes.batch_size, device=device,
                                steps=sizes.compile_steps, warmup=sizes.compile_warmup, channels_last=device != "cpu",
-                               backend=sizes.compile_backend, num_classes=NUM_CLASSES.get(arch, 1000))
-            out["compile"][arch] = budget.run(f"torch.compile on/off {arch}", measure_case, case, isolate=isolate,
-                                              reserve_s=sizes.compile_reserve_s)
+                               backend=sizes.compile_backend, num_classes=NUM_CLASSES.get(arch, 1000),
+                               cudnn_benchmark=setup.cudnn_benchmark)
+            put(("compile", arch), budget.run(f"torch.compile on/off {arch}", measure_case, case, isolate=isolate,
+                                              reserve_s=sizes.compile_reserve_s))
     return out
+
+
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``, or its error record: describing the machine must not cost the measurements."""
+    try:
+        return fn()
+    except Exception as exc:
+        return error_record(exc)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -186,7 +339,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help=f"synthetic set size without --data (default {GPU_SIZES.scale} on a GPU, "
                         f"{FALLBACK_SIZES.scale} for the CPU fallback)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"synthetic sets' cache (default {DEFAULT_CACHE})")
-    p.add_argument("--backends", default="dali,ffcv", help="loader back ends (default dali,ffcv)")
+    p.add_argument("--backends", default="dali,ffcv,torch",
+                   help="loader back ends (default dali,ffcv,torch; one whose package is missing is recorded as "
+                        "skipped)")
     p.add_argument("--archs", default="resnet10,resnet50",
                    help="models of the train section (default resnet10,resnet50)")
     p.add_argument("--sections", default="decode,train,step,compile",
@@ -197,10 +352,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "fallback, where it only shows that the option reaches the loader; '' for none)")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="start no part after this many seconds from the script's start, dataset preparation "
-                        "included (default 450: the run ends within 8 minutes)")
+                        "included (default 450)")
+    p.add_argument("--part-margin-s", type=float, default=PART_MARGIN_S,
+                   help=f"a running part is killed this long after the budget's end (default {PART_MARGIN_S:g}: "
+                        "the run ends within 8 minutes)")
+    p.add_argument("--part-limit-s", type=float, default=None,
+                   help=f"the longest any one part may run (default {GPU_SIZES.part_limit_s:g})")
     p.add_argument("--cpu-fallback", action="store_true", help="run the CPU fallback even when CUDA is available")
-    p.add_argument("--no-isolate", action="store_true", help="run every part in this process (tests)")
-    p.add_argument("--json-out", default="results/bench_gpu.json", help="default results/bench_gpu.json")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every part in this process (tests; no part can then be stopped at its time limit)")
+    p.add_argument("--json-out", default="results/bench_gpu.json",
+                   help="default results/bench_gpu.json (rewritten after every part)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -208,26 +370,63 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes = GPU_SIZES if cuda else FALLBACK_SIZES
     device = "cuda" if cuda else "cpu"
     scale = args.scale if args.scale is not None else sizes.scale
-    root = args.data if args.data is not None else prepare_synthetic(scale, args.cache)
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
-    machine, gpu = machine_info(), gpu_info()
-    parts = run(root, device=device, sizes=sizes, backends=split(args.backends), archs=split(args.archs),
-                sections=split(args.sections), workers=args.workers, isolate=not args.no_isolate,
-                budget_s=args.budget_s - (time.perf_counter() - t0),
-                dali_hw_loads=[float(x) for x in split(args.dali_hw_loads if args.dali_hw_loads is not None
-                                                       else ("0,1" if cuda else "0"))])
-    write_result(args.json_out, {
-        "benchmark": "gpu",
-        "device": "cuda" if cuda else "cpu-fallback",
-        "note": None if cuda else "CPU fallback at tiny sizes: shows the script runs; measures nothing about a GPU",
-        "gpu": gpu, "machine": machine,
-        "config": {**dataclasses.asdict(sizes), "precision": "bf16 autocast, channels_last" if cuda else "fp32",
-                   "augment": "RandomResizedCrop + flip + normalise", "sampler": "ClassBalancedSampler(4 per class)",
-                   "cudnn_benchmark": torch.backends.cudnn.benchmark, "workers": args.workers or os.cpu_count(),
-                   "budget_s": args.budget_s},
-        "dataset": dataset_stats(Path(root), "train"),
-        **parts, "wall_s": time.perf_counter() - t0,
-    })
+    # looked up before the JPEG stand-in is installed (it makes simplejpeg importable)
+    packages = {name: package_available(name) for name in ("nvidia.dali", "ffcv", "simplejpeg")}
+    setup = PartSetup(cudnn_benchmark=cuda, jpeg_fallback=not packages["simplejpeg"])
+    with jpeg_codec_fallback(setup.jpeg_fallback):  # the parent reads JPEG headers too (dataset_stats)
+        result: dict[str, Any] = {
+            "benchmark": "gpu",
+            "device": "cuda" if cuda else "cpu-fallback",
+            "status": "running: this file is rewritten after every part; a run stopped from outside leaves "
+                      "the parts it finished",
+            "note": None if cuda else "CPU fallback at tiny sizes: shows the script runs; measures nothing about a GPU",
+            "gpu": _guarded(gpu_info), "machine": _guarded(machine_info),
+            "config": {**dataclasses.asdict(sizes), "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+                       "augment": "RandomResizedCrop + flip + normalise",
+                       "sampler": "ClassBalancedSampler(4 per class)", "cudnn_benchmark": setup.cudnn_benchmark,
+                       "workers": args.workers or os.cpu_count(), "budget_s": args.budget_s,
+                       "part_margin_s": args.part_margin_s, "isolated": not args.no_isolate,
+                       **({"part_limit_s": args.part_limit_s} if args.part_limit_s is not None else {}),
+                       "jpeg_codec": jpeg_codec(),
+                       "packages": packages},
+            "dataset": None,
+        }
+
+        def save(echo: bool = False) -> None:
+            write_result(args.json_out, {**result, "wall_s": time.perf_counter() - t0}, echo=echo)
+
+        save()  # from here on a kill leaves a JSON saying how far the run got
+        root: Path | None = args.data
+        root_error = None
+        if root is None:
+            try:
+                root = prepare_synthetic(scale, args.cache)
+            except Exception as exc:  # the parts that need no dataset still run
+                result["dataset"] = error_record(exc)
+                root_error = f"preparing the synthetic set failed: {result['dataset']['error']}"
+                print(f"[bench gpu] {root_error}", flush=True)
+        if root is not None:
+            try:  # before the parts (and guarded): a failure here must not lose their figures
+                result["dataset"] = dataset_stats(Path(root), "train")
+            except Exception as exc:
+                result["dataset"] = {"dir": str(root), **error_record(exc)}
+        save()
+
+        def checkpoint(parts: dict[str, Any]) -> None:
+            result.update(parts)
+            save()
+
+        parts = run(root, device=device, sizes=sizes, backends=split(args.backends), archs=split(args.archs),
+                    sections=split(args.sections), workers=args.workers, isolate=not args.no_isolate,
+                    budget_s=args.budget_s - (time.perf_counter() - t0), margin_s=args.part_margin_s,
+                    part_limit_s=args.part_limit_s, setup=setup,
+                    checkpoint=checkpoint, root_error=root_error,
+                    dali_hw_loads=[float(x) for x in split(args.dali_hw_loads if args.dali_hw_loads is not None
+                                                           else ("0,1" if cuda else "0"))])
+        result.update(parts)
+        result["status"] = "complete"
+        save(echo=True)
 
 
 if __name__ == "__main__":

@@ -78,21 +78,38 @@ def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) ->
     ``max_side`` None: the default storage settings (max side 256); 0: the generated JPEGs at their
     original size (~500x375, passed through unchanged), with the same seed and scale, so the same
     images in the same order with the same labels.
-    """
-    from data_prep.cli import DEFAULTS
-    from data_prep.images import EncodeSettings
-    from data_prep.pipeline import PrepOptions, prepare
-    from data_prep.sources import synthetic_dataset
 
-    d = DEFAULTS["synthetic-lt"]
-    max_side = d["max_side"] if max_side is None else int(max_side)
-    suffix = "" if max_side == d["max_side"] else f"_maxside{max_side}"
-    out = cache / f"synthetic_lt_scale{scale:g}{suffix}"
-    if (out / "manifest.json").exists():
-        return out
-    source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
-    settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"])
-    prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"]))
+    Writes the webdataset shards always and the ffcv beton only when ffcv is installed (the manifest's
+    ``formats`` says which were written; a set cached without the beton gets it once ffcv is there).
+    Without simplejpeg the JPEGs are encoded and decoded by Pillow
+    (:func:`~lfme_fast.bench.common.jpeg_codec_fallback`), so that a machine with neither, such as the
+    fixed GPU image, can still prepare the set the ``torch`` back end reads.
+    """
+    import json
+
+    from lfme_fast.bench.common import jpeg_codec_fallback, package_available
+
+    # data_prep.images imports simplejpeg when first imported: inside the block it binds the stand-in
+    # when simplejpeg is absent, and keeps it after the block
+    with jpeg_codec_fallback():
+        from data_prep.cli import DEFAULTS
+        from data_prep.images import EncodeSettings
+        from data_prep.pipeline import PrepOptions, prepare
+        from data_prep.sources import synthetic_dataset
+
+        d = DEFAULTS["synthetic-lt"]
+        max_side = d["max_side"] if max_side is None else int(max_side)
+        suffix = "" if max_side == d["max_side"] else f"_maxside{max_side}"
+        out = cache / f"synthetic_lt_scale{scale:g}{suffix}"
+        formats = ("wds", "ffcv") if package_available("ffcv") else ("wds",)
+        if (out / "manifest.json").exists():
+            done = json.loads((out / "manifest.json").read_text()).get("formats", ["wds", "ffcv"])
+            if set(formats) <= set(done):
+                return out
+        source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
+        settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"])
+        prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"],
+                                          formats=formats))
     return out
 
 
