@@ -222,24 +222,48 @@ def sample_key(seed, epoch, index, occurrence):
 VIEW_OCCURRENCE_STRIDE = 2**32
 
 
-def view_occurrences(indices: np.ndarray, view: int = 0) -> np.ndarray:
-    """:func:`occurrences` of ``indices`` salted for augmented view ``view`` (see ``VIEW_OCCURRENCE_STRIDE``)."""
+def view_occurrences(indices: np.ndarray, view: int = 0, occurrence: np.ndarray | None = None) -> np.ndarray:
+    """Occurrence numbers of ``indices`` salted for augmented view ``view`` (see ``VIEW_OCCURRENCE_STRIDE``):
+    ``occurrence`` (the epoch's occurrence numbers of these positions, e.g. counted over the global order
+    of which ``indices`` is one process's share), or :func:`occurrences` of ``indices`` when None."""
     if not 0 <= int(view) < 2**31:
         raise ValueError(f"view must be a small non-negative integer, got {view}")
-    return occurrences(indices) + np.int64(view) * VIEW_OCCURRENCE_STRIDE
+    idx = np.asarray(indices)
+    if occurrence is None:
+        occ = occurrences(idx)
+    else:
+        occ = np.ascontiguousarray(occurrence, dtype=np.int64).reshape(-1)
+        if occ.size != idx.size:
+            raise ValueError(f"occurrence has {occ.size} entries for {idx.size} indices")
+    return occ + np.int64(view) * VIEW_OCCURRENCE_STRIDE
 
 
-def occurrences(indices: np.ndarray) -> np.ndarray:
-    """int64 per position: how many times ``indices[p]`` occurs in ``indices[:p]``."""
-    idx = np.asarray(indices, dtype=np.int64)
-    order = np.argsort(idx, kind="stable")
-    srt = idx[order]
-    pos = np.arange(idx.size, dtype=np.int64)
-    starts = np.ones(idx.size, dtype=bool)
-    starts[1:] = srt[1:] != srt[:-1]
-    first = np.maximum.accumulate(np.where(starts, pos, 0))
+@njit(cache=True)
+def _count_occurrences(indices, counts, out):
+    # one sequential pass: position p gets the count of its index so far, then counts it
+    for p in range(indices.shape[0]):
+        i = indices[p]
+        out[p] = counts[i]
+        counts[i] += 1
+
+
+def occurrences(indices: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """int64 per position: how many times ``indices[p]`` occurs in ``indices[:p]``.
+
+    ``counts`` (int64 per index value, updated in place): occurrences already seen before ``indices``,
+    for an order that is counted chunk by chunk (:meth:`lfme_fast.sampling.Sampler.epoch_share`)."""
+    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     out = np.empty(idx.size, dtype=np.int64)
-    out[order] = pos - first
+    if idx.size == 0:
+        return out
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0:
+        raise ValueError(f"occurrences counts non-negative indices, got {lo}")
+    if counts is None:
+        counts = np.zeros(hi + 1, dtype=np.int64)
+    elif counts.dtype != np.int64 or counts.ndim != 1 or counts.size <= hi:
+        raise ValueError(f"counts must be int64 [> {hi}], got {counts.dtype} {counts.shape}")
+    _count_occurrences(idx, counts, out)
     return out
 
 
@@ -276,32 +300,37 @@ def _draw_pad_crop_kernel(seed, epoch, indices, occ, heights, widths, pad, boxes
 
 
 def draw_rrc(heights, widths, indices, seed: int, epoch: int, scale=(0.08, 1.0),
-             ratio=(3 / 4, 4 / 3), view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+             ratio=(3 / 4, 4 / 3), view: int = 0,
+             occurrence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RandomResizedCrop boxes (torchvision's distribution) + flips (p = 0.5) for every position of
     an epoch that visits ``indices``: int32 ``[n, 4]`` ``(y, x, h, w)`` in stored pixels, bool ``[n]``.
     Position ``p`` draws from :func:`sample_key` ``(seed, epoch, indices[p], occurrence)``; ``view``
-    > 0: the independent draws of a sample's further augmented views (:func:`view_occurrences`)."""
+    > 0: the independent draws of a sample's further augmented views (:func:`view_occurrences`);
+    ``occurrence``: the positions' occurrence numbers in the epoch when ``indices`` is only part of it
+    (one process's share of the global order), else counted within ``indices``."""
     h, w = _as_sizes(heights, widths)
     idx = np.ascontiguousarray(indices, dtype=np.int64)
     boxes = np.empty((idx.size, 4), dtype=np.int32)
     flips = np.empty(idx.size, dtype=np.bool_)
-    _draw_rrc_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), h, w, float(scale[0]),
-                     float(scale[1]), math.log(ratio[0]), math.log(ratio[1]), boxes, flips)
+    occ = view_occurrences(idx, view, occurrence)
+    _draw_rrc_kernel(int(seed) % 2**63, int(epoch), idx, occ, h, w, float(scale[0]), float(scale[1]),
+                     math.log(ratio[0]), math.log(ratio[1]), boxes, flips)
     return boxes, flips
 
 
 def draw_pad_crop(heights, widths, indices, seed: int, epoch: int,
-                  pad: int = PAD_CROP_PADDING, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  pad: int = PAD_CROP_PADDING, view: int = 0,
+                  occurrence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pad-crop windows + flips for every position of an epoch (the CIFAR recipe: zero-pad ``pad``,
     random crop back to the stored size, flip with p = 0.5): int32 ``[n, 4]`` ``(y, x, h, w)`` with
     ``y, x`` in ``[-pad, pad]`` (the window may leave the image: outside is zero) and bool ``[n]``.
-    ``view`` as for :func:`draw_rrc`."""
+    ``view`` and ``occurrence`` as for :func:`draw_rrc`."""
     h, w = _as_sizes(heights, widths)
     idx = np.ascontiguousarray(indices, dtype=np.int64)
     boxes = np.empty((idx.size, 4), dtype=np.int32)
     flips = np.empty(idx.size, dtype=np.bool_)
-    _draw_pad_crop_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), h, w, int(pad), boxes,
-                          flips)
+    occ = view_occurrences(idx, view, occurrence)
+    _draw_pad_crop_kernel(int(seed) % 2**63, int(epoch), idx, occ, h, w, int(pad), boxes, flips)
     return boxes, flips
 
 
@@ -807,7 +836,7 @@ def _draw_colour_kernel(seed, epoch, indices, occ, lo, hi, hue, p_jitter, p_gray
 
 
 def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter: float = SIMCLR_P_JITTER,
-                p_gray: float = SIMCLR_P_GRAY, view: int = 0) -> np.ndarray:
+                p_gray: float = SIMCLR_P_GRAY, view: int = 0, occurrence: np.ndarray | None = None) -> np.ndarray:
     """SimCLR colour parameters for every position of an epoch that visits ``indices``: float32
     ``[n, COLOUR_COLUMNS]`` (columns ``COLOUR_*``).
 
@@ -817,7 +846,7 @@ def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter:
     random order of the four ops; otherwise the identity row. Independently, grayscale with
     probability ``p_gray``. Position ``p`` draws from :func:`sample_key` ``(seed, epoch, indices[p],
     occurrence)`` with its own salt, so the crop draws of :func:`draw_rrc` / :func:`draw_pad_crop` are
-    unchanged by it. ``view`` as for :func:`draw_rrc`.
+    unchanged by it. ``view`` and ``occurrence`` as for :func:`draw_rrc`.
     """
     check_colour("simclr", strength)
     if not (0.0 <= p_jitter <= 1.0 and 0.0 <= p_gray <= 1.0):
@@ -827,8 +856,9 @@ def draw_colour(indices, seed: int, epoch: int, strength: float = 1.0, p_jitter:
     lo = np.maximum(0.0, 1.0 - amounts[:3])
     hi = 1.0 + amounts[:3]
     out = np.empty((idx.size, COLOUR_COLUMNS), dtype=np.float32)
-    _draw_colour_kernel(int(seed) % 2**63, int(epoch), idx, view_occurrences(idx, view), lo, hi, float(amounts[3]),
-                        float(p_jitter), float(p_gray), out)
+    occ = view_occurrences(idx, view, occurrence)
+    _draw_colour_kernel(int(seed) % 2**63, int(epoch), idx, occ, lo, hi, float(amounts[3]), float(p_jitter),
+                        float(p_gray), out)
     return out
 
 

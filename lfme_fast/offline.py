@@ -140,8 +140,9 @@ _RESERVED = ("header.json", "views.npz", "progress.json", "written.npy", "drawn.
 #: The published store's record of which ``(sample, view)`` rows a ``fill: drawn`` store computed.
 DRAWN_FILE = "drawn.npy"
 #: The epoch-plan algorithm a drawn store was filled for (sampler sharding, view choice): a store made
-#: for another is rebuilt. 2: one global order sharded in per-process batch blocks.
-PLAN_VERSION = 2
+#: for another is rebuilt. 2: one global order sharded in per-process batch blocks; 3: views chosen by
+#: occurrence numbers counted over the global order (the same on any number of processes).
+PLAN_VERSION = 3
 #: How a store is filled: every ``(sample, view)`` row, or only those the student will draw.
 FILLS = ("all", "drawn")
 
@@ -321,22 +322,23 @@ def drawn_identity(fill: str, *, sampler: str, epochs: int, batch_size: int, see
     return {"fill": "drawn", "draws": draws}
 
 
-def drawn_pairs(options: Any, epochs: int, max_batches: int | None = None) -> np.ndarray:
+def drawn_pairs(options: Any, epochs: int, *, grad_accum: int = 1, max_steps: int | None = None) -> np.ndarray:
     """bool ``[N, K]``: the ``(sample, stored view)`` rows that a training loader built from
     ``options`` (:class:`lfme_fast.loaders.LoaderOptions` with ``views=`` the store's table, and the
-    student's sampler) shows over its ``epochs`` epochs, on this process; ``max_batches``: the
-    trainer stops each epoch after that many loader batches (``train.max_steps_per_epoch`` x
-    ``grad_accum``). No pixel work: the epoch plans only (seed + epoch), so this is what the student
-    will read, row for row."""
-    from lfme_fast.loaders.base import plan_epoch, resolve_spec
+    student's sampler) shows over its ``epochs`` epochs, on this process, when the trainer reads
+    :func:`lfme_fast.trainer.epoch_batches` of its batches per epoch (``grad_accum``, ``max_steps`` =
+    ``train.max_steps_per_epoch``). No pixel work: the epoch plans only (seed + epoch), so this is
+    what the student will read, row for row."""
+    from lfme_fast.loaders.base import num_batches, plan_epoch, resolve_spec
+    from lfme_fast.trainer import epoch_batches
 
     spec = resolve_spec(options)
     if spec.views is None or not spec.train or spec.views_per_sample != 1:
         raise ValueError("drawn_pairs needs a one-view training loader's options with views= (the store's table)")
     mask = np.zeros((spec.num_samples, spec.views.num_views), dtype=bool)
+    stop = epoch_batches(num_batches(spec), grad_accum, max_steps, spec.drop_last) * spec.batch_size
     for epoch in range(int(epochs)):
         plan = plan_epoch(spec, epoch)
-        stop = None if max_batches is None else int(max_batches) * spec.batch_size
         mask[plan.indices[:stop], plan.views[:stop]] = True
     return mask
 
@@ -961,6 +963,16 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
             raise RuntimeError(f"offline pass left {total_missing} drawn row(s) unwritten{first}; delete "
                                f"{partial.path} and run the 'offline' stage again")
     del arrays, written
+    # The main process checks coverage; every process learns the outcome (raising on the main one alone
+    # would leave the others waiting at the barrier below until the collective timeout).
+    failure = None
+    if _is_main(accelerator):
+        try:
+            partial.check_complete()
+        except RuntimeError as exc:
+            failure = exc
+    if _sum_over_ranks(int(failure is not None), accelerator):
+        raise failure or RuntimeError("offline pass left rows unwritten (the main process names them)")
     if _is_main(accelerator):
         full = partial.publish(run_dir / name, time.perf_counter() - t0, storage_extra)
         st = full["storage"]

@@ -45,9 +45,16 @@ before). An epoch shorter than one micro-step (a small expert subset under many 
 (further shuffle cycles, so samples repeat within the epoch) instead of leaving the loader empty;
 :attr:`_ArraySampler.topped_up` reports it.
 
+Occurrence numbers: the loaders seed a position's crop, flip, colour and fixed view by
+``(seed, epoch, index, occurrence)``, where ``occurrence`` counts the earlier positions of the same
+index in the epoch. :meth:`Sampler.epoch_share` gives them with the indices; the built-in samplers
+count them over the *global* order before sharding, so the repeats of an oversampled image get
+distinct augmentations however the order is split, and a run draws the same augmentations on any
+number of processes (on one process this is the count within its own order, as before).
+
 Memory: an epoch of at most :attr:`_ArraySampler.plan_chunk` positions (4 Mi) is drawn whole, which
-costs about 22 bytes per position on every process (the order, its weights, an n-sized scratch buffer)
-before the share is cut. A longer epoch is planned by the streaming kernels: the identical order
+costs about 30 bytes per position on every process (the order, its weights, an n-sized scratch buffer,
+the occurrence numbers) before the share is cut. A longer epoch is planned by the streaming kernels: the identical order
 (tested bit for bit), a chunk at a time, keeping only this rank's positions, so a process holds its
 share plus one chunk and one word per dataset sample (``lfme-bench sampler_memory``,
 ``results/bench_sampler_memory.json``).
@@ -65,11 +72,12 @@ import math
 import random
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from numba import njit
 
+from lfme_fast.augment import occurrences
 from lfme_fast.schedules import (
     instance_weight,
     official_progress,
@@ -78,6 +86,7 @@ from lfme_fast.schedules import (
 
 __all__ = [
     "Sampler",
+    "SamplerShare",
     "ClassBalancedSampler",
     "InstanceSampler",
     "SquareRootSampler",
@@ -629,6 +638,16 @@ def _shard(order: np.ndarray, num_replicas: int, rank: int) -> np.ndarray:
 # ==================================================================================================
 
 
+class SamplerShare(NamedTuple):
+    """This rank's part of one epoch (:meth:`Sampler.epoch_share`): ``indices`` (int64), their float32
+    curriculum ``weights`` (None unless asked for), and int64 ``occurrences``: how many times each
+    position's index came up earlier in the epoch's global order."""
+
+    indices: np.ndarray
+    weights: np.ndarray | None
+    occurrences: np.ndarray
+
+
 class Sampler(ABC):
     """An epoch order: one abstract method, :meth:`indices`.
 
@@ -643,7 +662,11 @@ class Sampler(ABC):
       override it to produce the weights inside their ``@njit`` pass;
     * ``len(sampler)`` (:meth:`__len__`) — this rank's epoch length, which must be the same for every
       epoch: loaders derive their batch count from it once. The default draws epoch 0; override it
-      when an epoch is costly to draw.
+      when an epoch is costly to draw;
+    * :meth:`epoch_share` — what a loader plans an epoch from: the indices (with weights for training)
+      and their occurrence numbers. The generic implementation counts occurrences within this rank's
+      share, which is the global count on one process; a sampler that splits its order across
+      processes overrides it to count over the global order (the built-in samplers do).
 
     A loader is given a sampler only through ``LoaderOptions(sampler=...)``, and checks that it is an
     instance of this class.
@@ -671,6 +694,19 @@ class Sampler(ABC):
     def __len__(self) -> int:
         """This rank's number of indices per epoch (default: the length of epoch 0's order)."""
         return int(len(self.indices(0)))
+
+    def epoch_share(self, epoch: int, total_epochs: int | None = None) -> SamplerShare:
+        """This rank's :class:`SamplerShare` of ``epoch``: :meth:`indices_and_weights` when ``total_epochs``
+        is given (training with curriculum weights), else :meth:`indices` with ``weights`` None; the
+        occurrences are counted within the share (see the class docstring)."""
+        if total_epochs is None:
+            idx, w = np.asarray(self.indices(epoch), dtype=np.int64), None
+        else:
+            idx, w = self.indices_and_weights(epoch, total_epochs)
+            idx = np.asarray(idx, dtype=np.int64)
+        # counted over the distinct values' ranks: an out-of-range index is left for the loader to name
+        _, rank = np.unique(idx, return_inverse=True)
+        return SamplerShare(idx, w, occurrences(rank.reshape(-1)))
 
     def indices_and_weights(self, epoch: int, total_epochs: int) -> tuple[np.ndarray, np.ndarray]:
         """``(indices, weights)``: float32 curriculum weights aligned with :meth:`indices`.
@@ -768,6 +804,13 @@ class _ArraySampler(Sampler):
         if self.shard_block is not None:
             return _shard_batches(order, self.num_replicas, self.rank, self.shard_block)
         return _shard(order, self.num_replicas, self.rank)
+
+    def _share_occurrences(self, order: np.ndarray) -> np.ndarray:
+        """This rank's share of the occurrence numbers of the global ``order`` (of the padded order when
+        the share wraps around its start: the padding repeats samples too)."""
+        if self.shard_block is None and self.num_replicas > 1:
+            order = np.resize(order, -(-order.size // self.num_replicas) * self.num_replicas)
+        return self._take_share(occurrences(order))
 
     def __getstate__(self) -> dict:
         # locks do not pickle, and scratch is not worth shipping to another process
@@ -867,15 +910,27 @@ class _ArraySampler(Sampler):
         """This rank's int64 dataset indices for ``epoch`` (see the module docstring on sharding)."""
         return self._plan_share(epoch, False)[0]
 
+    def epoch_share(self, epoch: int, total_epochs: int | None = None) -> SamplerShare:
+        """:meth:`Sampler.epoch_share` in one pass, the occurrences counted over the global order."""
+        if total_epochs is None:
+            idx, _, occ = self._plan_share(epoch, False, with_occ=True)
+            return SamplerShare(idx, None, occ)
+        t, code = _progress_and_code(self.schedule, epoch, total_epochs)
+        with_w = self.initial_weights is not None
+        idx, w, occ = self._plan_share(epoch, with_w, code, t, with_occ=True)
+        return SamplerShare(idx, w if with_w else np.ones(idx.size, dtype=np.float32), occ)
+
     # ---- bounded-memory planning ---------------------------------------------------------------
-    def _plan_share(self, epoch: int, with_w: bool, code: int = 0, t: float = 0.0
-                    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """This rank's share (indices, weights or None) of ``epoch``: from the whole global order when it
-        has at most :attr:`plan_chunk` positions, else streamed chunk by chunk (the same order)."""
+    def _plan_share(self, epoch: int, with_w: bool, code: int = 0, t: float = 0.0, with_occ: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """This rank's share (indices, weights or None, occurrences or None) of ``epoch``: from the whole
+        global order when it has at most :attr:`plan_chunk` positions, else streamed chunk by chunk (the
+        same order)."""
         if self.global_length <= self.plan_chunk:
             out_idx, out_w = self._global(epoch, with_w, code, t)
-            return self._take_share(out_idx), self._take_share(out_w) if with_w else None
-        return self._streamed_share(epoch, with_w, code, float(t))
+            return (self._take_share(out_idx), self._take_share(out_w) if with_w else None,
+                    self._share_occurrences(out_idx) if with_occ else None)
+        return self._streamed_share(epoch, with_w, code, float(t), with_occ)
 
     def _stream_group_size(self) -> int:
         """Positions per group of the streamed order (chunks start at a group boundary)."""
@@ -886,10 +941,12 @@ class _ArraySampler(Sampler):
         (``index << 32 | float32 bits of the weight`` with weights, else the index), ``chunk`` at a time."""
         raise NotImplementedError
 
-    def _streamed_share(self, epoch: int, with_w: bool, code: int, t: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def _streamed_share(self, epoch: int, with_w: bool, code: int, t: float, with_occ: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`_plan_share` in bounded memory: the global order is streamed in chunks of about
         :attr:`plan_chunk` positions and only this rank's positions are kept (its share, by the same
-        rules as :meth:`_take_share`)."""
+        rules as :meth:`_take_share`). Occurrences are counted over the stream with one counter per
+        dataset sample."""
         seed = self._epoch_seed(epoch)
         n, reps, rank, b = self.global_length, self.num_replicas, self.rank, self.shard_block
         gs = self._stream_group_size()
@@ -899,15 +956,19 @@ class _ArraySampler(Sampler):
             size = (n // step) * b
             align = int(np.lcm(step, gs))
             segments = []
-        else:  # the contiguous share of the order padded by wrapping its start
+        else:  # the contiguous share [start, end) of the order repeated cyclically (np.resize padding)
             per = -(-n // reps)
             start, end = rank * per, (rank + 1) * per
             size, kept, step = per, 0, 1
-            segments = [(start, min(end, n), 0)] + ([(0, end - n, n - start)] if end > n else [])
+            # (first, last + 1) position in the order, where in the share, and which pass over the order
+            segments = [(max(start, k * n) - k * n, min(end, (k + 1) * n) - k * n, max(start, k * n) - start, k)
+                        for k in range(start // n, (end - 1) // n + 1)]
             align = gs
         chunk = max(align, (self.plan_chunk // align) * align)
         share = np.empty(size, dtype=np.int64)
         wshare = np.empty(size, dtype=np.float32) if with_w else None
+        oshare = np.empty(size, dtype=np.int64) if with_occ else None
+        counts = np.zeros(self.labels.size, dtype=np.int64) if with_occ else None
         with self._lock:
             for lo, words in self._stream(seed, with_w, code, t, n, chunk, int(epoch)):
                 hi = lo + words.size
@@ -916,23 +977,30 @@ class _ArraySampler(Sampler):
                     w = (words & _LOW32).astype(np.uint32).view(np.float32)
                 else:
                     idx, w = words.view(np.int64), None
+                occ = occurrences(idx, counts) if with_occ else None
                 if b is not None:
                     top = min(hi, kept)
                     if top <= lo:
                         continue
                     o = (lo // step) * b
-                    blk = idx[:top - lo].reshape(-1, reps, b)[:, rank, :]
-                    share[o:o + blk.size] = blk.reshape(-1)
-                    if with_w:
-                        wshare[o:o + blk.size] = w[:top - lo].reshape(-1, reps, b)[:, rank, :].reshape(-1)
+                    for arr, out in ((idx, share), (w, wshare), (occ, oshare)):
+                        if out is not None:
+                            blk = arr[:top - lo].reshape(-1, reps, b)[:, rank, :].reshape(-1)
+                            out[o:o + blk.size] = blk
                     continue
-                for s0, s1, base in segments:
+                for s0, s1, base, _ in segments:
                     a, z = max(lo, s0), min(hi, s1)
                     if a < z:
-                        share[base + a - s0:base + z - s0] = idx[a - lo:z - lo]
-                        if with_w:
-                            wshare[base + a - s0:base + z - s0] = w[a - lo:z - lo]
-        return share, wshare
+                        for arr, out in ((idx, share), (w, wshare), (occ, oshare)):
+                            if out is not None:
+                                out[base + a - s0:base + z - s0] = arr[a - lo:z - lo]
+        if with_occ:
+            # pass k over the order (the padding) comes after k whole passes: add k x each sample's total
+            for s0, s1, base, k in segments:
+                if k:
+                    part = slice(base, base + s1 - s0)
+                    oshare[part] += k * counts[share[part]]
+        return share, wshare, oshare
 
     def _packed(self, members: np.ndarray, v1: np.ndarray, with_w: bool, code: int, t: float) -> np.ndarray:
         """``members`` as uint64 stream words: ``member << 32 | float32 bits of f(v1, t)`` with weights
@@ -1001,7 +1069,7 @@ class _ArraySampler(Sampler):
         if self.initial_weights is None:
             idx = self.indices(epoch)
             return idx, np.ones(idx.size, dtype=np.float32)
-        return self._plan_share(epoch, True, code, t)
+        return self._plan_share(epoch, True, code, t)[:2]
 
 
 # ==================================================================================================

@@ -96,10 +96,15 @@ def resolve_batch(key: str, per_process: int | None, global_batch: int | None, w
             f"{max(1, global_batch // grad_accum)} processes, lower train.grad_accum, or raise {gkey}.")
     if global_batch % share:
         lower, upper = (global_batch // share) * share, -(-global_batch // share) * share
+        if global_batch % grad_accum == 0:
+            # process counts R that work: R divides the micro-step G / grad_accum
+            other = f"or a process count that divides {global_batch // grad_accum}"
+        else:
+            other = f"or a train.grad_accum that divides {global_batch} (no process count works with {grad_accum})"
         raise BatchError(
             f"{gkey}={global_batch}{context} does not divide into world size {world_size} x train.grad_accum "
             f"{grad_accum} = {share} equal per-process batches; use a multiple of {share} (e.g. {lower} or {upper}) "
-            f"or a process count that divides {global_batch // math.gcd(global_batch, grad_accum)}.")
+            f"{other}.")
     return BatchPlan(gkey, global_batch // share, int(global_batch), world_size, grad_accum, "global")
 
 
@@ -224,5 +229,13 @@ def local_world_size() -> int:
 def default_num_workers(cgroup_root: str = "/sys/fs/cgroup") -> int:
     """Loader workers per process when ``data.num_workers`` is null: :func:`usable_cpus` divided by
     :func:`local_world_size` (at least 1), so the processes on one machine share its cores instead of
-    each starting one worker per core."""
-    return max(1, usable_cpus(cgroup_root) // local_world_size())
+    each starting one worker per core.
+
+    Exception: a SLURM task started by ``srun`` itself (no ``LOCAL_WORLD_SIZE``) with
+    ``SLURM_CPUS_PER_TASK`` set already has its own CPUs (SLURM binds each task to them), so it gets
+    that many, capped by :func:`usable_cpus`, instead of a further division by the tasks per node."""
+    cpus = usable_cpus(cgroup_root)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if not os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() and per_task.isdigit() and int(per_task) >= 1:
+        return max(1, min(cpus, int(per_task)))
+    return max(1, cpus // local_world_size())

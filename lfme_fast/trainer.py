@@ -210,10 +210,25 @@ class _Position:
     global_step: int = 0
 
 
+def epoch_batches(num_batches: int, grad_accum: int = 1, max_steps: int | None = None,
+                  drop_last: bool = True) -> int:
+    """Loader batches a training epoch reads out of the loader's ``num_batches``: whole optimizer steps
+    of ``grad_accum`` micro-batches when the loader drops its last partial batch (a shorter last window
+    would be a smaller step that a run with the same global batch on another process count or
+    accumulation does not take; an epoch shorter than one window keeps its batches), at most
+    ``max_steps`` steps (``train.max_steps_per_epoch``)."""
+    n = int(num_batches)
+    if drop_last and grad_accum > 1 and n >= grad_accum:
+        n = (n // grad_accum) * grad_accum
+    if max_steps is not None:
+        n = min(n, max_steps * grad_accum)
+    return n
+
+
 def _batches_per_epoch(loader: Any, loop: LoopSettings) -> int:
-    n = len(loader)
-    if loop.max_steps_per_epoch is not None:
-        n = min(n, loop.max_steps_per_epoch * loop.grad_accum)
+    # a loader without a spec (a custom one) is taken to drop its last partial batch, as training loaders do
+    drop_last = bool(getattr(getattr(loader, "spec", None), "drop_last", True))
+    n = epoch_batches(len(loader), loop.grad_accum, loop.max_steps_per_epoch, drop_last)
     if n < 1:
         raise ValueError(f"{loop.desc}: the loader yields no batch per epoch (len {len(loader)}); "
                          "lower the batch size or use more data")

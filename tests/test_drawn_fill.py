@@ -48,8 +48,9 @@ def student_pairs(root, cfg, views):
                             samples_per_class=cfg.cbd.samples_per_class)
     opts = LoaderOptions(root, "train", backend="torch", train=True, batch_size=cfg.data.batch_size, sampler=sampler,
                          total_epochs=cfg.optim.epochs, views=views, num_workers=0, seed=cfg.seed)
-    steps = cfg.train.max_steps_per_epoch  # the trainer stops each epoch there: later rows are never read
-    return drawn_pairs(opts, cfg.optim.epochs, None if steps is None else steps * cfg.train.grad_accum)
+    # the trainer stops each epoch at max_steps_per_epoch: later rows are never read
+    return drawn_pairs(opts, cfg.optim.epochs, grad_accum=cfg.train.grad_accum,
+                       max_steps=cfg.train.max_steps_per_epoch)
 
 
 def test_store_computes_exactly_the_student_draws(drawn_run, fmnist_dir):

@@ -303,9 +303,51 @@ def test_ffcv_ships_pinned_uint8_and_normalises_on_the_gpu(synthetic_dir):
     batch = next(iter(loader))
     assert batch.images.is_cuda and batch.images.dtype == torch.bfloat16
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
-    # the decoder's host buffers (what ToDevice copies from, non_blocking) are page-locked
-    host = [m for m in loader._epoch_iter.memory_allocations["operation"].values() if isinstance(m, np.ndarray)]
-    assert host and all(torch.from_numpy(m).is_pinned() for m in host)
+    # the decoder's host buffers (what ToDevice copies from, non_blocking) are page-locked; an
+    # operation's allocation is an array or a tuple of arrays (the plan decoder's)
+    host = []
+    for m in loader._epoch_iter.memory_allocations["operation"].values():
+        host.extend(a for a in (m if isinstance(m, tuple) else (m,)) if isinstance(a, np.ndarray))
+    assert len(host) >= 2 and all(torch.from_numpy(m).is_pinned() for m in host)
+    loader._stop_previous_epoch()  # no epoch thread issuing CUDA copies at interpreter shutdown
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("backend", ["ffcv", "torch"])
+def test_labels_are_their_batchs_while_the_gpu_lags_behind(synthetic_dir, backend):
+    """The training loop never waits on the GPU per step, so the loader runs batches ahead of it. A
+    batch's labels and indices must still be its own: a queued copy from a pipeline's reused pinned
+    buffer would read a later batch's (plan_batch stages them in pinned memory of their own)."""
+    if backend == "ffcv":
+        pytest.importorskip("ffcv", reason="ffcv is not installed")
+    from lfme_fast.loaders import build_loader
+    from lfme_fast.loaders.base import plan_epoch
+
+    opts = LoaderOptions(synthetic_dir, "train", train=True, batch_size=2, backend=backend, resolution=32,
+                         augment="imagenet", device="cuda", drop_last=False)
+    spec = resolve_spec(opts.replace(device="cpu"))
+    loader = build_loader(opts)
+    loader.set_epoch(0)
+    got_idx, got_lab = [], []
+    for batch in loader:
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time per batch: the host runs far ahead
+        got_idx.append(batch.indices)
+        got_lab.append(batch.labels)
+    torch.cuda.synchronize()
+    idx, lab = torch.cat(got_idx).cpu().numpy(), torch.cat(got_lab).cpu().numpy()
+    np.testing.assert_array_equal(idx, plan_epoch(spec, 0).indices)
+    np.testing.assert_array_equal(lab, spec.labels[idx])
+
+
+def test_owned_copy_does_not_alias_the_pipeline_buffer():
+    """plan_batch's labels and indices survive the pipeline rewriting its buffer (on the CPU here; the
+    CUDA path stages through pinned memory, tested above when a GPU is present)."""
+    from lfme_fast.loaders.base import owned_copy
+
+    buf = torch.arange(6, dtype=torch.int32)
+    out = owned_copy(buf, "cpu")
+    buf.fill_(-1)
+    assert out.dtype == torch.int64 and out.tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_two_process_compiled_run_with_accumulation(fmnist_dir, tmp_path, free_port):

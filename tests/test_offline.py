@@ -558,19 +558,33 @@ def test_producer_errors_name_the_array(fmnist_dir, tmp_path):
 class ThreadAccelerator:
     """The slice of Accelerate's API the writer uses, for ranks run as threads of one process."""
 
-    def __init__(self, rank: int, world: int, barrier: threading.Barrier):
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int, world: int, barrier: threading.Barrier, slots: dict):
         self.process_index, self.num_processes, self._barrier = rank, world, barrier
         self.is_main_process = rank == 0
+        self._slots = slots  # shared by the ranks: each one's term of a reduction
 
     def wait_for_everyone(self):
         self._barrier.wait(timeout=120)
+
+    def reduce(self, tensor, reduction="sum"):
+        assert reduction == "sum"
+        self._slots[self.process_index] = tensor.clone()
+        self._barrier.wait(timeout=120)
+        total = sum(self._slots[r] for r in range(self.num_processes))
+        self._barrier.wait(timeout=120)  # every rank has read the terms before the next reduction
+        return total
 
     def autocast(self):
         return torch.autocast("cpu", enabled=False)
 
 
-def test_each_rank_writes_its_share(fmnist_dir, tmp_path):
-    """Two ranks, each with its loader's share of the rows, write one store equal to a one-process one."""
+@pytest.mark.parametrize("rank1_writes", [True, False])
+def test_each_rank_writes_its_share(fmnist_dir, tmp_path, rank1_writes):
+    """Two ranks, each with its loader's share of the rows, write one store equal to a one-process one.
+    When rank 1's loader yields nothing, both ranks raise the main process's coverage error (rank 1 does
+    not wait for a publication that never comes) and no store is published."""
     h, w = image_sizes(fmnist_dir, "train")
     table = build_views(h, w, 2, 0, "center", "pad_crop")
     produce, _ = feature_producer()
@@ -578,14 +592,17 @@ def test_each_rank_writes_its_share(fmnist_dir, tmp_path):
                          lambda tab, k: views_loader(fmnist_dir, tab, k), show_progress=False, log=lambda m: None)
     header = generic_header(fmnist_dir, tmp_path / "dist")
     barrier = threading.Barrier(2)
+    slots: dict = {}
     # one loader batch at a time: numba's parallel kernels in the loaders must not run in two threads at once
     lock = threading.Lock()
     errors, shares = [], {0: 0, 1: 0}
 
     def rank(r):
-        acc = ThreadAccelerator(r, 2, barrier)
+        acc = ThreadAccelerator(r, 2, barrier, slots)
 
         def make_loader(tab, k):
+            if r == 1 and not rank1_writes:
+                return
             with lock:
                 loader = views_loader(fmnist_dir, tab, k, num_replicas=2, rank=r)
                 loader.set_epoch(0)
@@ -610,6 +627,11 @@ def test_each_rank_writes_its_share(fmnist_dir, tmp_path):
         t.start()
     for t in threads:
         t.join()
+    if not rank1_writes:
+        assert len(errors) == 2 and all(isinstance(e, RuntimeError) and ("without view" in str(e) or
+                                                                          "unwritten" in str(e)) for e in errors), errors
+        assert not (tmp_path / "dist" / "offline").exists()
+        return
     assert not errors, errors
     n = single.num_samples
     assert shares[0] + shares[1] == 2 * n and 0 < shares[1] < 2 * n  # both ranks wrote rows

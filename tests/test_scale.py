@@ -13,6 +13,7 @@ import pytest
 
 from lfme_fast.config import ConfigError, config_from_dict, fingerprint, load_config
 from lfme_fast.sampling import build_sampler
+from lfme_fast.trainer import epoch_batches
 from lfme_fast.scale import (
     BatchError,
     default_num_workers,
@@ -40,6 +41,11 @@ def test_resolve_batch_errors_name_the_key():
     with pytest.raises(BatchError, match=r"data\.global_batch_size=256 does not divide into world size 3 x "
                                          r"train\.grad_accum 1 = 3.*e\.g\. 255 or 258"):
         resolve_batch("data", None, 256, 3, 1)
+    with pytest.raises(BatchError, match=r"or a process count that divides 128\."):
+        resolve_batch("data", None, 256, 3, 2)
+    # 100 samples in steps of 3 micro-batches: no process count can work, so none is suggested
+    with pytest.raises(BatchError, match=r"or a train\.grad_accum that divides 100 \(no process count works"):
+        resolve_batch("data", None, 100, 2, 3)
     with pytest.raises(BatchError, match=r"experts\.global_batch_size\[2\]=32 \(expert few\) is smaller than "
                                          r"world size 64"):
         resolve_batch("experts.global_batch_size[2]", None, 32, 64, 1, what="expert few")
@@ -122,8 +128,10 @@ def _global_steps(kind: str, labels: np.ndarray, world: int, global_batch: int, 
         assert len(idx) == len(s) and len(idx) % b == 0
         shares.append((idx, w))
     micro = len(shares[0][0]) // b
+    read = epoch_batches(micro, accum)  # what the trainer reads: whole windows of accum micro-batches
+    assert read % accum == 0
     steps = []
-    for s in range(micro // accum):
+    for s in range(read // accum):
         parts = [(shares[r][0][m * b:(m + 1) * b], shares[r][1][m * b:(m + 1) * b])
                  for m in range(s * accum, (s + 1) * accum) for r in range(world)]
         idx = np.concatenate([p[0] for p in parts])
@@ -142,19 +150,28 @@ def _global_steps(kind: str, labels: np.ndarray, world: int, global_batch: int, 
     ("class_balanced", {"samples_per_class": 4, "initial_weights": "curriculum", "num_samples": 2000}),
 ])
 def test_same_global_batches_on_any_world_size(kind, kw):
-    """Same seed and global batch: 1, 2, 4 and 8 processes (and accumulation 1 or 2) draw the same global
-    batches, with the same curriculum weights, in the same order."""
+    """Same seed and global batch: 1, 2, 4 and 8 processes (and accumulation 1, 2 or 4) draw the same
+    global batches, with the same curriculum weights, in the same order, and as many of them (the
+    trainer reads whole accumulation windows only)."""
     labels = _labels()
     if kw.get("initial_weights") == "curriculum":
         kw = {**kw, "initial_weights": np.linspace(0.1, 0.9, labels.size)}
     reference = _global_steps(kind, labels, 1, 64, 1, epoch=1, **kw)
     assert len(reference) >= 3
-    for world, accum in ((2, 1), (4, 1), (8, 1), (2, 2), (4, 2)):
+    for world, accum in ((2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (1, 2), (1, 4)):
         steps = _global_steps(kind, labels, world, 64, accum, epoch=1, **kw)
         assert len(steps) == len(reference), (world, accum)
         for s, ((i0, w0), (i1, w1)) in enumerate(zip(reference, steps)):
             assert np.array_equal(i0, i1), (world, accum, s)
             assert np.array_equal(w0, w1), (world, accum, s)
+
+
+def test_epoch_batches_reads_whole_accumulation_windows():
+    assert epoch_batches(31, 1) == 31
+    assert epoch_batches(31, 2) == 30  # the half window at the end would be a 32-sample step
+    assert epoch_batches(31, 2, drop_last=False) == 31  # a loader that keeps every sample keeps them all
+    assert epoch_batches(1, 4) == 1  # an epoch shorter than one window is not emptied
+    assert epoch_batches(31, 2, max_steps=3) == 6
 
 
 def test_one_process_batches_unchanged_by_batch_sharding():
@@ -227,6 +244,19 @@ def test_default_num_workers_divides_usable_cpus(tmp_path, monkeypatch):
     assert default_num_workers(str(cg)) == 1  # never 0
     (cg / "cpu.max").unlink()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_num_workers(str(cg)) == 8
+    # srun's own tasks (8 per node, 12 CPUs each, bound by SLURM): the mask is this task's already
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert default_num_workers(str(cg)) == 12
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert default_num_workers(str(cg)) == 1  # without it, the conservative division
+    # accelerate launch inside a one-task-per-node SLURM job: LOCAL_WORLD_SIZE wins
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert default_num_workers(str(cg)) == 8
 
 
@@ -329,6 +359,83 @@ def test_streamed_plan_is_the_same_order(kind, kw, weights):
                     assert np.array_equal(i0, i1), (reps, rank, block, epoch)
                     assert np.array_equal(w0.view(np.uint32), w1.view(np.uint32)), (reps, rank, block, epoch)
                     assert np.array_equal(whole.indices(epoch), streamed.indices(epoch))
+                    o0, o1 = whole.epoch_share(epoch, 5), streamed.epoch_share(epoch, 5)
+                    assert np.array_equal(o0.indices, i0) and np.array_equal(o0.weights.view(np.uint32),
+                                                                              w0.view(np.uint32))
+                    assert np.array_equal(o0.occurrences, o1.occurrences), (reps, rank, block, epoch)
+
+
+@pytest.mark.parametrize("reps", [1, 2, 4, 9])
+def test_occurrences_count_over_the_global_order(reps):
+    """``epoch_share``'s occurrence numbers are those of the global order (the padded one for the
+    contiguous share), whole or streamed, including an epoch shorter than the number of processes."""
+    from lfme_fast.augment import occurrences
+
+    for n, block in ((997, None), (997, 8), (5, None)):
+        labels = _labels(n) if n > 100 else np.array([0, 1, 0, 1, 1])
+        order = build_sampler("class_balanced", labels, seed=2).global_indices(1)
+        if block is None:
+            padded = np.resize(order, -(-order.size // reps) * reps)
+            per = padded.size // reps
+            expected = [occurrences(padded)[r * per:(r + 1) * per] for r in range(reps)]
+        else:
+            kept = (order.size // (reps * block)) * reps * block
+            occ = occurrences(order)[:kept].reshape(-1, reps, block)
+            expected = [occ[:, r, :].reshape(-1) for r in range(reps)]
+        for rank in range(reps):
+            for chunk in (None, 2):
+                s = build_sampler("class_balanced", labels, seed=2, num_replicas=reps, rank=rank)
+                if block is not None:
+                    s.shard_batches(block)
+                if chunk is not None:
+                    s.plan_chunk = chunk
+                share = s.epoch_share(1)
+                assert np.array_equal(share.indices, s.indices(1)) and share.weights is None
+                assert np.array_equal(share.occurrences, expected[rank]), (n, block, rank, chunk)
+
+
+def _global_views(synthetic_dir, world: int, global_batch: int, augment: str, table=None) -> list[list[tuple]]:
+    """Every optimizer step of epoch 1 as the sorted (index, box, flip, view) of its samples, assembled
+    from ``world`` ranks' epoch plans (class-balanced sampler: tail images repeat within the epoch)."""
+    from lfme_fast.loaders import LoaderOptions
+    from lfme_fast.loaders.base import plan_epoch, resolve_spec
+
+    b = global_batch // world
+    plans = []
+    for rank in range(world):
+        opts = LoaderOptions(synthetic_dir, "train", train=True, batch_size=b, resolution=32, augment=augment,
+                             num_replicas=world, rank=rank, seed=5, views=table, total_epochs=2)
+        sampler = build_sampler("class_balanced", resolve_spec(opts).labels, seed=5, num_samples=96,
+                                num_replicas=world, rank=rank)
+        plans.append(plan_epoch(resolve_spec(opts.replace(sampler=sampler)), 1))
+    steps = []
+    for k in range(len(plans[0].indices) // b):
+        rows = []
+        for p in plans:
+            for q in range(k * b, (k + 1) * b):
+                view = -1 if p.views is None else int(p.views[q])
+                rows.append((int(p.indices[q]), tuple(int(v) for v in p.boxes[q]), bool(p.flips[q]), view))
+        steps.append(sorted(rows))
+    return steps
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "views"])
+def test_same_augmentation_on_any_world_size(synthetic_dir, augment):
+    """Not only the samples: every global batch also gets the same crops, flips and replayed views on
+    1, 2 and 4 processes, and the repeats of an oversampled image keep distinct draws (an image's
+    occurrence number is counted over the global order, not within one process's share)."""
+    from lfme_fast.augment import image_sizes, make_views
+
+    table = None
+    if augment == "views":
+        h, w = image_sizes(synthetic_dir, "train")
+        table = make_views(h, w, 4, seed=5)
+    reference = _global_views(synthetic_dir, 1, 16, "imagenet", table)
+    assert len(reference) == 6
+    repeats = [r for step in reference for r in step]
+    assert len({r[0] for r in repeats}) < len(repeats)  # images do repeat within the epoch
+    for world in (2, 4):
+        assert _global_views(synthetic_dir, world, 16, "imagenet", table) == reference, world
 
 
 def test_sync_bn_converts_only_on_several_gpu_processes():
@@ -344,3 +451,17 @@ def test_sync_bn_converts_only_on_several_gpu_processes():
     converted = _maybe_sync_bn(model, gpu2, notes.append)  # conversion itself needs no GPU
     assert isinstance(converted[1], torch.nn.SyncBatchNorm)
     assert set(converted.state_dict()) == set(model.state_dict())  # checkpoints and model.pt keep their keys
+
+
+def test_a_batch_sharded_sampler_keeps_every_sample_in_a_loader_that_keeps_them(synthetic_dir):
+    """A sampler sharded in batches for a training loader, handed to a loader that keeps every sample
+    (drop_last=False), is read contiguously through a copy: no tail dropped, the original untouched."""
+    from lfme_fast.loaders import LoaderOptions
+    from lfme_fast.loaders.base import resolve_spec
+
+    opts = LoaderOptions(synthetic_dir, "train", train=True, batch_size=4, resolution=32, drop_last=False)
+    s = build_sampler("instance", resolve_spec(opts).labels, seed=0).shard_batches(16)
+    assert len(s) == 32  # 41 samples in whole blocks of 16
+    spec = resolve_spec(opts.replace(sampler=s))
+    assert len(spec.sampler) == 41 and spec.sampler is not s
+    assert s.shard_block == 16

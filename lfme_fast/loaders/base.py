@@ -19,6 +19,7 @@ an epoch resumed in a fresh process replays exactly the crops of the interrupted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from abc import ABC, abstractmethod
@@ -339,6 +340,9 @@ class EpochPlan:
     flips: np.ndarray
     colour: np.ndarray | None = None
     num_views: int = 1
+    #: int64 ``[n]``: each position's occurrence number in the epoch's global order (how many times its
+    #: index came up before; :meth:`lfme_fast.sampling.Sampler.epoch_share`), which seeds its draws
+    occurrences: np.ndarray | None = None
 
     def batch_slices(self, batch_size: int) -> Iterator[slice]:
         """Positions of each batch of ``batch_size`` samples (``num_views`` x as many positions)."""
@@ -358,23 +362,23 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
     if spec.sampler is None:
         indices = eval_share(spec.num_samples, spec.num_replicas, spec.rank)
         weights = None
-    elif spec.use_weights:
-        if not 0 <= epoch < spec.total_epochs:
+        occ = np.zeros(indices.size, dtype=np.int64)  # every index once
+    else:
+        if spec.use_weights and not 0 <= epoch < spec.total_epochs:
             raise ValueError(f"epoch {epoch} is outside 0..total_epochs-1 = {spec.total_epochs - 1}: pass "
                              "LoaderOptions(total_epochs=) the run's epoch count (the curriculum weights need it)")
-        indices, weights = spec.sampler.indices_and_weights(epoch, spec.total_epochs)
-        indices = np.asarray(indices, dtype=np.int64)
-        weights = np.asarray(weights, dtype=np.float32)
-        if weights.shape != indices.shape:
-            raise ValueError(f"sampler returned {weights.shape} weights for {indices.shape} indices")
-    else:
-        indices = np.asarray(spec.sampler.indices(epoch), dtype=np.int64)
-        weights = None
+        share = spec.sampler.epoch_share(epoch, spec.total_epochs if spec.use_weights else None)
+        indices = np.asarray(share.indices, dtype=np.int64)
+        weights = None if share.weights is None else np.asarray(share.weights, dtype=np.float32)
+        occ = np.asarray(share.occurrences, dtype=np.int64)
+        for name, arr in (("weights", weights), ("occurrences", occ)):
+            if arr is not None and arr.shape != indices.shape:
+                raise ValueError(f"sampler returned {arr.shape} {name} for {indices.shape} indices")
     if indices.size and (indices.min() < 0 or indices.max() >= spec.num_samples):
         raise ValueError(f"sampler index out of range 0..{spec.num_samples - 1} for split {spec.split!r}")
     if spec.drop_last:
         keep = (len(indices) // spec.batch_size) * spec.batch_size
-        indices = indices[:keep]
+        indices, occ = indices[:keep], occ[:keep]
         weights = None if weights is None else weights[:keep]
     views = None
     if spec.views is not None:
@@ -385,10 +389,12 @@ def plan_epoch(spec: LoaderSpec, epoch: int) -> EpochPlan:
         elif spec.fixed_view is not None:
             views = np.full(indices.size, spec.fixed_view, dtype=np.int64)
         else:
-            views = spec.views.choose(epoch, indices)
+            views = spec.views.choose(epoch, indices, occ)
     indices = np.ascontiguousarray(indices)
-    boxes, flips = plan_geometry(spec, epoch, indices, views)
-    plan = EpochPlan(int(epoch), indices, weights, views, boxes, flips, plan_colour(spec, epoch, indices))
+    occ = np.ascontiguousarray(occ)
+    boxes, flips = plan_geometry(spec, epoch, indices, views, occurrence=occ)
+    plan = EpochPlan(int(epoch), indices, weights, views, boxes, flips,
+                     plan_colour(spec, epoch, indices, occurrence=occ), occurrences=occ)
     if spec.views_per_sample > 1:
         plan = _view_stream(spec, plan)
     return plan
@@ -417,16 +423,19 @@ def _view_stream(spec: LoaderSpec, plan: EpochPlan) -> EpochPlan:
 
 def _view_plan(spec: LoaderSpec, plan: EpochPlan, view: int) -> EpochPlan:
     """Augmented view ``view`` of ``plan``'s positions: the same samples, their own random draws."""
-    boxes, flips = plan_geometry(spec, plan.epoch, plan.indices, plan.views, view=view)
+    boxes, flips = plan_geometry(spec, plan.epoch, plan.indices, plan.views, view=view, occurrence=plan.occurrences)
     return dataclasses.replace(plan, boxes=boxes, flips=flips,
-                               colour=plan_colour(spec, plan.epoch, plan.indices, view=view))
+                               colour=plan_colour(spec, plan.epoch, plan.indices, view=view,
+                                                  occurrence=plan.occurrences))
 
 
-def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
-                  views: np.ndarray | None, view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray, views: np.ndarray | None, view: int = 0,
+                  occurrence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Crop boxes ``[n, 4]`` and flips ``[n]`` of the samples at the epoch's positions (see
     :class:`EpochPlan`): their fixed views, seeded random draws, the eval centre view or the whole
-    image, by ``spec.geometry``. ``view``: which augmented view's random draws (two-view loaders)."""
+    image, by ``spec.geometry``. ``view``: which augmented view's random draws (two-view loaders);
+    ``occurrence``: the positions' occurrence numbers in the epoch's global order (None: counted
+    within ``indices``)."""
     geometry = spec.geometry
     h, w = spec.heights, spec.widths
     if spec.views is not None:  # replay: 'views' boxes or 'pad_crop' windows, both from the table
@@ -437,9 +446,9 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
         return (np.ascontiguousarray(spec.views.boxes[indices, views]),
                 np.ascontiguousarray(spec.views.flips[indices, views]))
     if geometry == "rrc":
-        return draw_rrc(h, w, indices, spec.seed, epoch, view=view)
+        return draw_rrc(h, w, indices, spec.seed, epoch, view=view, occurrence=occurrence)
     if geometry == "pad_crop":
-        return draw_pad_crop(h, w, indices, spec.seed, epoch, view=view)
+        return draw_pad_crop(h, w, indices, spec.seed, epoch, view=view, occurrence=occurrence)
     if geometry == "center":
         boxes = center_boxes(h[indices], w[indices], spec.crop_ratio)
     else:  # 'resize' / 'identity': the whole image
@@ -449,12 +458,13 @@ def plan_geometry(spec: LoaderSpec, epoch: int, indices: np.ndarray,
     return boxes, np.zeros(indices.size, dtype=np.bool_)
 
 
-def plan_colour(spec: LoaderSpec, epoch: int, indices: np.ndarray, view: int = 0) -> np.ndarray | None:
+def plan_colour(spec: LoaderSpec, epoch: int, indices: np.ndarray, view: int = 0,
+                occurrence: np.ndarray | None = None) -> np.ndarray | None:
     """Colour-jitter rows of the epoch's positions (:func:`lfme_fast.augment.draw_colour`, seeded by
     ``(seed, epoch, index, occurrence)`` like the crops), or None when the loader does not jitter colours."""
     if not spec.jitters_colour:
         return None
-    return draw_colour(indices, spec.seed, epoch, spec.colour_strength, view=view)
+    return draw_colour(indices, spec.seed, epoch, spec.colour_strength, view=view, occurrence=occurrence)
 
 
 def num_batches(spec: LoaderSpec) -> int:
@@ -535,12 +545,26 @@ def plan_batch(plan: EpochPlan, pos: int, images: torch.Tensor, labels: torch.Te
         labels, indices = labels[:m], indices[:m]
     weights = None if plan.weights is None else torch.from_numpy(plan.weights[pos:pos + m])
     views = None if plan.views is None else torch.from_numpy(plan.views[pos:pos + m])
-    return Batch(images,
-                 labels.to(device, dtype=torch.int64, non_blocking=True, copy=True),
-                 indices.to(device, dtype=torch.int64, non_blocking=True, copy=True),
+    return Batch(images, owned_copy(labels, device), owned_copy(indices, device),
                  None if weights is None else weights.to(device, non_blocking=True),
                  None if views is None else views.to(device, non_blocking=True),
                  images2)
+
+
+def owned_copy(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` as int64 on ``device``, in memory of its own (the pipelines reuse their output buffers).
+
+    To a GPU, a host tensor goes through pinned memory that this copy owns: a non-blocking copy
+    straight from the pipeline's pinned buffer would run only when the GPU reaches it, after the
+    pipeline may have written a later batch's labels there (the training loop never waits on the
+    GPU per step). Torch's pinned-memory allocator keeps the owned block until the copy has run.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        staged = torch.empty(t.shape, dtype=torch.int64, pin_memory=True)
+        staged.copy_(t)  # a host copy, done before this returns
+        return staged.to(device, non_blocking=True)
+    return t.to(device, dtype=torch.int64, non_blocking=True, copy=True)
 
 
 def resolve_spec(options: LoaderOptions) -> LoaderSpec:
@@ -625,16 +649,20 @@ def _resolve_sampler(o: LoaderOptions, labels: np.ndarray) -> Any:
         raise TypeError(f"sampler must be a lfme_fast.sampling.Sampler, got {type(o.sampler).__name__}: subclass "
                         "Sampler (implement indices(epoch); its docstring lists what the loaders call)")
     sampler = o.sampler
+    block = getattr(sampler, "shard_block", None)
     if _whole_batches(o):
         # A training loader reads its sampler's global order sharded in blocks of its per-process batch
         # (world-size invariant global batches, lfme_fast.sampling); a sampler already sharded for
         # another batch size is copied rather than changed under its other loader.
-        block = getattr(sampler, "shard_block", None)
         if block is not None and block != int(o.batch_size):
-            import copy
-
             sampler = copy.copy(sampler)
         sampler = sampler.shard_batches(int(o.batch_size))
+    elif hasattr(sampler, "shard_block"):
+        # A loader that keeps every sample (eval, drop_last=False) reads the contiguous share, from a copy:
+        # a training loader built from the same sampler (before or after) shards it in batches in place,
+        # which here would drop the tail.
+        sampler = copy.copy(sampler)
+        sampler.shard_block = None
     if len(sampler) < 1:
         raise ValueError("sampler yields no samples")
     return sampler

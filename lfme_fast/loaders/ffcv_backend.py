@@ -366,6 +366,10 @@ class FFCVLoader(BatchLoader):
         spec = self.spec
         # Stop an epoch left early before its plan can be replaced: its thread still reads the plan.
         self._stop_previous_epoch()
+        if spec.device.type == "cuda":
+            # ffcv's buffers are kept across epochs (allocate_buffers_once) but a new epoch iterator
+            # forgets the events that guard them: wait once for the last epoch's kernels that read them.
+            torch.cuda.current_stream(spec.device).synchronize()
         plan = self._plans.get(self.epoch)
         point_decoder_at(self._plan_state, plan)
         self.loader.next_epoch = self.epoch  # ffcv asks the order for sample_order(next_epoch)

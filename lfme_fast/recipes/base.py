@@ -101,22 +101,33 @@ class ValAccuracyHook(TrainHooks):
         self.recipe = recipe
         self.inner = inner
         self.forward_fn = forward_fn
+        self._preds: Any = None
 
     def on_epoch_start(self, epoch: int, model: torch.nn.Module) -> None:
         if self.inner is not None:
             self.inner.on_epoch_start(epoch, model)
 
+    def val_predictions(self, model: torch.nn.Module) -> Any:
+        """The model's :class:`~lfme_fast.evaluate.Predictions` (with logits) on ``data.val_split`` at
+        this epoch's end, computed once per epoch (a collective): an inner hook that scores the model
+        on the val split too (LFME's SpES) calls this instead of a second pass."""
+        if self._preds is None:
+            self._preds = predict(model, self.recipe.ctx.eval_loader(self.recipe.cfg.data.val_split),
+                                  self.recipe.accelerator, keep_logits=True, forward_fn=self.forward_fn)
+        return self._preds
+
     def on_epoch_end(self, epoch: int, model: torch.nn.Module) -> dict[str, Any]:
-        record = dict(self.inner.on_epoch_end(epoch, model)) if self.inner is not None else {}
-        ctx, split = self.recipe.ctx, self.recipe.cfg.data.val_split
-        if split is None:
-            return record
-        preds = predict(model, ctx.eval_loader(split), self.recipe.accelerator, keep_logits=True,
-                        forward_fn=self.forward_fn)
-        model.train()
-        m = classification_metrics(preds, ctx.train_counts, self.recipe.cfg.eval.convention,
-                                   self.recipe.cfg.eval.thresholds, split=split)
-        return {**record, "val_top1": m["top1"], "val_mean_class_top1": m["mean_class_top1"]}
+        self._preds = None
+        try:
+            record = dict(self.inner.on_epoch_end(epoch, model)) if self.inner is not None else {}
+            ctx, split = self.recipe.ctx, self.recipe.cfg.data.val_split
+            if split is None:
+                return record
+            m = classification_metrics(self.val_predictions(model), ctx.train_counts, self.recipe.cfg.eval.convention,
+                                       self.recipe.cfg.eval.thresholds, split=split)
+            return {**record, "val_top1": m["top1"], "val_mean_class_top1": m["mean_class_top1"]}
+        finally:
+            self._preds = None  # the next epoch's model is another
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict() if self.inner is not None else {}
@@ -366,8 +377,8 @@ class Recipe:
         c = self.cfg
         opts = self.ctx.loader_options(c.data.train_split, train=True, batch_size=c.data.batch_size, sampler=sampler,
                                        total_epochs=c.optim.epochs, views=views)
-        steps = c.train.max_steps_per_epoch
-        return drawn_pairs(opts, c.optim.epochs, None if steps is None else steps * c.train.grad_accum)
+        return drawn_pairs(opts, c.optim.epochs, grad_accum=c.train.grad_accum,
+                           max_steps=c.train.max_steps_per_epoch)
 
     def train_stage(self, job: TrainJob) -> TrainResult | None:
         """Run ``job`` (skip / resume / train / save / done-marker); None when it was up to date.

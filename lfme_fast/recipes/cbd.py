@@ -51,6 +51,7 @@ the standard pad-crop distribution).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -451,6 +452,7 @@ class CBDRecipe(Recipe):
         mode, _, heights, widths = self._geometry()
         views = build_views(heights, widths, cfg.cbd.views, cfg.seed, "center", mode)
 
+        @functools.cache  # a stale store's check and the rebuild need the same plan: draw it once
         def draws():
             return self.student_draws(self._student_sampler(), views)
 

@@ -43,6 +43,7 @@ concave), ``kd``, ``views`` (K stored views per image, or ``all``: every distinc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 
 from lfme_fast.config import Check, Config, fingerprint
-from lfme_fast.evaluate import predict, subset_accuracy
+from lfme_fast.evaluate import subset_accuracy
 from lfme_fast.recipes.base import Recipe, TrainJob, TrainParts, ValAccuracyHook
 from lfme_fast.recipes.experts import ExpertsConfig, expert_subsets, load_experts, train_experts
 from lfme_fast.io import atomic_write_json
@@ -331,6 +332,7 @@ class LFMERecipe(Recipe):
         f = self.cfg.lfme
         views = build_views(heights, widths, f.views, self.cfg.seed, f.view_kind, mode)
 
+        @functools.cache  # a stale store's check and the rebuild need the same plan: draw it once
         def draws():
             # The student's indices do not depend on the SpIS weights (checked in the tests), so its
             # draws are known before the store's confidences exist.
@@ -387,17 +389,20 @@ class LFMERecipe(Recipe):
             v1 = spis_initial_weights(f.spis, store.confidence, labels, self.subsets, ctx.train_counts)
             loader = ctx.train_loader(self._build_sampler(labels, v1), epochs, views=store.views)
 
-            def predict_val(model):
-                preds = predict(model, ctx.eval_loader(cfg.data.val_split), self.accelerator, keep_logits=True)
+            val_hook = ValAccuracyHook(self)
+
+            def predict_val(model):  # the val pass of val_hook: one per epoch for both hooks
+                preds = val_hook.val_predictions(model)
                 return preds.logits, preds.labels
 
             hook = SpESHook(f.spes if f.kd else "off", f.alpha, self.subsets, self._expert_val_acc(), predict_val,
                             lambda e: mean_weight_per_subset(f.spis, f.schedule, v1, labels, self.subsets, e, epochs))
             state["hook"] = hook
+            val_hook.inner = hook
             loss = StudentLoss(store, self.subsets, f.spis, f.kd, f.temperature, f.t_squared, lambda: hook.weights,
                                ctx.device)
             return TrainParts(model=ctx.build_model(ctx.num_classes), loader=loader, loss_fn=loss,
-                              forward_fn=loss.forward, hooks=ValAccuracyHook(self, hook))
+                              forward_fn=loss.forward, hooks=val_hook)
 
         self.train_stage(TrainJob("student", self.student_dir, self.student_fingerprint(header), build,
                                   meta={"arch": cfg.model.arch, "num_classes": ctx.num_classes},
