@@ -1,8 +1,9 @@
 """Memory of one process's epoch plan at 1e8 and 1e9 samples per epoch:
 ``python -m lfme_fast.bench sampler_memory [--json-out PATH] [--sizes 1e8 1e9]``.
 
-The plan is what :meth:`lfme_fast.sampling.Sampler.indices_and_weights` returns for one process: its
-int64 indices and float32 curriculum weights (the LFME student's class-balanced sampler on the
+The plan is what :meth:`lfme_fast.sampling.Sampler.epoch_share` returns for one process (what the
+training loaders plan an epoch from): its int64 indices, float32 curriculum weights and int64
+occurrence numbers (the LFME student's class-balanced sampler on the
 ImageNet-LT histogram, 1000 classes, 115,846 images; ``train.epoch_samples`` = the size), sharded in
 per-process batches of 32 (a global batch of 256 on 8 processes). Each case runs in a fresh process, which
 reports its peak resident memory (``ru_maxrss``) above its resident memory just before planning (labels,
@@ -10,14 +11,15 @@ sampler and the numba kernels already loaded), and the planning time.
 
 Two ways to plan:
 * ``whole``: the whole global order at once (the path of epochs up to ``plan_chunk`` positions): every
-  process holds the global order, its weights and an n-sized scratch buffer, about 22 bytes per
-  position whatever the process count, plus its share;
+  process holds the global order, its weights, an n-sized scratch buffer and the order's occurrence
+  numbers, about 30 bytes per position whatever the process count, plus its share;
 * ``chunked``: the streaming kernels (epochs above ``plan_chunk``, 4 Mi positions): the same order, bit
-  for bit, a chunk at a time; a process holds its share (12 bytes per position of its share) plus one
-  chunk and the per-class state (one word per dataset sample).
+  for bit, a chunk at a time; a process holds its share (20 bytes per position of its share) plus one
+  chunk and the per-class state and occurrence counters (two words per dataset sample).
 
-``whole`` at 1e9 is not run by default (about 22 GB plus the share: more than this 24 GiB machine holds
-next to its other work); its expected peak is given from the per-position bytes measured at 1e8.
+``whole`` at 1e9 is not run by default (about 30 GB plus the share); its expected peak is given from the
+per-position bytes measured at 1e8. A case whose share alone would not fit in the memory available when
+it starts is skipped and recorded as such.
 The loader's plan on top of this (crop boxes, flips: 17 bytes per position of the share) is not
 included: it follows the share.
 """
@@ -30,11 +32,16 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from lfme_fast.bench.common import machine_info, write_result
 
 BATCH = 32  # per process
+#: bytes per position of a process's share: int64 index, float32 weight, int64 occurrence number
+SHARE_BYTES_PER_POSITION = 20
+#: the whole-epoch path's bytes per global position beyond the share (order, weights, scratch, occurrences)
+WHOLE_BYTES_PER_POSITION = 30
 SPC = 4
 
 
@@ -58,17 +65,18 @@ def measure(samples: int, mode: str, world: int, rank: int = 0) -> dict[str, Any
     # load the numba kernels of both paths on a tiny epoch first, so their compilation is not counted
     small = build_sampler("class_balanced", labels, seed=0, num_replicas=world, rank=rank, num_samples=10_000,
                           samples_per_class=SPC, initial_weights=v1).shard_batches(BATCH)
-    small.indices_and_weights(0, 2)
+    small.epoch_share(0, 2)
     small.plan_chunk = 1024
-    small.indices_and_weights(0, 2)
+    small.epoch_share(0, 2)
     sampler.plan_chunk = samples + 1 if mode == "whole" else type(sampler).plan_chunk
     before = _rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    idx, w = sampler.indices_and_weights(0, 2)
+    share = sampler.epoch_share(0, 2)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    share_bytes = int(idx.nbytes + w.nbytes)
+    idx = share.indices
+    share_bytes = int(idx.nbytes + share.weights.nbytes + share.occurrences.nbytes)
     plan_peak = max(peak, peak_before) - before
     return {"samples_per_epoch": samples, "mode": mode, "world_size": world, "rank": rank,
             "per_process_batch": BATCH, "share_positions": int(idx.size), "share_bytes": share_bytes,
@@ -79,7 +87,23 @@ def measure(samples: int, mode: str, world: int, rank: int = 0) -> dict[str, Any
             "dataset_samples": int(labels.size), "seconds": round(seconds, 2)}
 
 
+def _available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _run_case(samples: int, mode: str, world: int) -> dict[str, Any]:
+    need = SHARE_BYTES_PER_POSITION * (samples // world) + (WHOLE_BYTES_PER_POSITION * samples if mode == "whole" else 0)
+    avail = _available_bytes()
+    if avail is not None and need > 0.9 * avail:
+        return {"samples_per_epoch": samples, "mode": mode, "world_size": world,
+                "skipped": f"needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"}
     code = (f"import json; from lfme_fast.bench.sampler_memory import measure; "
             f"print('RESULT', json.dumps(measure({samples}, {mode!r}, {world})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -97,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sizes", type=float, nargs="+", default=[1e8, 1e9], help="samples per epoch")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 8], help="process counts (rank 0 is measured)")
     p.add_argument("--whole-up-to", type=float, default=1e8,
-                   help="measure the whole-epoch path only up to this size (it needs ~22 B x size)")
+                   help="measure the whole-epoch path only up to this size (it needs ~30 B x size)")
     args = p.parse_args(argv)
     cases = []
     for size in (int(s) for s in args.sizes):
@@ -107,13 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = _run_case(size, mode, world)
                 print(json.dumps(r), flush=True)
                 cases.append(r)
-    whole = [c for c in cases if c.get("mode") == "whole" and "error" not in c]
+    whole = [c for c in cases if c.get("mode") == "whole" and "beyond_share_bytes" in c]
     per_pos = {c["world_size"]: c["beyond_share_bytes"] / c["samples_per_epoch"] for c in whole}
     expected = {}
     for size in (int(s) for s in args.sizes):
         if size > args.whole_up_to:
             for world, b in per_pos.items():
-                share = 12 * (size // (world * BATCH)) * BATCH
+                share = SHARE_BYTES_PER_POSITION * (size // (world * BATCH)) * BATCH
                 expected[f"{size:.0e} x {world} process(es)"] = {
                     "expected_peak_gib": round((b * size + share) / 2**30, 1),
                     "from": f"{b:.2f} bytes per position beyond the share, measured at {int(args.whole_up_to):.0e}"}
