@@ -34,10 +34,24 @@ def cbd_cfg(root, out, *extra):
         "optim.epochs=2", "log.progress=false", *extra])
 
 
+#: (sample, view) pairs each ArrayStore.rows call was asked for during drawn_run (the student's reads)
+READ_PAIRS: list[tuple[np.ndarray, np.ndarray]] = []
+
+
 @pytest.fixture(scope="module")
 def drawn_run(fmnist_dir, tmp_path_factory):
     cfg = cbd_cfg(fmnist_dir, tmp_path_factory.mktemp("drawn") / "run")
-    run(cfg)
+    original = ArrayStore.rows
+
+    def spy(self, indices, views=None):
+        idx, v = original(self, indices, views)
+        READ_PAIRS.append((torch.as_tensor(idx).cpu().numpy().copy(), torch.as_tensor(v).cpu().numpy().copy()))
+        return idx, v
+
+    READ_PAIRS.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ArrayStore, "rows", spy)
+        run(cfg)
     return cfg
 
 
@@ -63,9 +77,15 @@ def test_store_computes_exactly_the_student_draws(drawn_run, fmnist_dir):
     drawn = np.asarray(store.drawn)
     # view 0 (the eval view) of every sample is not forced: a CBD store has no per-sample array
     np.testing.assert_array_equal(drawn, want)
-    assert 0 < drawn.mean() < 0.05  # 2 epochs of ~930 draws over 930 x 162 rows
+    assert 0 < drawn.mean() < 0.05  # 2 epochs of the student's draws over ~930 x 162 rows
     assert header["storage"]["drawn_rows"] == int(want.sum())
-    # every row the student read was computed: it trained and was evaluated
+    # what the student actually read (spied on the store), not a re-derivation of its plan: exactly the
+    # computed rows, each one read at least once
+    assert READ_PAIRS
+    read = np.zeros_like(drawn)
+    for idx, v in READ_PAIRS:
+        read[idx, v] = True
+    np.testing.assert_array_equal(read, drawn)
     assert json.loads((cfg.run_dir / "metrics.json").read_text())["top1"] >= 0.0
 
 
