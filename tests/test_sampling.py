@@ -14,6 +14,7 @@ from lfme_fast.sampling import (
     Sampler,
     SquareRootSampler,
     SubsetSampler,
+    build_sampler,
     class_csr,
     curriculum_progress,
 )
@@ -185,6 +186,25 @@ def test_weights_aligned_for_every_sampler_and_shard(sampler):
     idx, w = sampler.indices_and_weights(2, 5)
     np.testing.assert_array_equal(idx, sampler.indices(2))
     np.testing.assert_allclose(w, instance_weight(V1[idx], 0.5, "linear"), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["class_balanced", "instance", "sqrt"])
+@pytest.mark.parametrize("schedule", ["linear", "official"])
+def test_curriculum_weights_do_not_change_the_order(kind, schedule):
+    """A sampler built with SpIS weights draws the same indices as one built without them (LFME plans
+    its student's drawn offline rows before the weights exist), sharded in batches or not."""
+    for reps, rank, block in ((1, 0, None), (3, 1, 8)):
+        plain = build_sampler(kind, LABELS, seed=6, num_replicas=reps, rank=rank)
+        weighted = build_sampler(kind, LABELS, seed=6, num_replicas=reps, rank=rank, initial_weights=V1,
+                                 schedule=schedule)
+        if block is not None:
+            plain.shard_batches(block)
+            weighted.shard_batches(block)
+        for epoch in (0, 4):
+            idx, _ = weighted.indices_and_weights(epoch, 5)
+            np.testing.assert_array_equal(idx, plain.indices(epoch))
+            np.testing.assert_array_equal(weighted.epoch_share(epoch, 5).occurrences,
+                                          plain.epoch_share(epoch).occurrences)
 
 
 def test_official_schedule_weights():

@@ -334,8 +334,9 @@ class LFMERecipe(Recipe):
 
         @functools.cache  # a stale store's check and the rebuild need the same plan: draw it once
         def draws():
-            # The student's indices do not depend on the SpIS weights (checked in the tests), so its
-            # draws are known before the store's confidences exist.
+            # The student's indices do not depend on the SpIS weights (tests/test_sampling.py,
+            # test_curriculum_weights_do_not_change_the_order), so its draws are known before the
+            # store's confidences exist.
             return self.student_draws(self._build_sampler(self.ctx.labels(self.cfg.data.train_split), None), views)
 
         if self.offline_up_to_date(header, OfflineStore, draws if f.fill == "drawn" else None):
