@@ -21,8 +21,8 @@ same resolved config is not started again; any other run goes through the recipe
 fingerprints skip finished stages and resume interrupted ones from their checkpoints (the page names
 the resumed runs: their wall time covers the last invocation only). The marker is removed before the
 recipe starts, so an interrupted re-run never leaves an old marker claiming the folder; a re-run that
-trains nothing (every stage up to date, ``metrics.json`` untouched, e.g. after ``log.progress``
-changed) adds its seconds to the earlier marker's, so a run's wall time stays its training time.
+trains nothing (no training stage's ``done.json`` nor the offline store rewritten, e.g. after
+``log.progress`` changed or when only the evaluation ran again) adds its seconds to the earlier marker's, so a run's wall time stays its training time.
 
 **Report** (``REPORT/<name>.json`` and ``.md``, ``REPORT`` = ``--report-dir``, default ``OUT``): per row
 the test top-1 for many / medium / few / overall as mean ± sample std over seeds, every seed's value,
@@ -232,6 +232,62 @@ def _overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
+_UNSET = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _definition(name: str) -> dict[str, Any]:
+    """Row ``name``'s own definition as a raw config dict: its file with its overrides applied."""
+    import copy
+
+    import yaml
+
+    from lfme_fast.config import parse_override
+
+    row = get_row(name)
+    raw = copy.deepcopy(yaml.safe_load(row.path.read_text()) or {})
+    for o in row.overrides:
+        key, value = parse_override(o)
+        node = raw
+        for part in key[:-1]:
+            node = node.setdefault(part, {})
+        node[key[-1]] = value
+    return raw
+
+
+def _defined_value(name: str, key: Sequence[str]) -> Any:
+    node: Any = _definition(name)
+    for part in key:
+        if not isinstance(node, dict) or part not in node:
+            return _UNSET
+        node = node[part]
+    return node
+
+
+def _check_distinguishing(override: str, rows: Sequence[str]) -> None:
+    """Refuse ``override`` when its key tells registered rows apart (they define it differently, e.g.
+    ``lfme.spis``, ``ecl.kd``, ``train.sampler``) and it would change what one of ``rows`` defines:
+    the row would run another method under its label. Protocol keys (:data:`PROTOCOL_KEYS`, which an
+    override is meant to make equal) and ``log.*`` are exempt."""
+    from lfme_fast.config import parse_override
+
+    key, value = parse_override(override)
+    dotted = ".".join(key)
+    if key[0] == "log" or any(_overlap(dotted, p) for p in PROTOCOL_KEYS):
+        return
+    have = [n for n in ROWS if override in row_overrides(n, [override])]
+    defined = {n: _defined_value(n, key) for n in have}
+    distinct = {json.dumps(v, sort_keys=True, default=str) for v in defined.values() if v is not _UNSET}
+    if len(distinct) < 2:
+        return
+    for r in rows:
+        if defined.get(r, _UNSET) is not _UNSET and defined[r] != value:
+            others = ", ".join(f"{n}: {defined[n]!r}" for n in have if defined[n] is not _UNSET and n != r)
+            raise ValueError(
+                f"override {override!r} would change what row {r!r} is: {dotted} is {defined[r]!r} in that row, "
+                f"and it tells rows apart ({others}); compare the row that has the value you want instead")
+
+
 def check_overrides(rows: Sequence[str], overrides: Sequence[str]) -> None:
     """Every override must apply to at least one row (a misspelt section would otherwise vanish), and
     none may replace a key a row sets itself with another value (the row would become another method
@@ -242,6 +298,8 @@ def check_overrides(rows: Sequence[str], overrides: Sequence[str]) -> None:
         if not any(o in row_overrides(r, [o]) for r in rows):
             raise ValueError(f"override {o!r} applies to none of the rows {list(rows)}: no row's config has the "
                              f"section {o.split('=', 1)[0].split('.', 1)[0]!r}")
+    for o in overrides:
+        _check_distinguishing(o, [r for r in rows if o in row_overrides(r, [o])])
     for r in rows:
         own = get_row(r).overrides
         for o in row_overrides(r, overrides):
@@ -423,6 +481,23 @@ def _file_state(path: Path) -> tuple[int, bytes] | None:
         return None
 
 
+def _training_state(run_dir: Path, cfg: Any) -> tuple | None:
+    """What a run that trains anything rewrites: the ``done.json`` of every training stage of ``cfg``
+    (:func:`run_stages`) and the offline store's header, as :func:`_file_state`s; None when one is
+    missing (then something will train). A recipe this runner does not know: its ``metrics.json``."""
+    from lfme_fast.checkpoint import DONE
+
+    stages = run_stages(cfg)
+    if stages is None:
+        state = _file_state(run_dir / "metrics.json")
+        return None if state is None else (state,)
+    files = [run_dir / s / DONE for s in stages]
+    if (run_dir / "offline").exists():
+        files.append(run_dir / "offline" / "header.json")
+    states = tuple(_file_state(f) for f in files)
+    return None if any(st is None for st in states) else states
+
+
 def _subset_row(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     subs = metrics["subsets"]
     return {"many": subs.get("many", {}).get("top1"), "medium": subs.get("medium", {}).get("top1"),
@@ -483,7 +558,7 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                 was_started = any(run_dir.glob("**/checkpoints/latest.json"))
                 # The earlier marker (another config's) and result: a re-run that trains nothing keeps its time.
                 earlier = _finished(run_dir, None)
-                before = _file_state(run_dir / "metrics.json")
+                before = _training_state(run_dir, cfg)
                 if _main_process():
                     # no marker while the recipe runs: an interrupted re-run leaves none claiming the folder
                     (run_dir / MARKER).unlink(missing_ok=True)
@@ -492,8 +567,9 @@ def run_rows(data: str | Path, out: str | Path, rows: Sequence[str], seeds: Sequ
                 start = time.perf_counter()
                 runner(cfg)
                 seconds[name][seed] = round(time.perf_counter() - start, 1)
-                if earlier is not None and before is not None and _file_state(run_dir / "metrics.json") == before:
-                    # every stage was up to date (the result file is untouched): the time is the earlier run's
+                if earlier is not None and before is not None and _training_state(run_dir, cfg) == before:
+                    # every training stage was up to date (none rewrote its done.json; an evaluation may have
+                    # run again): the training time is the earlier run's
                     seconds[name][seed] = round(seconds[name][seed] + float(earlier.get("seconds", 0.0)), 1)
                     was_started = was_started or bool(earlier.get("resumed"))
                 if _main_process():

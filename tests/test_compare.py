@@ -273,13 +273,24 @@ def _refuse(cfg):
 
 def test_set_may_not_replace_a_value_a_row_sets_itself(tmp_path):
     # lfme_kd turns SpIS off itself: a comparison-wide SpIS would make it another method under its label
-    with pytest.raises(ValueError, match=r"'lfme\.spis=official'.*row 'lfme_kd'.*lfme\.spis.*'off'.*'official'"):
+    with pytest.raises(ValueError, match=r"'lfme\.spis=official' would change what row 'lfme' is"):
         compare.run_rows("DATA", tmp_path, ["lfme", "lfme_kd"], [0], ["lfme.spis=official"], runner=_refuse)
-    with pytest.raises(ValueError, match=r"row 'ecl_no_kd'.*ecl\.kd.*'false'.*'true'"):
+    with pytest.raises(ValueError, match=r"row 'ecl_no_kd'.*ecl\.kd is False"):
         compare.check_overrides(["ecl", "ecl_no_kd"], ["ecl.kd=true"])
     # the value the row sets anyway, and keys no row sets itself, are fine
-    compare.check_overrides(["lfme", "lfme_kd"], ["lfme.spis=off", "lfme.views=all", "optim.epochs=2"])
+    compare.check_overrides(["lfme_kd", "lfme_kd_spes"], ["lfme.spis=off", "lfme.views=all", "optim.epochs=2"])
     compare.check_overrides(["cbd_ce", "cbd"], ["cbd.epochs=1"])
+    # a key that tells registered rows apart may not redefine a row even where the row's own file sets
+    # it: LFME full keeps SpIS, CE class-balanced keeps its sampler, ECL keeps its distillation
+    with pytest.raises(ValueError, match=r"'lfme\.spis=off' would change what row 'lfme' is.*lfme_kd: False"):
+        compare.check_overrides(["lfme"], ["lfme.spis=off"])
+    with pytest.raises(ValueError, match=r"row 'ce_balanced'.*train\.sampler is 'class_balanced'"):
+        compare.check_overrides(["ce_balanced"], ["train.sampler=instance"])
+    with pytest.raises(ValueError, match=r"row 'ecl'.*ecl\.kd is True"):
+        compare.check_overrides(["ecl"], ["ecl.kd=false"])
+    # every preset's own protocol passes for its rows
+    for preset in compare.PRESETS.values():
+        compare.check_overrides(list(preset.rows), list(preset.overrides))
     # a key inside one the override sets whole (model.kwargs) counts as the same key
     compare.register_row("_test_stem", Row("fmnist_lt/ce_balanced.yaml", ("model.kwargs.stem_width=4",)))
     try:
@@ -326,10 +337,14 @@ def test_a_rerun_that_trains_nothing_keeps_the_training_time_and_no_marker_outli
     marker_path = run_dir / "compare.json"
     seen = []
 
-    def train(top1):
+    def recipe(top1, trains=True):
+        """A stand-in recipe: training rewrites the stage's done.json; evaluating writes metrics.json."""
         def runner(cfg):
             seen.append(marker_path.exists())  # the old marker must be gone while the recipe runs
             run_dir.mkdir(parents=True, exist_ok=True)
+            if trains:
+                (run_dir / "train").mkdir(exist_ok=True)
+                (run_dir / "train" / "done.json").write_text(json.dumps({"trained": len(seen)}))
             if top1 is not None:
                 (run_dir / "metrics.json").write_text(_metrics_json(top1))
         return runner
@@ -337,27 +352,32 @@ def test_a_rerun_that_trains_nothing_keeps_the_training_time_and_no_marker_outli
     def rows(overrides, runner, **kw):
         return compare.run_rows("DATA", tmp_path, ["ce_balanced"], [0], overrides, runner=runner, log=_quiet, **kw)
 
-    rows(["log.progress=false"], train(0.5))
+    def recorded():
+        return json.loads(marker_path.read_text())["seconds"]
+
+    rows(["log.progress=false"], recipe(0.5))
     marker = json.loads(marker_path.read_text())
     marker_path.write_text(json.dumps({**marker, "seconds": 1000.0}))  # as if training took 1000 s
     # a cosmetic change: the recipe finds every stage up to date and writes nothing
-    raw = rows(["log.progress=true"], train(None))
+    raw = rows(["log.progress=true"], recipe(None, trains=False))
     assert seen == [False, False]
-    again = json.loads(marker_path.read_text())
-    assert 1000.0 <= raw["seconds"]["ce_balanced"][0] < 1060 and again["seconds"] == raw["seconds"]["ce_balanced"][0]
-    assert again["config_sha"] != marker["config_sha"]
-    # a run that writes a new result records its own time, not the earlier one's
-    raw = rows(["log.progress=false"], train(0.6))
-    assert raw["seconds"]["ce_balanced"][0] < 60 and json.loads(marker_path.read_text())["seconds"] < 60
+    assert 1000.0 <= raw["seconds"]["ce_balanced"][0] < 1060 and recorded() == raw["seconds"]["ce_balanced"][0]
+    assert json.loads(marker_path.read_text())["config_sha"] != marker["config_sha"]
+    # only the evaluation runs again (it rewrites metrics.json, here with the same content): still no training
+    raw = rows(["log.progress=false"], recipe(0.5, trains=False))
+    assert 1000.0 <= raw["seconds"]["ce_balanced"][0] < 1120
+    # a run that trains records its own time, not the earlier one's
+    raw = rows(["log.progress=true"], recipe(0.6))
+    assert raw["seconds"]["ce_balanced"][0] < 60 and recorded() < 60
     # an interrupted re-run under another config leaves no marker claiming the folder
     def interrupted(cfg):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        rows(["log.progress=true"], interrupted)
+        rows(["log.progress=false"], interrupted)
     assert not marker_path.exists() and (run_dir / "metrics.json").exists()
     with pytest.raises(ValueError, match="has not finished"):
-        rows(["log.progress=true"], _refuse, report_only=True)
+        rows(["log.progress=false"], _refuse, report_only=True)
 
 
 def _log(folder: Path, values, before=()) -> None:
