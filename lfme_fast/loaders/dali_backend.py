@@ -279,7 +279,10 @@ class DALILoader(BatchLoader):
 
     def _restart(self) -> None:
         if self._started and not self._exhausted:
-            for _ in self.iterator:  # an epoch left early: drain it so DALI can reset
+            # An epoch left early (train.max_steps_per_epoch, or the batches after the last whole
+            # accumulation window): drain it so DALI can reset. The drained batches are decoded for
+            # nothing, at most grad_accum - 1 of them when no step cap is set.
+            for _ in self.iterator:
                 pass
         if self.source.plan.epoch != self.epoch:
             self.source.plan = plan_epoch(self.spec, self.epoch)
