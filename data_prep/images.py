@@ -7,6 +7,11 @@ Source quirks handled here (each gets a note or a :class:`BadImage` naming the r
 - PNG (or GIF/BMP/WebP) content behind a ``.JPEG`` name: decoded and re-encoded, noted;
 - CMYK/YCCK and grayscale JPEGs: converted to RGB and re-encoded, noted;
 - truncated or corrupt files, empty files: :class:`BadImage`.
+
+The JPEG work goes through the codec named by ``EncodeSettings.codec`` (:mod:`lfme_fast.jpeg`). It is
+simplejpeg by default: its strict decode is what catches corrupt scans in real data. Synthetic sets,
+known to be intact, may use ``"auto"`` (Pillow where simplejpeg is not installed); the manifest's
+``writer.jpeg_codec`` records which codec wrote a dataset.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+from lfme_fast import jpeg
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,14 +41,26 @@ class BadImage(ValueError):
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    """How canonical JPEGs are written: longest side at most ``max_side`` (None keeps the size)."""
+    """How canonical JPEGs are written: longest side at most ``max_side`` (None keeps the size).
+
+    ``codec`` names the JPEG codec (:func:`lfme_fast.jpeg.codec`) that checks, decodes and encodes:
+    ``"simplejpeg"`` (default: strict decoding catches corrupt files), ``"pillow"`` or ``"auto"``.
+    """
 
     max_side: int | None = 256
     quality: int = 90
     subsampling: str = "420"  # simplejpeg colorsubsampling; "444" for tiny images
+    codec: str = "simplejpeg"
+
+    def __post_init__(self) -> None:
+        if self.codec not in jpeg.CODECS:
+            raise ValueError(f"EncodeSettings.codec must be one of {jpeg.CODECS}, got {self.codec!r}")
 
     def to_json(self) -> dict:
-        return {"max_side": self.max_side, "quality": self.quality, "subsampling": self.subsampling}
+        """The settings as the manifest's ``writer`` (and the shards' fingerprints) record them; ``jpeg_codec``
+        is the codec resolved here (``"simplejpeg"`` or ``"pillow"``, never ``"auto"``)."""
+        return {"max_side": self.max_side, "quality": self.quality, "subsampling": self.subsampling,
+                "jpeg_codec": jpeg.codec(self.codec).kind}
 
 
 @dataclass(frozen=True)
@@ -83,8 +101,8 @@ def encode_array(rgb: np.ndarray, settings: EncodeSettings, note: str = "") -> C
     h, w = _target_size(rgb.shape[0], rgb.shape[1], settings.max_side)
     if (h, w) != rgb.shape[:2]:
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
-    data = simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=settings.quality, colorspace="RGB",
-                                  colorsubsampling=settings.subsampling)
+    data = jpeg.codec(settings.codec).encode_jpeg(np.ascontiguousarray(rgb), quality=settings.quality,
+                                                  colorspace="RGB", colorsubsampling=settings.subsampling)
     return Canonical(bytes(data), h, w, note)
 
 
@@ -109,19 +127,21 @@ def canonicalize_encoded(data: bytes, settings: EncodeSettings) -> Canonical:
     if fmt != "jpeg":
         rgb, mode = _decode_with_pil(data, fmt)
         return encode_array(rgb, settings, note=f"{fmt}-converted(mode={mode})")
+    codec = jpeg.codec(settings.codec)
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        height, width, colorspace, _ = codec.decode_jpeg_header(data)
     except ValueError as exc:
         raise BadImage("corrupt", f"JPEG header unreadable ({exc})") from exc
     if colorspace.upper() in ("CMYK", "YCCK", "GRAY"):
         rgb, mode = _decode_with_pil(data, "jpeg")
         return encode_array(rgb, settings, note=f"{colorspace.lower()}-converted")
-    # A full decode is the only reliable way to catch truncated/corrupt scans (strict mode raises on
-    # libjpeg-turbo's "premature end of data" warnings). When we downsize anyway, let libjpeg-turbo's
-    # DCT scaling decode at the smallest scale that still covers the target: about 2-4x cheaper.
+    # A full decode is the only reliable way to catch truncated/corrupt scans (simplejpeg's strict mode
+    # raises on libjpeg-turbo's "premature end of data" warnings; the Pillow codec catches truncation
+    # only). When we downsize anyway, let libjpeg-turbo's DCT scaling decode at the smallest scale that
+    # still covers the target: about 2-4x cheaper.
     th, tw = _target_size(height, width, settings.max_side)
     try:
-        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_height=th, min_width=tw)
+        rgb = codec.decode_jpeg(data, colorspace="RGB", strict=True, min_height=th, min_width=tw)
     except ValueError as exc:
         raise BadImage("corrupt", f"JPEG does not decode ({exc})") from exc
     if (th, tw) == (height, width):

@@ -204,11 +204,12 @@ def synthetic_image(seed: int, index: int, label: int) -> np.ndarray:
     return out
 
 
-def synthetic_jpeg(seed: int, index: int, label: int, quality: int = 90) -> bytes:
-    """JPEG bytes (simplejpeg, 4:2:0 subsampling) of :func:`synthetic_image`."""
-    import simplejpeg  # imported lazily: only the JPEG path needs it
+def synthetic_jpeg(seed: int, index: int, label: int, quality: int = 90, codec: str = "auto") -> bytes:
+    """JPEG bytes (4:2:0 subsampling) of :func:`synthetic_image`, encoded by the JPEG codec ``codec``
+    (:func:`lfme_fast.jpeg.codec`; ``"auto"``: simplejpeg, or Pillow where simplejpeg is not installed)."""
+    from lfme_fast import jpeg  # imported lazily: only the JPEG path needs it
 
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
         raise ValueError(f"quality must be an integer in 1..100, got {quality!r}")
     image = synthetic_image(seed, index, label)
-    return simplejpeg.encode_jpeg(image, quality=int(quality), colorspace="RGB", colorsubsampling="420")
+    return jpeg.codec(codec).encode_jpeg(image, quality=int(quality), colorspace="RGB", colorsubsampling="420")

@@ -8,7 +8,9 @@ field (no second compression), or stores decoded pixels in ``raw`` mode.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import os
 import tarfile
 import types
@@ -17,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
+from lfme_fast import jpeg
 from lfme_fast.io import atomic_path
+from lfme_fast.shards import MANIFEST
 
 TAR_BLOCK = 512
 
@@ -71,11 +75,13 @@ class WdsShardWriter:
 
 
 class _BetonSource:
-    """Indexable dataset for ffcv's writer: (image, label, index) from our random-access shard reader."""
+    """Indexable dataset for ffcv's writer: (image, label, index) from our random-access shard reader;
+    ``raw`` decodes the JPEGs with the JPEG codec named ``codec`` (:func:`lfme_fast.jpeg.codec`)."""
 
-    def __init__(self, reader, raw: bool):
+    def __init__(self, reader, raw: bool, codec: str = "simplejpeg"):
         self.reader = reader
         self.raw = raw
+        self.codec = codec  # a name: the object is made in the writer's worker processes
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -83,20 +89,18 @@ class _BetonSource:
     def __getitem__(self, i: int):
         data = self.reader.get_bytes(i)
         if self.raw:
-            import simplejpeg
-
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+            image = jpeg.codec(self.codec).decode_jpeg(data, colorspace="RGB")
         else:
             image = bytes(data)
         return image, int(self.reader.labels[i]), int(i)
 
 
-def _store_jpeg_verbatim(self, destination, image, malloc):
-    """RGBImageField.encode replacement for already-encoded canonical JPEG bytes (no re-compression)."""
-    import simplejpeg
+def _store_jpeg_verbatim(self, destination, image, malloc, codec: str = "simplejpeg"):
+    """RGBImageField.encode replacement for already-encoded canonical JPEG bytes (no re-compression);
+    ``codec`` names the JPEG codec that reads their headers."""
     from ffcv.fields.rgb_image import IMAGE_MODES
 
-    height, width, _, _ = simplejpeg.decode_jpeg_header(image)
+    height, width, _, _ = jpeg.codec(codec).decode_jpeg_header(image)
     destination["mode"] = IMAGE_MODES["jpg"]
     destination["height"], destination["width"] = height, width
     buffer = np.frombuffer(image, dtype=np.uint8)
@@ -104,23 +108,38 @@ def _store_jpeg_verbatim(self, destination, image, malloc):
     storage[:] = buffer
 
 
+def _recorded_codec(reader) -> str:
+    """The JPEG codec the reader's dataset was prepared with (its manifest's ``writer.jpeg_codec``);
+    ``"simplejpeg"`` for a dataset that does not say (prepared before the codec was recorded)."""
+    try:
+        writer = json.loads((Path(reader.root) / MANIFEST).read_text()).get("writer", {})
+    except (AttributeError, OSError, ValueError):
+        return "simplejpeg"
+    return writer.get("jpeg_codec", "simplejpeg")
+
+
 def write_beton(path: Path, reader, *, write_mode: str = "jpg", max_resolution: int | None = None,
-                jpeg_quality: int = 90, num_workers: int | None = None, chunksize: int = 256) -> None:
+                jpeg_quality: int = 90, num_workers: int | None = None, chunksize: int = 256,
+                codec: str | None = None) -> None:
     """Write ``ffcv/<split>.beton`` with fields image, label, index (in that order), atomically.
 
     ``write_mode='jpg'`` stores the shard's JPEG bytes verbatim; ``'raw'`` stores decoded RGB pixels
-    (best for 28/32-pixel datasets, where decoding would dominate).
+    (best for 28/32-pixel datasets, where decoding would dominate). ``codec`` names the JPEG codec
+    (:func:`lfme_fast.jpeg.codec`) that reads the stored JPEGs' headers and, in ``raw`` mode, decodes
+    them; None: the one the dataset was prepared with (its manifest's ``writer.jpeg_codec``, else simplejpeg).
     """
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
     if write_mode not in ("jpg", "raw"):
         raise ValueError(f"write_mode must be 'jpg' or 'raw', got {write_mode!r}")
+    codec = _recorded_codec(reader) if codec is None else codec
+    jpeg.codec(codec)  # a missing codec fails here, not in the writer's workers
     image_field = RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality)
     if write_mode == "jpg":
         # Instance-level override: the field stays an RGBImageField (ffcv keys the on-disk type on the
         # exact class), so the stock Loader decodes it, but the bytes are our canonical JPEG as-is.
-        image_field.encode = types.MethodType(_store_jpeg_verbatim, image_field)
+        image_field.encode = types.MethodType(functools.partial(_store_jpeg_verbatim, codec=codec), image_field)
     fields = {"image": image_field, "label": IntField(), "index": IntField()}
     # Each worker fills its own pages; small pages keep small splits small, but a page must hold the
     # largest image.
@@ -131,7 +150,8 @@ def write_beton(path: Path, reader, *, write_mode: str = "jpg", max_resolution: 
     with atomic_path(path) as tmp:
         writer = DatasetWriter(str(tmp), fields, page_size=page_size,
                                num_workers=num_workers or os.cpu_count() or 1)
-        writer.from_indexed_dataset(_BetonSource(reader, raw=write_mode == "raw"), chunksize=chunksize)
+        writer.from_indexed_dataset(_BetonSource(reader, raw=write_mode == "raw", codec=codec),
+                                    chunksize=chunksize)
 
 
 def shard_name(split: str, shard: int) -> str:

@@ -675,10 +675,10 @@ def image_sizes(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.nda
     """``(heights, widths)`` int32 of every stored image of ``split``, from the JPEG headers.
 
     Cached in ``DIR/meta/<split>.sizes.npy`` (``[N, 2]``), written atomically; the cache is used when
-    it is newer than the split's index and has the right length.
+    it is newer than the split's index and has the right length. Read with the ``"auto"`` JPEG codec
+    (:func:`lfme_fast.jpeg.codec`: simplejpeg, else Pillow), whose header sizes are exact either way.
     """
-    import simplejpeg
-
+    from lfme_fast.jpeg import codec
     from lfme_fast.shards import ShardReader, index_path
 
     root = Path(root)
@@ -693,9 +693,10 @@ def image_sizes(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.nda
         except (OSError, ValueError):
             pass  # a damaged cache is rebuilt below
     sizes = np.empty((len(reader), 2), dtype=np.int32)
+    read_header = codec("auto").decode_jpeg_header
     for i in range(len(reader)):
-        # The header parse reads a few hundred bytes: ~115k images in about a second.
-        h, w, _, _ = simplejpeg.decode_jpeg_header(reader.get_bytes(i))
+        # The header parse reads a few hundred bytes: ~115k images in about a second (simplejpeg).
+        h, w, _, _ = read_header(reader.get_bytes(i))
         sizes[i] = (h, w)
     try:
         atomic_save_npy(cache, sizes)

@@ -133,19 +133,21 @@ def list_images(source: str | os.PathLike) -> list[Path]:
 
 
 def _decode(data: bytes, prep: dict[str, Any]) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``: JPEGs with simplejpeg, downscaled in the DCT no further than the crop needs;
-    anything else (or a JPEG simplejpeg refuses) with PIL."""
+    """RGB uint8 ``(H, W, 3)``: JPEGs with the ``"auto"`` JPEG codec (:func:`lfme_fast.jpeg.codec`:
+    simplejpeg, else Pillow), downscaled in the DCT no further than the crop needs; anything else (or a
+    JPEG the codec refuses) with PIL."""
     if data[:2] == b"\xff\xd8":
         try:
-            import simplejpeg
+            from lfme_fast.jpeg import codec
 
-            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            jpeg_codec = codec("auto")
+            h, w, _, _ = jpeg_codec.decode_jpeg_header(data)
             # the crop must keep at least `resolution` pixels: scale the decode so that it still does
             keep = prep["crop_ratio"] or 1.0
             need = prep["resolution"] / (keep * min(h, w)) if prep["resize"] == "center_crop" else \
                 prep["resolution"] / min(h, w)
             need = min(1.0, need)
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h * need),
+            return jpeg_codec.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(h * need),
                                           min_width=math.ceil(w * need))
         except (ValueError, OSError):
             pass  # CMYK, arithmetic coding, a damaged file...: PIL decides below

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -148,10 +149,16 @@ def test_memory_summary_counts_private_copies():
 # ---- the GPU script's CPU fallback -------------------------------------------------------------------
 
 
+def _gpu_main(argv: list[str]) -> None:
+    """The GPU script's main, its budget counted from now (by default it counts from the process's start:
+    pytest's, which may be minutes ago)."""
+    gpu.main(argv, started_s=time.perf_counter())
+
+
 def test_gpu_script_cpu_fallback_starts(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "bench_gpu.json"
     # ResNet-10 only: ResNet-50 goes through the same code with another arch and would double the time
-    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+    _gpu_main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
               "--json-out", str(out)])
     capsys.readouterr()
     res = json.loads(out.read_text())
@@ -242,6 +249,105 @@ def test_run_isolated_kills_a_child_past_its_time_limit_with_the_processes_it_st
     assert not _running(grandchild)  # a loader worker would not outlive its measurement either
 
 
+def _wait_for_file(path: Path, seconds: float = 20.0) -> str:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written within {seconds} s")
+
+
+def _gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.time() + seconds
+    while _running(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    return not _running(pid)
+
+
+def test_run_isolated_kills_a_worker_forked_after_the_descendants_were_listed(tmp_path, monkeypatch):
+    """The timeout kills the child's whole process group: a worker forked between the listing of the
+    descendants and the kill is in it too (the listing alone would miss it)."""
+    sh_pid, late_pid = tmp_path / "sh.pid", tmp_path / "late.pid"
+    script = (f"trap 'sleep 120 & echo $! > \"{late_pid}\"' USR1; echo $$ > '{sh_pid}'; "
+              "while :; do sleep 0.1; done")
+    listed: list[int] = []
+    real = common.child_pids
+
+    def list_then_fork(pid: int) -> list[int]:
+        out = real(pid)
+        listed.extend(out)
+        os.kill(int(_wait_for_file(sh_pid)), signal.SIGUSR1)  # the shell forks a new worker now
+        _wait_for_file(late_pid)
+        return out
+
+    monkeypatch.setattr(common, "child_pids", list_then_fork)
+    with pytest.raises(common.IsolatedTimeout):
+        common.run_isolated(subprocess.run, ["sh", "-c", script], timeout_s=4.0)
+    late = int(late_pid.read_text())
+    assert late not in listed  # forked after the listing...
+    assert _gone(late) and _gone(int(sh_pid.read_text()))  # ...and killed with the group all the same
+
+
+_TERMINATED_SCRIPT = """
+import subprocess, sys, time
+from lfme_fast.bench import common, gpu
+gpu.machine_info = gpu.gpu_info = dict  # quick: nothing to describe
+def run(root, **kw):  # one part whose process starts a worker, then hangs
+    common.run_isolated(subprocess.run, ["sh", "-c", "echo $$ > '" + sys.argv[2] + "'; exec sleep 120"],
+                        timeout_s=300)
+gpu.run = run
+gpu.main(["--data", sys.argv[1], "--cpu-fallback", "--json-out", sys.argv[3]], started_s=time.perf_counter())
+"""
+
+
+def test_gpu_script_on_sigterm_kills_the_running_part_and_says_so(synthetic_dir, tmp_path):
+    worker, out, log = tmp_path / "worker.pid", tmp_path / "bench_gpu.json", tmp_path / "log.txt"
+    with open(log, "w") as f:  # a file, not a pipe: a surviving worker would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", _TERMINATED_SCRIPT, str(synthetic_dir), str(worker), str(out)],
+                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        pid = int(_wait_for_file(worker, 60))
+        proc.send_signal(signal.SIGTERM)  # as an outer `timeout` does
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert _gone(pid)  # the part's worker does not keep running (on a GPU: holding it)
+    res = json.loads(out.read_text())
+    assert res["status"].startswith("stopped by SIGTERM") and res["dataset"]["num_images"] == 41
+
+
+_KILLED_PARENT_SCRIPT = """
+import time
+from lfme_fast.bench import common
+common.run_isolated(time.sleep, 120)
+"""
+
+
+def test_run_isolated_child_dies_with_a_killed_parent():
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT_SCRIPT], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline, child = time.time() + 60, None
+        while child is None and time.time() < deadline:  # the child, once it leads its own group
+            kids = [k for k in common.child_pids(proc.pid) if _running(k)]
+            child = next((k for k in kids if _pgid(k) == k), None)
+            time.sleep(0.05)
+        assert child is not None
+        proc.kill()  # SIGKILL: no handler runs in the parent
+        proc.wait(timeout=10)
+        assert _gone(child)
+    finally:
+        proc.kill()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def test_gpu_part_past_its_time_limit_is_recorded_and_the_next_part_runs():
     # the limit: at most part_limit_s, else the budget left plus the margin
     budget = gpu._Budget(60.0, lambda m: None, margin_s=5.0, part_limit_s=2.0)
@@ -266,7 +372,7 @@ def test_gpu_script_writes_its_json_after_every_part(synthetic_dir, tmp_path, mo
         return {"backend": backend, "images_per_s": 1.0}
 
     monkeypatch.setattr(gpu, "measure_decode", fake_decode)
-    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
+    _gpu_main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
               "--backends", "a,b,c", "--dali-hw-loads", "", "--json-out", str(out)])
     capsys.readouterr()
     assert [sorted(s.get("decode", {})) for s in seen] == [[], ["a"], ["a", "b"]]
@@ -287,7 +393,7 @@ def test_gpu_script_records_a_failing_dataset_description_and_measures_on(synthe
     monkeypatch.setattr(loader, "dataset_stats", broken)
     monkeypatch.setattr(gpu, "measure_decode", lambda backend, cfg, epochs: {"images_per_s": 2.0})
     out = tmp_path / "bench_gpu.json"
-    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
+    _gpu_main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--sections", "decode",
               "--backends", "a", "--dali-hw-loads", "", "--json-out", str(out)])
     capsys.readouterr()
     res = json.loads(out.read_text())
@@ -297,26 +403,31 @@ def test_gpu_script_records_a_failing_dataset_description_and_measures_on(synthe
 
 def _without_packages(monkeypatch, *names: str) -> None:
     """Make ``names`` look uninstalled, as on the fixed GPU image: find_spec finds nothing and (for
-    simplejpeg, which is imported directly) ``import`` fails."""
+    simplejpeg) the JPEG codec module cannot load it, so its "auto" codec is Pillow."""
     import importlib.util
+
+    from lfme_fast import jpeg
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, package=None: None if name in names else real(name, package))
     if "simplejpeg" in names:
-        monkeypatch.setitem(sys.modules, "simplejpeg", None)
+        def missing():
+            raise ImportError(f"the 'simplejpeg' JPEG codec is not installed (test): {jpeg.INSTALL_HINT}")
+
+        monkeypatch.setattr(jpeg, "load_simplejpeg", missing)
 
 
 def test_gpu_script_records_missing_packages_as_skipped_rows(synthetic_dir, tmp_path, monkeypatch, capsys):
     _without_packages(monkeypatch, "nvidia.dali", "ffcv", "simplejpeg")
     out = tmp_path / "bench_gpu.json"
-    gpu.main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+    _gpu_main(["--data", str(synthetic_dir), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
               "--sections", "decode,train", "--json-out", str(out)])
     capsys.readouterr()
     res = json.loads(out.read_text())
     assert res["status"] == "complete" and res["config"]["packages"] == {"nvidia.dali": False, "ffcv": False,
                                                                          "simplejpeg": False}
-    assert "Pillow" in res["config"]["jpeg_codec"] and res["dataset"]["num_images"] == 41
+    assert res["config"]["jpeg_codec"].startswith("Pillow ") and res["dataset"]["num_images"] == 41
     for rows in (res["decode"], res["train"]["resnet10"]):
         assert rows["dali"] == {"skipped": "needs nvidia.dali (not installed here)"}
         assert rows["ffcv"] == {"skipped": "needs ffcv (not installed here)"}
@@ -333,7 +444,7 @@ def test_gpu_script_runs_the_parts_without_a_dataset_when_preparation_fails(tmp_
 
     monkeypatch.setattr(loader, "prepare_synthetic", broken)
     out = tmp_path / "bench_gpu.json"
-    gpu.main(["--cache", str(tmp_path), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
+    _gpu_main(["--cache", str(tmp_path), "--cpu-fallback", "--no-isolate", "--archs", "resnet10",
               "--sections", "decode,train", "--backends", "torch", "--json-out", str(out)])
     capsys.readouterr()
     res = json.loads(out.read_text())
@@ -342,50 +453,57 @@ def test_gpu_script_runs_the_parts_without_a_dataset_when_preparation_fails(tmp_
         assert row["skipped"].startswith("needs a prepared dataset (preparing the synthetic set failed: OSError")
 
 
-def test_pil_jpeg_stand_in_answers_like_simplejpeg():
+def test_pillow_codec_answers_like_simplejpeg_on_the_synthetic_sets_images():
     simplejpeg = pytest.importorskip("simplejpeg")
-    from data_prep.synthetic import synthetic_image
+    from data_prep.synthetic import synthetic_image, synthetic_jpeg
+    from lfme_fast.jpeg import codec
 
-    stand_in = common.pil_jpeg_module()
+    pil = codec("pillow")
     image = synthetic_image(0, 3, 2)  # ~500x320, as the synthetic set's sources
     for sub in ("420", "444"):
-        data = stand_in.encode_jpeg(image, quality=90, colorspace="RGB", colorsubsampling=sub)
-        assert stand_in.decode_jpeg_header(data) == simplejpeg.decode_jpeg_header(data)
-        assert np.array_equal(stand_in.decode_jpeg(data), simplejpeg.decode_jpeg(data, colorspace="RGB"))
-        small = stand_in.decode_jpeg(data, colorspace="RGB", min_height=100, min_width=100)  # a DCT-scaled decode
+        data = pil.encode_jpeg(image, quality=90, colorspace="RGB", colorsubsampling=sub)
+        assert pil.decode_jpeg_header(data) == simplejpeg.decode_jpeg_header(data)
+        assert np.array_equal(pil.decode_jpeg(data), simplejpeg.decode_jpeg(data, colorspace="RGB"))
+        small = pil.decode_jpeg(data, colorspace="RGB", min_height=100, min_width=100)  # a DCT-scaled decode
         assert 100 <= small.shape[0] < image.shape[0] and small.shape[1] >= 100 and small.flags.writeable
-    gray = stand_in.encode_jpeg(image[..., :1], colorspace="GRAY")
-    assert stand_in.decode_jpeg_header(gray)[2:] == ("Gray", "Gray") and stand_in.decode_jpeg(gray).shape[2] == 3
+    for name in ("pillow", "simplejpeg"):  # the synthetic set's encoder takes the codec by name
+        data = synthetic_jpeg(0, 3, 2, codec=name)
+        assert simplejpeg.decode_jpeg_header(data) == (*image.shape[:2], "YCbCr", "420")
     for bad in (data[: len(data) // 2], b"not a jpeg"):  # simplejpeg's error type, which data_prep catches
         with pytest.raises(ValueError):
-            stand_in.decode_jpeg(bad)
+            pil.decode_jpeg(bad)
 
 
 _PREPARE_WITHOUT_FFCV_OR_SIMPLEJPEG = """
 import json, sys
 from pathlib import Path
 import numpy as np
-sys.modules["simplejpeg"] = None  # as on the GPU image: neither is installed
+sys.modules["simplejpeg"] = None  # as on the GPU image: neither is installed (a fresh interpreter: no leak)
 sys.modules["ffcv"] = None
+import data_prep.images
 import data_prep.synthetic as synthetic
 synthetic.default_histogram = lambda: np.array([6, 3, 2])  # 11 images
-from lfme_fast.bench.common import jpeg_codec_fallback
 from lfme_fast.bench.loader import dataset_stats, prepare_synthetic
+from lfme_fast.jpeg import codec
 root = prepare_synthetic(1.0, Path(sys.argv[1]))
-with jpeg_codec_fallback():
-    stats = dataset_stats(root, "train")
-print(json.dumps({"root": str(root), "manifest": json.loads((root / "manifest.json").read_text()), "stats": stats}))
+stats = dataset_stats(root, "train")  # the header reads take the "auto" codec: Pillow here
+print(json.dumps({"root": str(root), "manifest": json.loads((root / "manifest.json").read_text()), "stats": stats,
+                  "codec": codec("auto").name, "images_module_has_simplejpeg": hasattr(data_prep.images, "simplejpeg"),
+                  "simplejpeg_still_absent": sys.modules["simplejpeg"] is None}))
 """
 
 
 def test_prepare_synthetic_without_ffcv_or_simplejpeg(tmp_path):
-    # a fresh interpreter: data_prep.images must first be imported with simplejpeg absent
+    # a fresh interpreter: nothing of this process's simplejpeg is there
     proc = subprocess.run([sys.executable, "-c", _PREPARE_WITHOUT_FFCV_OR_SIMPLEJPEG, str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     root = Path(res["root"])
     assert res["manifest"]["formats"] == ["wds"] and not (root / "ffcv").exists()  # only what can be written
+    assert res["manifest"]["writer"]["jpeg_codec"] == "pillow" and root.name == "synthetic_lt_scale1_pillow"
+    assert res["codec"].startswith("Pillow ") and res["simplejpeg_still_absent"]
+    assert not res["images_module_has_simplejpeg"]  # data_prep.images binds no stand-in module
     assert res["stats"]["num_images"] == 11 and res["stats"]["stored_max_side"] == 256
     from PIL import Image
 
@@ -396,6 +514,38 @@ def test_prepare_synthetic_without_ffcv_or_simplejpeg(tmp_path):
     reader = ShardReader(root, "train")
     with Image.open(io.BytesIO(bytes(reader.get_bytes(0)))) as img:  # real JPEGs, stored at max side 256
         assert img.format == "JPEG" and max(img.size) == 256
+
+
+def test_prepare_synthetic_keys_its_cache_on_the_jpeg_codec(tmp_path, monkeypatch):
+    """A Pillow-made synthetic set is never reused as a simplejpeg one, nor one that records no codec."""
+    pytest.importorskip("simplejpeg")
+    import data_prep.synthetic as synthetic
+    from lfme_fast.bench import loader
+    from lfme_fast.shards import load_manifest
+
+    monkeypatch.setattr(synthetic, "default_histogram", lambda: np.array([4, 2, 1]))  # 7 images
+    monkeypatch.setattr(common, "package_available", lambda name: False)  # no beton: quicker
+
+    def missing():
+        raise ImportError("no simplejpeg (test)")
+
+    with monkeypatch.context() as m:
+        from lfme_fast import jpeg
+
+        m.setattr(jpeg, "load_simplejpeg", missing)
+        pil_root = loader.prepare_synthetic(1.0, tmp_path)
+    assert pil_root.name.endswith("_pillow") and load_manifest(pil_root)["writer"]["jpeg_codec"] == "pillow"
+    root = loader.prepare_synthetic(1.0, tmp_path)
+    assert root != pil_root and load_manifest(root)["writer"]["jpeg_codec"] == "simplejpeg"
+    manifest_path = root / "manifest.json"
+    stamp = manifest_path.stat().st_mtime_ns
+    assert loader.prepare_synthetic(1.0, tmp_path) == root and manifest_path.stat().st_mtime_ns == stamp  # reused
+    # a set cached before the codec was recorded (perhaps Pillow-made) is prepared again
+    old = json.loads(manifest_path.read_text())
+    old["writer"].pop("jpeg_codec")
+    manifest_path.write_text(json.dumps(old))
+    assert loader.prepare_synthetic(1.0, tmp_path) == root
+    assert load_manifest(root)["writer"]["jpeg_codec"] == "simplejpeg"
 
 
 # ---- the CBD step rows ---------------------------------------------------------------------------

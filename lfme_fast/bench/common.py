@@ -1,17 +1,16 @@
 """Shared benchmark plumbing: machine/version description, atomic JSON results, process isolation
-with a time limit, and a JPEG codec fallback for machines without ``simplejpeg``."""
+with a time limit, and optional-package look-ups. (The JPEG codec a benchmark uses where simplejpeg is
+missing is chosen explicitly: :mod:`lfme_fast.jpeg`.)"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from lfme_fast.io import atomic_write_text
 
@@ -65,6 +64,17 @@ def write_result(path: str | os.PathLike | None, result: dict[str, Any], *, echo
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text + "\n")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: its start time in ``/proc/self/stat`` against
+    ``/proc/uptime``, to 10 ms); 0.0 where that cannot be read."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def repeat_timing(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -151,6 +161,13 @@ def run_isolated(fn: Callable[..., Any], *args: Any, isolate: bool = True, timeo
     ``exit_grace_s`` to exit before it is killed the same way (a CUDA or DALI teardown that hangs).
     Without ``isolate`` no limit can be enforced: ``fn`` runs to its end in this process. ``label``
     names the measurement in the errors (default: ``fn``'s name).
+
+    How nothing is left behind: the child starts a process group of its own (``os.setsid``), which the
+    processes it starts inherit, and a kill signals that whole group (:func:`_kill_tree`) — a worker
+    forked a moment before the kill is in it too. Any way out of this function (an error, a
+    ``KeyboardInterrupt``, a ``SystemExit`` raised by a SIGTERM handler as the GPU script installs) kills
+    the child's group before it returns; and the child dies with this process (Linux's parent-death
+    signal), so even a SIGKILL here does not leave it holding a GPU.
     """
     if not isolate:
         return fn(*args)
@@ -164,7 +181,8 @@ def run_isolated(fn: Callable[..., Any], *args: Any, isolate: bool = True, timeo
     # A plain Process rather than a ProcessPoolExecutor: a pool cannot kill its worker on a timeout,
     # and its shutdown waits on the worker; here the parent owns the process and can always reap it.
     # daemon=False: a measurement's loader starts worker processes, which a daemonic process may not.
-    proc = ctx.Process(target=_child_main, args=(writer, fn, args), name=f"lfme-bench-{name}", daemon=False)
+    proc = ctx.Process(target=_child_main, args=(writer, fn, args, os.getpid()), name=f"lfme-bench-{name}",
+                       daemon=False)
     try:
         proc.start()
     except Exception as exc:  # e.g. an argument that cannot be pickled
@@ -182,6 +200,8 @@ def run_isolated(fn: Callable[..., Any], *args: Any, isolate: bool = True, timeo
         try:
             status, payload = reader.recv()
         except (EOFError, OSError):
+            wait([proc.sentinel], timeout=exit_grace_s)
+            _kill_tree(proc)  # before it is reaped: the workers it leaves are still in its group
             proc.join(timeout=exit_grace_s)
             raise IsolatedError(f"{name}: its process died without answering (exit code {proc.exitcode})") from None
         answered = True
@@ -189,37 +209,93 @@ def run_isolated(fn: Callable[..., Any], *args: Any, isolate: bool = True, timeo
         reader.close()
         if not answered or wait([proc.sentinel], timeout=exit_grace_s) == []:
             _kill_tree(proc)  # no answer (an error on the way) or a hung exit: nothing of it may linger
+        else:
+            _kill_tree(proc, group_only=True)  # it exited: a worker it left behind in its group may not linger
         proc.join(timeout=exit_grace_s)
     if status == "error":
         raise payload
     return payload
 
 
-def _kill_tree(proc: Any) -> int:
-    """SIGKILL ``proc`` (a started, not yet reaped :class:`multiprocessing.Process`) and its descendants;
-    returns how many processes were signalled. The descendants are listed before the child dies (they
-    are re-parented after), the child is killed before them (it cannot start more meanwhile)."""
+def _kill_tree(proc: Any, group_only: bool = False) -> int:
+    """SIGKILL ``proc`` (a started :class:`multiprocessing.Process` of :func:`run_isolated`), its
+    process group and its descendants; returns how many processes were signalled.
+
+    The group (the child's own, made by ``os.setsid`` in :func:`_child_main`) is killed with one
+    ``killpg``: that also reaches a worker forked after any listing. It is signalled only while the
+    child is not yet reaped (alive or a zombie), so its pid, which names the group, cannot have been
+    reused, and only when the child leads its group — never the caller's group (a child that has not
+    reached its ``setsid`` yet is still in the caller's). Descendants listed from ``/proc`` that left
+    the group (a ``setsid`` of their own) are killed one by one. ``group_only``: a child known to have
+    exited; only what remains of its group is killed.
+    """
     import signal
 
-    if proc.pid is None or proc.exitcode is not None:
-        return 0
+    pid = proc.pid
+    if pid is None or not _unreaped(pid):
+        return 0  # never started, or reaped: its pid may name another process (or group) by now
+    members = set(_group_members(pid)) if not group_only else set()
     try:
-        descendants = child_pids(proc.pid)
-    except OSError:  # no /proc: the child alone (a DataLoader worker exits when its parent dies)
+        descendants = [] if group_only else child_pids(pid)
+    except OSError:  # no /proc: the group kill below still reaches the workers
         descendants = []
-    proc.kill()
-    for pid in descendants:
+    try:
+        own_group = os.getpgid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        own_group = False
+    if own_group:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass  # already gone
-    return 1 + len(descendants)
+            pass  # the group is gone already
+    if group_only:
+        return 0
+    proc.kill()  # a child still in the caller's group (killed before its setsid)
+    for d in descendants:
+        if d not in members:
+            try:
+                os.kill(d, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+    return len(members | set(descendants) | {pid})
 
 
-def _child_main(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
-    """Entry point of :func:`run_isolated`'s process: send ``("ok", result)`` or ``("error", IsolatedError)``."""
+def _unreaped(pid: int) -> bool:
+    """Whether ``pid`` is still an unreaped child of this process (running, or exited but not waited
+    for); asked without reaping it."""
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (from ``/proc/*/stat``; empty without ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if len(fields) > 2 and fields[2] == str(pgid):
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _child_main(conn: Any, fn: Callable[..., Any], args: tuple, parent_pid: int | None = None) -> None:
+    """Entry point of :func:`run_isolated`'s process: send ``("ok", result)`` or ``("error", IsolatedError)``.
+
+    First it leads a process group of its own (the processes it starts join it: :func:`_kill_tree` kills
+    them all with one signal) and asks to be killed when ``parent_pid`` dies (Linux only)."""
     import traceback
 
+    try:
+        os.setsid()
+    except OSError:  # already a group leader (not when started by run_isolated): killed by pid alone
+        pass
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     try:
         payload: tuple[str, Any] = ("ok", _call_reporting(fn, *args))
     except IsolatedError as exc:
@@ -233,6 +309,22 @@ def _child_main(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
                                           f"({type(exc).__name__}: {exc})", traceback.format_exc())))
     finally:
         conn.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``; Linux only, else nothing):
+    a measurement must not outlive a benchmark killed from outside, whatever the signal."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # not Linux / no prctl
+        return
+    if os.getppid() != parent_pid:  # the parent died before the prctl: nobody will signal
+        os._exit(1)
 
 
 class IsolatedError(RuntimeError):
@@ -375,7 +467,7 @@ def gpu_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Optional packages, and a JPEG codec for machines without simplejpeg (the GPU benchmark's image)
+# Optional packages
 # --------------------------------------------------------------------------------------------------
 
 def package_available(name: str) -> bool:
@@ -387,143 +479,3 @@ def package_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):  # a parent package is absent, or a module without a spec
         return False
-
-
-#: Marks the stand-in module of :func:`pil_jpeg_module` (``simplejpeg.LFME_PIL_FALLBACK``).
-_FALLBACK_FLAG = "LFME_PIL_FALLBACK"
-_ABSENT = object()
-
-#: simplejpeg's chroma subsampling names -> Pillow's ``subsampling`` values.
-_PIL_SUBSAMPLING = {"444": 0, "422": 1, "420": 2}
-_SUBSAMPLING_NAMES = {-1: "Gray", 0: "444", 1: "422", 2: "420"}
-
-
-def pil_jpeg_module():
-    """A stand-in ``simplejpeg`` module built on Pillow (which bundles libjpeg-turbo as well).
-
-    It answers the three calls this project makes — ``encode_jpeg``, ``decode_jpeg_header`` and
-    ``decode_jpeg`` (RGB / BGR / GRAY, chroma subsampling 444/422/420, ``min_height``/``min_width``
-    through Pillow's DCT-scaled ``draft`` decode) — with simplejpeg's signatures and its ``ValueError``
-    on bad data. Why: the data preparation and the JPEG header reads import simplejpeg, which a fixed
-    GPU image may lack; with this the GPU benchmark can still prepare its synthetic set and run the
-    ``torch`` loader (which decodes with Pillow anyway). It is only installed by
-    :func:`jpeg_codec_fallback`, never behind a benchmark that measures simplejpeg itself.
-    """
-    import io
-    import types
-
-    import numpy as np
-    import PIL
-    from PIL import Image, JpegImagePlugin
-
-    def _open(data: Any):
-        try:
-            img = Image.open(io.BytesIO(bytes(data)))
-        except Exception as exc:  # Pillow's UnidentifiedImageError / OSError -> simplejpeg's ValueError
-            raise ValueError(f"not a readable JPEG ({exc})") from None
-        if img.format != "JPEG":
-            img.close()
-            raise ValueError(f"not a JPEG (Pillow reads it as {img.format})")
-        return img
-
-    def encode_jpeg(image, quality: int = 85, colorspace: str = "RGB", colorsubsampling: str = "444",
-                    fastdct: bool = True, **_ignored: Any) -> bytes:
-        arr = np.ascontiguousarray(image, dtype=np.uint8)
-        space = colorspace.upper()
-        if space == "GRAY" or arr.ndim == 2:
-            img = Image.fromarray(arr.reshape(arr.shape[0], arr.shape[1]))  # uint8 HxW: mode L
-        elif space in ("RGB", "BGR") and arr.ndim == 3 and arr.shape[2] == 3:
-            img = Image.fromarray(np.ascontiguousarray(arr[..., ::-1]) if space == "BGR" else arr)  # mode RGB
-        else:
-            raise ValueError(f"colorspace {colorspace!r} with shape {arr.shape}: the Pillow fallback writes "
-                             "HxWx3 RGB or BGR, or GRAY")
-        options: dict[str, Any] = {"quality": int(quality)}
-        if img.mode == "RGB":
-            if colorsubsampling not in _PIL_SUBSAMPLING:
-                raise ValueError(f"colorsubsampling {colorsubsampling!r}: the Pillow fallback writes "
-                                 f"{', '.join(_PIL_SUBSAMPLING)}")
-            options["subsampling"] = _PIL_SUBSAMPLING[colorsubsampling]
-        out = io.BytesIO()
-        img.save(out, "JPEG", **options)
-        return out.getvalue()
-
-    def _scale(img, min_height: int, min_width: int) -> None:
-        if min_height > 0 or min_width > 0:  # the smallest DCT scale (1/2, 1/4, 1/8) still covering both
-            img.draft(None, (max(1, int(min_width)), max(1, int(min_height))))
-
-    def decode_jpeg_header(data, min_height: int = 0, min_width: int = 0, min_factor: float = 1.0,
-                           strict: bool = True):
-        with _open(data) as img:
-            _scale(img, min_height, min_width)
-            width, height = img.size
-            space = {"L": "Gray", "CMYK": "CMYK"}.get(img.mode, "YCbCr")
-            sampling = _SUBSAMPLING_NAMES.get(JpegImagePlugin.get_sampling(img), "unknown")
-        return height, width, space, "Gray" if space == "Gray" else sampling
-
-    def decode_jpeg(data, colorspace: str = "RGB", fastdct: bool = False, fastupsample: bool = False,
-                    min_height: int = 0, min_width: int = 0, min_factor: float = 1.0, buffer: Any = None,
-                    strict: bool = True):
-        space = colorspace.upper()
-        with _open(data) as img:
-            _scale(img, min_height, min_width)
-            try:
-                img.load()  # a truncated scan raises here (Pillow's LOAD_TRUNCATED_IMAGES is off by default)
-            except Exception as exc:
-                raise ValueError(f"JPEG does not decode ({exc})") from None
-            if space == "GRAY":
-                return np.array(img.convert("L"))[..., None]
-            if space not in ("RGB", "BGR"):
-                raise ValueError(f"colorspace {colorspace!r}: the Pillow fallback decodes to RGB, BGR or GRAY")
-            rgb = np.array(img.convert("RGB"))  # np.array: a writable copy, as simplejpeg returns
-        return np.ascontiguousarray(rgb[..., ::-1]) if space == "BGR" else rgb
-
-    import importlib.machinery
-
-    mod = types.ModuleType("simplejpeg", "Stand-in for simplejpeg on Pillow (lfme_fast.bench.common.pil_jpeg_module)")
-    mod.__spec__ = importlib.machinery.ModuleSpec("simplejpeg", None)
-    mod.__version__ = f"Pillow {PIL.__version__} fallback"
-    mod.encode_jpeg, mod.decode_jpeg_header, mod.decode_jpeg = encode_jpeg, decode_jpeg_header, decode_jpeg
-    setattr(mod, _FALLBACK_FLAG, True)
-    return mod
-
-
-@contextlib.contextmanager
-def jpeg_codec_fallback(active: bool | None = None) -> Iterator[Any]:
-    """Within the block, ``import simplejpeg`` gives :func:`pil_jpeg_module`'s stand-in when
-    ``active`` (None: when simplejpeg is not installed); the previous state is restored after.
-
-    Modules that import simplejpeg at their top while the block runs (``data_prep.images``) keep the
-    stand-in; a function that imports it when called needs the block around the call. Yields the
-    stand-in, or None when nothing was installed.
-    """
-    if active is None:
-        active = not package_available("simplejpeg")
-    if not active:
-        yield None
-        return
-    previous = sys.modules.get("simplejpeg", _ABSENT)
-    module = pil_jpeg_module()
-    sys.modules["simplejpeg"] = module
-    try:
-        yield module
-    finally:
-        if sys.modules.get("simplejpeg") is module:
-            if previous is _ABSENT:
-                del sys.modules["simplejpeg"]
-            else:
-                sys.modules["simplejpeg"] = previous
-
-
-def jpeg_codec() -> str:
-    """What ``import simplejpeg`` gives here: its version, the Pillow stand-in, or 'not installed'."""
-    module = sys.modules.get("simplejpeg")
-    if module is not None and getattr(module, _FALLBACK_FLAG, False):
-        return f"{module.__version__} (simplejpeg is not installed)"
-    if not package_available("simplejpeg"):
-        return "not installed"
-    try:
-        import simplejpeg
-
-        return f"simplejpeg {getattr(simplejpeg, '__version__', 'unknown')}"
-    except Exception as exc:  # installed but broken: say how
-        return f"simplejpeg does not import ({type(exc).__name__}: {exc})"

@@ -23,21 +23,26 @@ Sized to finish within 8 minutes on one H100/H200-class GPU, it writes ``results
    (:mod:`lfme_fast.bench.compile`). Last, as the part the budget may skip; ``--sections compile``
    runs it alone.
 
-Staying within the time: ``--budget-s`` (default 450) is when the last part may start, counted from the
-script's start with the dataset preparation; a part starts only if its reserve (a guess of its length:
-``Sizes.*_reserve_s``) still fits, else it is recorded as skipped. Each part runs in its own process
-with a time limit of the budget left plus ``--part-margin-s`` (default 20), and at most
-``--part-limit-s`` (default 240, so that a part hanging early leaves time for the others); past it the
-process and the processes it started are killed, the part is recorded with ``"timed_out": true`` and
-the script goes on. So the script ends by about budget + margin (470 s). The JSON is rewritten (atomically)
-after every part, with ``"status"`` saying whether the run got to its end: a run killed from outside
-keeps what it finished.
+Staying within the time: ``--budget-s`` (default 430) is when the last part may start, counted from the
+start of the process (Python's start-up and the torch import count, and so does the dataset
+preparation); a part starts only if its reserve (a guess of its length: ``Sizes.*_reserve_s``) still
+fits, else it is recorded as skipped. Each part runs in its own process with a time limit of the budget
+left plus ``--part-margin-s`` (default 20), and at most ``--part-limit-s`` (default 240, so that a part
+hanging early leaves time for the others); past it the process and its process group (the processes it
+started) are killed, the part is recorded with ``"timed_out": true`` and the script goes on. A part that
+answers gets 5 s to exit and the reaping 5 s more, so the script ends by about budget + margin + 10 s
+(460 s), within 8 minutes. The JSON is rewritten (atomically) after every part, with ``"status"`` saying
+whether the run got to its end. A SIGTERM (an outer ``timeout``) ends the script as an exit would: the
+running part's processes are killed, and the JSON keeps what it finished with a ``"status"`` saying it
+was stopped; a part's process also dies with the script (Linux's parent-death signal) if that is killed
+outright.
 
 Missing packages: a back end whose package is not installed (``nvidia.dali``, ``ffcv``) gets
 ``{"skipped": "needs <package> ..."}`` rows and the other parts run. The synthetic set is prepared
-without the ffcv beton when ffcv is absent, and with Pillow encoding and decoding its JPEGs when
-simplejpeg is absent (:func:`~lfme_fast.bench.common.jpeg_codec_fallback`; ``config.jpeg_codec``
-records which). A part that fails records its error; nothing stops the script.
+without the ffcv beton when ffcv is absent, and its JPEGs are encoded, checked and their headers read by
+the ``"auto"`` JPEG codec (:func:`lfme_fast.jpeg.codec`: simplejpeg, else Pillow); ``config.jpeg_codec``
+records which, as does the set's manifest (``writer.jpeg_codec``). A part that fails records its error;
+nothing stops the script.
 
 Timing: epochs and steps use CUDA events after warm-up (:class:`~lfme_fast.bench.common.Stopwatch`);
 the host waits of the data-wait fraction are wall clock. GPU name, driver, CUDA, cuDNN, torch and
@@ -62,21 +67,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lfme_fast import jpeg
 from lfme_fast.bench.common import (
     IsolatedTimeout,
     error_record,
     gpu_info,
-    jpeg_codec,
-    jpeg_codec_fallback,
     machine_info,
     package_available,
+    process_age_s,
     run_isolated,
     write_result,
 )
 from lfme_fast.bench.epoch import EpochConfig, build_training_loader, measure_backend, timed_loop
 
-__all__ = ["Sizes", "GPU_SIZES", "FALLBACK_SIZES", "PartSetup", "BACKEND_PACKAGES", "backend_unavailable",
-           "measure_decode", "run", "main"]
+__all__ = ["Sizes", "GPU_SIZES", "FALLBACK_SIZES", "PartSetup", "BACKEND_PACKAGES", "BUDGET_S", "Terminated",
+           "backend_unavailable", "measure_decode", "run", "main"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,10 @@ BACKEND_PACKAGES = {"dali": "nvidia.dali", "ffcv": "ffcv"}
 #: Default margin past the budget that a running part gets before it is killed (seconds).
 PART_MARGIN_S = 20.0
 
+#: Default budget (seconds from the process's start) after which no part starts: with the margin and a
+#: part's exit grace (5 s to exit, 5 s to reap) the script ends by about 460 s, within 8 minutes.
+BUDGET_S = 430.0
+
 #: Recorded with each ``dali@hw<load>`` row (and shortened into its ``output`` text, which the page shows).
 HW_DECODER_NOTE = ("our DALI pipeline decodes a region of interest (fn.decoders.image_slice); DALI's docs for "
                    "older releases say ROI decoding does not use the hardware JPEG decoder, so identical dali@hw0 "
@@ -174,7 +183,6 @@ class PartSetup:
     """What each part's process sets before it measures (picklable: it crosses into that process)."""
 
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark, as a GPU training sets it
-    jpeg_fallback: bool = False  # the parent found no simplejpeg: the Pillow stand-in (common.jpeg_codec_fallback)
 
 
 def _part(setup: PartSetup, fn: Callable[..., Any], *args: Any) -> Any:
@@ -184,9 +192,7 @@ def _part(setup: PartSetup, fn: Callable[..., Any], *args: Any) -> Any:
     if setup.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     try:
-        # None: still install the stand-in if this process lacks simplejpeg (it would fail otherwise)
-        with jpeg_codec_fallback(True if setup.jpeg_fallback else None):
-            return fn(*args)
+        return fn(*args)
     finally:
         torch.backends.cudnn.benchmark = previous
 
@@ -250,7 +256,7 @@ def _step_costs(device: str, sizes: Sizes) -> dict[str, Any]:
 
 
 def run(root: Path | None, *, device: str, sizes: Sizes, backends: Sequence[str], archs: Sequence[str],
-        sections: Sequence[str], workers: int = 0, isolate: bool = True, budget_s: float = 450.0,
+        sections: Sequence[str], workers: int = 0, isolate: bool = True, budget_s: float = BUDGET_S,
         log: Callable[[str], None] = print, dali_hw_loads: Sequence[float] = (),
         margin_s: float = PART_MARGIN_S, part_limit_s: float | None = None, setup: PartSetup = PartSetup(),
         checkpoint: Callable[[dict[str, Any]], None] | None = None, root_error: str | None = None) -> dict[str, Any]:
@@ -328,10 +334,38 @@ def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return error_record(exc)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: see the module docstring and ``--help``."""
+class Terminated(SystemExit):
+    """What a SIGTERM raises in :func:`main` (exit status 128 + 15): an exit, so that every ``finally`` on
+    the way out runs — the running part's processes are killed and the JSON says the run was stopped."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None, *, started_s: float | None = None) -> None:
+    """Command line: see the module docstring and ``--help``.
+
+    ``started_s``: the ``time.perf_counter()`` reading the budget counts from; None (the script): the
+    start of this process, so that Python's start-up and the torch import count."""
+    import signal
+    import threading
+
+    if started_s is None:
+        started_s = time.perf_counter() - process_age_s()
+    installed = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if installed else None
+    try:
+        _main(argv, started_s)
+    finally:
+        if installed:  # as it was (the tests call main in their own process)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv: Sequence[str] | None, t0: float) -> None:
     from lfme_fast.bench.loader import DEFAULT_CACHE, dataset_stats, prepare_synthetic
 
+    startup_s = time.perf_counter() - t0
     p = argparse.ArgumentParser(prog="python -m lfme_fast.bench gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="prepared dataset dir (default: a synthetic set in --cache)")
@@ -350,9 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dali-hw-loads", default=None,
                    help="DALI decode again at these hw_decoder_load values (default 0,1 on a GPU, 0 in the CPU "
                         "fallback, where it only shows that the option reaches the loader; '' for none)")
-    p.add_argument("--budget-s", type=float, default=450.0,
-                   help="start no part after this many seconds from the script's start, dataset preparation "
-                        "included (default 450)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help="start no part after this many seconds from the process's start, Python's start-up, the "
+                        f"torch import and the dataset preparation included (default {BUDGET_S:g})")
     p.add_argument("--part-margin-s", type=float, default=PART_MARGIN_S,
                    help=f"a running part is killed this long after the budget's end (default {PART_MARGIN_S:g}: "
                         "the run ends within 8 minutes)")
@@ -365,37 +399,38 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="default results/bench_gpu.json (rewritten after every part)")
     args = p.parse_args(argv)
 
-    t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu_fallback
     sizes = GPU_SIZES if cuda else FALLBACK_SIZES
     device = "cuda" if cuda else "cpu"
     scale = args.scale if args.scale is not None else sizes.scale
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
-    # looked up before the JPEG stand-in is installed (it makes simplejpeg importable)
-    packages = {name: package_available(name) for name in ("nvidia.dali", "ffcv", "simplejpeg")}
-    setup = PartSetup(cudnn_benchmark=cuda, jpeg_fallback=not packages["simplejpeg"])
-    with jpeg_codec_fallback(setup.jpeg_fallback):  # the parent reads JPEG headers too (dataset_stats)
-        result: dict[str, Any] = {
-            "benchmark": "gpu",
-            "device": "cuda" if cuda else "cpu-fallback",
-            "status": "running: this file is rewritten after every part; a run stopped from outside leaves "
-                      "the parts it finished",
-            "note": None if cuda else "CPU fallback at tiny sizes: shows the script runs; measures nothing about a GPU",
-            "gpu": _guarded(gpu_info), "machine": _guarded(machine_info),
-            "config": {**dataclasses.asdict(sizes), "precision": "bf16 autocast, channels_last" if cuda else "fp32",
-                       "augment": "RandomResizedCrop + flip + normalise",
-                       "sampler": "ClassBalancedSampler(4 per class)", "cudnn_benchmark": setup.cudnn_benchmark,
-                       "workers": args.workers or os.cpu_count(), "budget_s": args.budget_s,
-                       "part_margin_s": args.part_margin_s, "isolated": not args.no_isolate,
-                       **({"part_limit_s": args.part_limit_s} if args.part_limit_s is not None else {}),
-                       "jpeg_codec": jpeg_codec(),
-                       "packages": packages},
-            "dataset": None,
-        }
+    codec = jpeg.codec("auto")  # what the synthetic set and the header reads use here
+    packages = {"nvidia.dali": package_available("nvidia.dali"), "ffcv": package_available("ffcv"),
+                "simplejpeg": codec.kind == "simplejpeg"}
+    setup = PartSetup(cudnn_benchmark=cuda)
+    result: dict[str, Any] = {
+        "benchmark": "gpu",
+        "device": "cuda" if cuda else "cpu-fallback",
+        "status": "running: this file is rewritten after every part; a run stopped from outside leaves "
+                  "the parts it finished",
+        "note": None if cuda else "CPU fallback at tiny sizes: shows the script runs; measures nothing about a GPU",
+        "gpu": _guarded(gpu_info), "machine": _guarded(machine_info),
+        "config": {**dataclasses.asdict(sizes), "precision": "bf16 autocast, channels_last" if cuda else "fp32",
+                   "augment": "RandomResizedCrop + flip + normalise",
+                   "sampler": "ClassBalancedSampler(4 per class)", "cudnn_benchmark": setup.cudnn_benchmark,
+                   "workers": args.workers or os.cpu_count(), "budget_s": args.budget_s,
+                   "part_margin_s": args.part_margin_s, "isolated": not args.no_isolate,
+                   **({"part_limit_s": args.part_limit_s} if args.part_limit_s is not None else {}),
+                   "jpeg_codec": codec.name,
+                   "packages": packages},
+        "startup_s": round(startup_s, 2),  # from the budget's start to here (Python start-up, imports)
+        "dataset": None,
+    }
 
-        def save(echo: bool = False) -> None:
-            write_result(args.json_out, {**result, "wall_s": time.perf_counter() - t0}, echo=echo)
+    def save(echo: bool = False) -> None:
+        write_result(args.json_out, {**result, "wall_s": time.perf_counter() - t0}, echo=echo)
 
+    try:
         save()  # from here on a kill leaves a JSON saying how far the run got
         root: Path | None = args.data
         root_error = None
@@ -424,9 +459,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     checkpoint=checkpoint, root_error=root_error,
                     dali_hw_loads=[float(x) for x in split(args.dali_hw_loads if args.dali_hw_loads is not None
                                                            else ("0,1" if cuda else "0"))])
-        result.update(parts)
-        result["status"] = "complete"
-        save(echo=True)
+    except Terminated:  # the running part's processes were killed on the way here (run_isolated's finally)
+        result["status"] = (f"stopped by SIGTERM after {time.perf_counter() - t0:.0f} s: the parts it finished "
+                            "are here")
+        print(f"[bench gpu] {result['status']}", flush=True)
+        save()
+        raise
+    result.update(parts)
+    result["status"] = "complete"
+    save(echo=True)
 
 
 if __name__ == "__main__":

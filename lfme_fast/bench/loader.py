@@ -81,35 +81,38 @@ def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) ->
 
     Writes the webdataset shards always and the ffcv beton only when ffcv is installed (the manifest's
     ``formats`` says which were written; a set cached without the beton gets it once ffcv is there).
-    Without simplejpeg the JPEGs are encoded and decoded by Pillow
-    (:func:`~lfme_fast.bench.common.jpeg_codec_fallback`), so that a machine with neither, such as the
-    fixed GPU image, can still prepare the set the ``torch`` back end reads.
+    The JPEGs are encoded and checked by the ``"auto"`` JPEG codec (:func:`lfme_fast.jpeg.codec`:
+    simplejpeg, else Pillow), so that a machine with neither simplejpeg nor ffcv, such as the fixed GPU
+    image, can still prepare the set the ``torch`` back end reads. The codec is part of the cache key: a
+    Pillow-made set lives in its own ``..._pillow`` folder, and a cached set is reused only when its
+    manifest records the same codec (``writer.jpeg_codec``; a set that records none is prepared again).
     """
     import json
 
-    from lfme_fast.bench.common import jpeg_codec_fallback, package_available
+    from data_prep.cli import DEFAULTS
+    from data_prep.images import EncodeSettings
+    from data_prep.pipeline import PrepOptions, prepare
+    from data_prep.sources import synthetic_dataset
+    from lfme_fast.bench.common import package_available
+    from lfme_fast.jpeg import codec
 
-    # data_prep.images imports simplejpeg when first imported: inside the block it binds the stand-in
-    # when simplejpeg is absent, and keeps it after the block
-    with jpeg_codec_fallback():
-        from data_prep.cli import DEFAULTS
-        from data_prep.images import EncodeSettings
-        from data_prep.pipeline import PrepOptions, prepare
-        from data_prep.sources import synthetic_dataset
-
-        d = DEFAULTS["synthetic-lt"]
-        max_side = d["max_side"] if max_side is None else int(max_side)
-        suffix = "" if max_side == d["max_side"] else f"_maxside{max_side}"
-        out = cache / f"synthetic_lt_scale{scale:g}{suffix}"
-        formats = ("wds", "ffcv") if package_available("ffcv") else ("wds",)
-        if (out / "manifest.json").exists():
-            done = json.loads((out / "manifest.json").read_text()).get("formats", ["wds", "ffcv"])
-            if set(formats) <= set(done):
-                return out
-        source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
-        settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"])
-        prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"],
-                                          formats=formats))
+    d = DEFAULTS["synthetic-lt"]
+    max_side = d["max_side"] if max_side is None else int(max_side)
+    jpeg_codec = codec("auto").kind  # resolved once: the folder, the check and the preparation agree
+    suffix = ("" if max_side == d["max_side"] else f"_maxside{max_side}") + \
+        ("" if jpeg_codec == "simplejpeg" else f"_{jpeg_codec}")
+    out = cache / f"synthetic_lt_scale{scale:g}{suffix}"
+    formats = ("wds", "ffcv") if package_available("ffcv") else ("wds",)
+    if (out / "manifest.json").exists():
+        manifest = json.loads((out / "manifest.json").read_text())
+        done = manifest.get("formats", ["wds", "ffcv"])
+        if set(formats) <= set(done) and manifest.get("writer", {}).get("jpeg_codec") == jpeg_codec:
+            return out
+    source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
+    settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"],
+                              codec=jpeg_codec)
+    prepare(source, out, PrepOptions(settings=settings, shard_size=d["shard_size"], write_mode=d["write_mode"],
+                                     formats=formats))
     return out
 
 
