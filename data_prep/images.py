@@ -57,10 +57,15 @@ class EncodeSettings:
             raise ValueError(f"EncodeSettings.codec must be one of {jpeg.CODECS}, got {self.codec!r}")
 
     def to_json(self) -> dict:
-        """The settings as the manifest's ``writer`` (and the shards' fingerprints) record them; ``jpeg_codec``
-        is the codec resolved here (``"simplejpeg"`` or ``"pillow"``, never ``"auto"``)."""
-        return {"max_side": self.max_side, "quality": self.quality, "subsampling": self.subsampling,
-                "jpeg_codec": jpeg.codec(self.codec).kind}
+        """The settings as the manifest's ``writer`` (and the shards' fingerprints) record them, with
+        ``jpeg_codec`` (the codec resolved here, never ``"auto"``) only when it is not simplejpeg:
+        simplejpeg wrote every dataset before the codec was a choice, so their fingerprints stay valid
+        and a dataset that records no codec was written by simplejpeg."""
+        out = {"max_side": self.max_side, "quality": self.quality, "subsampling": self.subsampling}
+        kind = jpeg.codec(self.codec).kind
+        if kind != "simplejpeg":
+            out["jpeg_codec"] = kind
+        return out
 
 
 @dataclass(frozen=True)

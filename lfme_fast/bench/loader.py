@@ -85,7 +85,8 @@ def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) ->
     simplejpeg, else Pillow), so that a machine with neither simplejpeg nor ffcv, such as the fixed GPU
     image, can still prepare the set the ``torch`` back end reads. The codec is part of the cache key: a
     Pillow-made set lives in its own ``..._pillow`` folder, and a cached set is reused only when its
-    manifest records the same codec (``writer.jpeg_codec``; a set that records none is prepared again).
+    manifest records the same codec (``writer.jpeg_codec``; a set that records none was written by
+    simplejpeg).
     """
     import json
 
@@ -106,7 +107,7 @@ def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) ->
     if (out / "manifest.json").exists():
         manifest = json.loads((out / "manifest.json").read_text())
         done = manifest.get("formats", ["wds", "ffcv"])
-        if set(formats) <= set(done) and manifest.get("writer", {}).get("jpeg_codec") == jpeg_codec:
+        if set(formats) <= set(done) and manifest.get("writer", {}).get("jpeg_codec", "simplejpeg") == jpeg_codec:
             return out
     source = synthetic_dataset(scale=scale, seed=0, val_per_class=0)
     settings = EncodeSettings(max_side=max_side or None, quality=d["quality"], subsampling=d["subsampling"],
