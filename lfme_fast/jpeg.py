@@ -1,8 +1,8 @@
 """The JPEG codec, chosen explicitly: ``simplejpeg`` (libjpeg-turbo) or the same calls on Pillow.
 
 Why an explicit codec: this project encodes and decodes JPEGs with simplejpeg (strict decoding, DCT-scaled
-decodes, fast header reads), but some machines lack it — the fixed GPU image the GPU benchmark runs on has
-Pillow only. Rather than make ``import simplejpeg`` answer with something else (editing ``sys.modules``
+decodes, fast header reads), but some machines lack it — e.g. a GPU machine without network whose image
+has Pillow only, where the GPU benchmark must still run. Rather than make ``import simplejpeg`` answer with something else (editing ``sys.modules``
 leaks into every module imported meanwhile, and nothing records that it happened), every caller asks
 :func:`codec` for one by name and can record which it got (``.name``):
 

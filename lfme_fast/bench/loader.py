@@ -82,8 +82,8 @@ def prepare_synthetic(scale: float, cache: Path, max_side: int | None = None) ->
     Writes the webdataset shards always and the ffcv beton only when ffcv is installed (the manifest's
     ``formats`` says which were written; a set cached without the beton gets it once ffcv is there).
     The JPEGs are encoded and checked by the ``"auto"`` JPEG codec (:func:`lfme_fast.jpeg.codec`:
-    simplejpeg, else Pillow), so that a machine with neither simplejpeg nor ffcv, such as the fixed GPU
-    image, can still prepare the set the ``torch`` back end reads. The codec is part of the cache key: a
+    simplejpeg, else Pillow), so that a machine with neither simplejpeg nor ffcv (a GPU machine without
+    network whose image lacks them) can still prepare the set the ``torch`` back end reads. The codec is part of the cache key: a
     Pillow-made set lives in its own ``..._pillow`` folder, and a cached set is reused only when its
     manifest records the same codec (``writer.jpeg_codec``; a set that records none was written by
     simplejpeg).
