@@ -141,8 +141,9 @@ _RESERVED = ("header.json", "views.npz", "progress.json", "written.npy", "drawn.
 DRAWN_FILE = "drawn.npy"
 #: The epoch-plan algorithm a drawn store was filled for (sampler sharding, view choice): a store made
 #: for another is rebuilt. 2: one global order sharded in per-process batch blocks; 3: views chosen by
-#: occurrence numbers counted over the global order (the same on any number of processes).
-PLAN_VERSION = 3
+#: occurrence numbers counted over the global order (the same on any number of processes); 4: the plan
+#: identified by its global batch (no process count, no accumulation: the rows are the same for any).
+PLAN_VERSION = 4
 #: How a store is filled: every ``(sample, view)`` row, or only those the student will draw.
 FILLS = ("all", "drawn")
 
@@ -308,17 +309,19 @@ def eval_view_boxes(heights: Any, widths: Any, mode: str) -> FixedViews:
     return FixedViews(boxes[:, None, :], np.zeros((h.size, 1), dtype=np.bool_), 0, _view_table_kind(mode))
 
 
-def drawn_identity(fill: str, *, sampler: str, epochs: int, batch_size: int, seed: int, num_processes: int,
+def drawn_identity(fill: str, *, sampler: str, epochs: int, global_batch: int, seed: int,
                    **settings: Any) -> dict[str, Any]:
     """The ``views`` header entries of a store filled ``fill`` (``"all"``: none, so such headers are
     unchanged; ``"drawn"``: ``fill`` and ``draws``, what the student's plan depends on: its sampler and
-    its settings, epochs, batch size, seed and process count)."""
+    its settings, epochs, global batch and seed). Not the process count nor the accumulation: the
+    processes together read whole global batches of one global order with augmentation drawn over it,
+    so the rows the student reads are the same however the global batch is split."""
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     if fill == "all":
         return {}
-    draws = {"plan": PLAN_VERSION, "sampler": sampler, "epochs": int(epochs), "batch_size": int(batch_size),
-             "seed": int(seed), "num_processes": int(num_processes), **{k: settings[k] for k in sorted(settings)}}
+    draws = {"plan": PLAN_VERSION, "sampler": sampler, "epochs": int(epochs), "global_batch": int(global_batch),
+             "seed": int(seed), **{k: settings[k] for k in sorted(settings)}}
     return {"fill": "drawn", "draws": draws}
 
 

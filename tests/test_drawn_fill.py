@@ -151,9 +151,9 @@ def test_a_linked_stage_is_never_retrained_into_its_owner(drawn_run, fmnist_dir,
 
 
 def test_drawn_identity_and_pairs_check_their_input(fmnist_dir):
-    assert drawn_identity("all", sampler="x", epochs=1, batch_size=1, seed=0, num_processes=1) == {}
+    assert drawn_identity("all", sampler="x", epochs=1, global_batch=1, seed=0) == {}
     with pytest.raises(ValueError, match="fill must be one of all, drawn"):
-        drawn_identity("some", sampler="x", epochs=1, batch_size=1, seed=0, num_processes=1)
+        drawn_identity("some", sampler="x", epochs=1, global_batch=1, seed=0)
     sampler = ClassBalancedSampler(ShardReader(fmnist_dir, "train").labels, samples_per_class=4, seed=0)
     with pytest.raises(ValueError, match="one-view training loader"):
         drawn_pairs(LoaderOptions(fmnist_dir, "train", backend="torch", train=True, batch_size=8, sampler=sampler,
@@ -175,3 +175,32 @@ def test_lfme_drawn_store_keeps_every_confidence(fmnist_dir, tmp_path):
     conf = store.per_sample("confidence")
     assert (conf > 0).all()  # every sample's confidence was computed
     assert json.loads((out / "metrics.json").read_text())["recipe"]["name"] == "lfme"
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_drawn_rows_are_the_same_on_any_process_count(fmnist_dir, accum):
+    """The rows all processes together read (the union of their drawn masks) depend on the global batch
+    only: 1, 2 and 4 processes, with accumulation 1 or 2, draw the same (sample, view) rows, so a drawn
+    store carries over to another process count (its header names the global batch, not the split)."""
+    from lfme_fast.augment import all_pad_crop_views, image_sizes
+
+    labels = ShardReader(fmnist_dir, "train").labels
+    views = all_pad_crop_views(*image_sizes(fmnist_dir, "train"), seed=0)
+    global_batch, epochs = 64, 2
+
+    def union(world: int, acc: int) -> np.ndarray:
+        mask = np.zeros((labels.size, views.num_views), dtype=bool)
+        for rank in range(world):
+            sampler = build_sampler("class_balanced", labels, seed=3, num_replicas=world, rank=rank,
+                                    samples_per_class=4)
+            opts = LoaderOptions(fmnist_dir, "train", backend="torch", train=True,
+                                 batch_size=global_batch // (world * acc), sampler=sampler, total_epochs=epochs,
+                                 views=views, num_workers=0, seed=3, num_replicas=world, rank=rank)
+            mask |= drawn_pairs(opts, epochs, grad_accum=acc)
+        return mask
+
+    reference = union(1, 1)
+    assert 0 < reference.sum() <= epochs * labels.size
+    for world in (1, 2, 4):
+        np.testing.assert_array_equal(union(world, accum), reference)
+

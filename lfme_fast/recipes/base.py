@@ -360,14 +360,15 @@ class Recipe:
 
     def fill_identity(self, fill: str, sampler: str, **settings: Any) -> dict[str, Any]:
         """The store header's ``views`` entries for ``fill`` (:func:`lfme_fast.offline.drawn_identity`)
-        of a student that trains ``optim.epochs`` epochs of ``data.batch_size`` with ``sampler``."""
+        of a student that trains ``optim.epochs`` epochs with ``sampler``, in global batches of
+        ``data.batch_size`` x processes x ``train.grad_accum``."""
         from lfme_fast.offline import drawn_identity
 
         c = self.cfg
-        return drawn_identity(fill, sampler=sampler, epochs=c.optim.epochs, batch_size=c.data.batch_size,
-                              seed=c.seed, num_processes=self.accelerator.num_processes,
+        global_batch = c.data.batch_size * self.accelerator.num_processes * c.train.grad_accum
+        return drawn_identity(fill, sampler=sampler, epochs=c.optim.epochs, global_batch=global_batch, seed=c.seed,
                               epoch_samples=c.train.epoch_samples, max_steps_per_epoch=c.train.max_steps_per_epoch,
-                              grad_accum=c.train.grad_accum, **settings)
+                              **settings)
 
     def student_draws(self, sampler: Any, views: Any) -> Any:
         """bool ``[N, K]``: the stored rows this process's student reads over ``optim.epochs`` epochs
