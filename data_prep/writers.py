@@ -112,10 +112,10 @@ def _recorded_codec(reader) -> str:
     """The JPEG codec the reader's dataset was prepared with (its manifest's ``writer.jpeg_codec``);
     ``"simplejpeg"`` for a dataset that does not say (prepared before the codec was recorded)."""
     try:
-        writer = json.loads((Path(reader.root) / MANIFEST).read_text()).get("writer", {})
+        writer = json.loads((Path(reader.root) / MANIFEST).read_text()).get("writer") or {}
     except (AttributeError, OSError, ValueError):
         return "simplejpeg"
-    return writer.get("jpeg_codec", "simplejpeg")
+    return writer.get("jpeg_codec", "simplejpeg") if isinstance(writer, dict) else "simplejpeg"
 
 
 def write_beton(path: Path, reader, *, write_mode: str = "jpg", max_resolution: int | None = None,

@@ -195,6 +195,8 @@ def test_beton_writer_reads_with_the_codec_the_dataset_records(tmp_path):
     assert _recorded_codec(Reader()) == "simplejpeg"  # no manifest: the default
     (tmp_path / "manifest.json").write_text(json.dumps({"writer": {"max_side": 256}}))
     assert _recorded_codec(Reader()) == "simplejpeg"  # prepared before the codec was recorded
+    (tmp_path / "manifest.json").write_text(json.dumps({"writer": None}))
+    assert _recorded_codec(Reader()) == "simplejpeg"  # a manifest without writer settings
     (tmp_path / "manifest.json").write_text(json.dumps({"writer": {"jpeg_codec": "pillow"}}))
     assert _recorded_codec(Reader()) == "pillow"
 

@@ -190,6 +190,13 @@ def run_isolated(fn: Callable[..., Any], *args: Any, isolate: bool = True, timeo
         writer.close()
         raise IsolatedError(f"{name}: its process did not start ({type(exc).__name__}: {exc})",
                             traceback.format_exc()) from None
+    except BaseException:  # SIGTERM (the GPU script's Terminated) or Ctrl-C while it started: no orphan part
+        if proc.pid is not None:
+            _kill_tree(proc)
+            proc.join(timeout=exit_grace_s)
+        reader.close()
+        writer.close()
+        raise
     writer.close()  # the child holds the only writer now: its exit ends the pipe (EOF) even if it never answers
     answered = False
     try:
@@ -232,7 +239,7 @@ def _kill_tree(proc: Any, group_only: bool = False) -> int:
     import signal
 
     pid = proc.pid
-    if pid is None or not _unreaped(pid):
+    if pid is None or not _unreaped(proc):
         return 0  # never started, or reaped: its pid may name another process (or group) by now
     members = set(_group_members(pid)) if not group_only else set()
     try:
@@ -260,11 +267,15 @@ def _kill_tree(proc: Any, group_only: bool = False) -> int:
     return len(members | set(descendants) | {pid})
 
 
-def _unreaped(pid: int) -> bool:
-    """Whether ``pid`` is still an unreaped child of this process (running, or exited but not waited
-    for); asked without reaping it."""
+def _unreaped(proc: Any) -> bool:
+    """Whether ``proc``'s process is still an unreaped child of this process (running, or exited but not
+    waited for); asked without reaping it. Without ``os.waitid`` (macOS before Python 3.13):
+    ``proc.exitcode is None``, which reaps an exited child (then False) and otherwise means it is still
+    running; only this process reaps it, so its pid and group stay its own until then."""
+    if not hasattr(os, "waitid"):
+        return proc.exitcode is None
     try:
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         return True
     except ChildProcessError:
         return False
@@ -292,7 +303,7 @@ def _child_main(conn: Any, fn: Callable[..., Any], args: tuple, parent_pid: int 
 
     try:
         os.setsid()
-    except OSError:  # already a group leader (not when started by run_isolated): killed by pid alone
+    except (OSError, AttributeError):  # a group leader already, or no setsid (Windows): killed by pid alone
         pass
     if parent_pid is not None:
         _die_with_parent(parent_pid)
