@@ -204,16 +204,17 @@ def check_preset_data(name: str, data: str | Path) -> None:
 
 
 def _sections(row: Row) -> frozenset[str]:
-    return _file_sections(row.path)
+    """The top-level keys of the row's config file."""
+    return frozenset(_file_raw(row.path))
 
 
 @functools.lru_cache(maxsize=None)
-def _file_sections(path: Path) -> frozenset[str]:
-    """The top-level keys of a config file (read once: every override asks for every row's)."""
+def _file_raw(path: Path) -> dict[str, Any]:
+    """A config file as parsed YAML (read once: every override asks for every row's; not to be changed)."""
     import yaml
 
     raw = yaml.safe_load(path.read_text()) or {}
-    return frozenset(raw) if isinstance(raw, dict) else frozenset()
+    return raw if isinstance(raw, dict) else {}
 
 
 def row_overrides(name: str, overrides: Sequence[str]) -> list[str]:
@@ -240,12 +241,10 @@ def _definition(name: str) -> dict[str, Any]:
     """Row ``name``'s own definition as a raw config dict: its file with its overrides applied."""
     import copy
 
-    import yaml
-
     from lfme_fast.config import parse_override
 
     row = get_row(name)
-    raw = copy.deepcopy(yaml.safe_load(row.path.read_text()) or {})
+    raw = copy.deepcopy(_file_raw(row.path))
     for o in row.overrides:
         key, value = parse_override(o)
         node = raw
@@ -295,11 +294,11 @@ def check_overrides(rows: Sequence[str], overrides: Sequence[str]) -> None:
     from lfme_fast.config import parse_override
 
     for o in overrides:
-        if not any(o in row_overrides(r, [o]) for r in rows):
+        applies = [r for r in rows if o in row_overrides(r, [o])]
+        if not applies:
             raise ValueError(f"override {o!r} applies to none of the rows {list(rows)}: no row's config has the "
                              f"section {o.split('=', 1)[0].split('.', 1)[0]!r}")
-    for o in overrides:
-        _check_distinguishing(o, [r for r in rows if o in row_overrides(r, [o])])
+        _check_distinguishing(o, applies)
     for r in rows:
         own = get_row(r).overrides
         for o in row_overrides(r, overrides):

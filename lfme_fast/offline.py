@@ -115,6 +115,7 @@ __all__ = [
     "write_store",
     "drawn_identity",
     "drawn_pairs",
+    "sum_over_ranks",
     "IndexSampler",
     "FILLS",
     # LFME
@@ -667,7 +668,7 @@ def _barrier(accelerator: Any) -> None:
         accelerator.wait_for_everyone()
 
 
-def _sum_over_ranks(value: int, accelerator: Any) -> int:
+def sum_over_ranks(value: int, accelerator: Any) -> int:
     """``value`` summed over all processes (a collective; just ``value`` without an accelerator)."""
     if accelerator is None or accelerator.num_processes == 1:
         return int(value)
@@ -959,7 +960,7 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
         # every process checks its own plan's rows (the main one cannot see the others'), and all
         # agree before the main one publishes: a store missing any rank's rows is never published
         missing = np.argwhere(drawn & (np.asarray(written[:, :partial.k]) == 0))
-        total_missing = _sum_over_ranks(len(missing), accelerator)
+        total_missing = sum_over_ranks(len(missing), accelerator)
         if total_missing:
             first = (f", first on this process: sample {int(missing[0][0])} view {int(missing[0][1])}"
                      if len(missing) else "")
@@ -974,7 +975,7 @@ def write_store(run_dir: str | os.PathLike, header: Mapping[str, Any], views: Fi
             partial.check_complete()
         except RuntimeError as exc:
             failure = exc
-    if _sum_over_ranks(int(failure is not None), accelerator):
+    if sum_over_ranks(int(failure is not None), accelerator):
         raise failure or RuntimeError("offline pass left rows unwritten (the main process names them)")
     if _is_main(accelerator):
         full = partial.publish(run_dir / name, time.perf_counter() - t0, storage_extra)

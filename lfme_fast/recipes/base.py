@@ -326,7 +326,7 @@ class Recipe:
         otherwise False, saying why an existing store is rebuilt (the recipes' ``offline`` stages).
         ``draws``: for a drawn store, this process's rows (:meth:`student_draws`); a store that lacks
         any of them on any process is rebuilt (e.g. one made by other plan code under the same header)."""
-        from lfme_fast.offline import ArrayStore, OfflineStoreError
+        from lfme_fast.offline import ArrayStore, OfflineStoreError, sum_over_ranks
 
         try:
             store = (store_class or ArrayStore).open(self.run_dir, header)
@@ -335,10 +335,7 @@ class Recipe:
                 self.console(f"offline: rebuilding ({exc})")
             return False
         if draws is not None and store.drawn is not None:
-            lacking = int((draws() & ~np.asarray(store.drawn)).sum())
-            if self.accelerator.num_processes > 1:
-                t = torch.tensor([lacking], device=self.accelerator.device)
-                lacking = int(self.accelerator.reduce(t, reduction="sum").item())
+            lacking = sum_over_ranks(int((draws() & ~np.asarray(store.drawn)).sum()), self.accelerator)
             if lacking:
                 self.console(f"offline: rebuilding ({store.directory} lacks {lacking} (image, view) rows this run's "
                              "plan draws)")
